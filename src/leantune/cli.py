@@ -1,0 +1,94 @@
+"""The `leantune` command line. No logic lives here: it parses, calls a recipe, maps errors to exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from leantune.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"leantune: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="leantune", description="Efficient fine-tuning of transformer language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config (default: the embedded MiniLM + LoRA job)")
+    t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a config file and/or dotted overrides such as train.lr=1e-4 methods.0.r=16")
+    t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its checkpoint")
+
+    e = sub.add_parser("eval", help="evaluate a finished run on a dataset")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--data", help="builtin:<name>, a .csv/.tsv/.jsonl file, or hf:<name> (default: the run's)")
+    e.add_argument("--split", default="test", help="split of a built-in/hf source (default: test)")
+    e.add_argument("--out", type=Path, help="also write the metrics to this JSON file (must not exist)")
+
+    x = sub.add_parser("export", help="write a run's model as a plain HF folder")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
+    x.add_argument("--out", type=Path, help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)")
+
+    f = sub.add_parser("fetch", help="download and cache a built-in dataset now (it is fetched on first use)")
+    f.add_argument("name", help="e.g. rotten_tomatoes")
+
+    sub.add_parser("methods", help="list the available methods")
+    return p
+
+
+def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def dispatch(ns: argparse.Namespace) -> None:
+    if ns.command == "train":
+        from leantune.config import load_config
+        from leantune.recipes.train import run_train
+
+        path, overrides = _split_train_args(ns.args)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise UserError(f"'{bad[0]}' is not key=value; only the first argument may be a config file")
+        run_train(load_config(path, overrides), resume=ns.resume)
+    elif ns.command == "eval":
+        from leantune.recipes.evaluate import run_eval
+
+        run_eval(ns.run_dir, ns.data, ns.split, ns.out)
+    elif ns.command == "export":
+        from leantune.recipes.export import run_export
+
+        run_export(ns.run_dir, ns.merge, ns.out)
+    elif ns.command == "fetch":
+        from leantune.data.builtin import load_builtin
+
+        splits, _ = load_builtin(ns.name)
+        print(f"{ns.name}: {sum(len(v) for v in splits.values())} rows cached")
+    elif ns.command == "methods":
+        from leantune.methods.registry import available_methods
+
+        print("\n".join(available_methods()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = build_parser().parse_args(argv)
+    try:
+        dispatch(ns)
+    except UserError as exc:
+        print(f"leantune: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("leantune: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0

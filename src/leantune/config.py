@@ -1,0 +1,208 @@
+"""The run configuration: pydantic models, YAML loading and dotted `key=value` overrides.
+
+Every field a user can set lives here (methods add their own models through the registry), with
+`extra="forbid"` so a typo is an error rather than a silently ignored setting. This module must stay
+cheap to import: `leantune train --help` and config validation never touch torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from leantune.errors import UserError
+from leantune.methods.registry import MethodConfig, method_config_class
+
+Task = Literal["classification", "causal_lm", "seq2seq"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Strict):
+    name: str = Field(
+        "embedded:minilm",
+        description="`embedded:<name>` (a model shipped by a package), a local HF folder, or a hub id.",
+    )
+    max_length: int = Field(128, gt=0, description="Inputs are truncated to this many tokens.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(Strict):
+    source: str = Field(
+        "builtin:rotten_tomatoes",
+        description="`builtin:<name>`, a .csv/.tsv/.jsonl file, or `hf:<dataset>[:<config>]` for datasets.",
+    )
+    text_column: str = Field("text", description="Input text (classification), prompt (causal LM), source.")
+    text_pair_column: str | None = Field(None, description="Second text for pair classification.")
+    label_column: str | None = Field(
+        "label", description="Class label (classification), response (causal LM, may be null), target."
+    )
+    label_names: list[str] | None = Field(
+        None, description="Class names in id order; default: inferred from the training split."
+    )
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
+    split_seed: int = 42
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Per process, per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
+    save_every: int | None = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without improvement.")
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(64, gt=0)
+    metric: str | None = Field(None, description="Selects the best checkpoint; default accuracy or loss.")
+
+
+class OutputConfig(Strict):
+    dir: str = "runs/default"
+    overwrite: bool = Field(False, description="Replace an existing run directory.")
+    tensorboard: bool = True
+
+
+class Config(Strict):
+    task: Task = "classification"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    methods: list[SerializeAsAny[MethodConfig]] = Field(
+        default_factory=lambda: [method_config_class("lora")()],
+        description="Applied in order; e.g. [{name: freeze, layers: 2}, {name: lora, r: 8}].",
+    )
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _dispatch_methods(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a non-empty list such as [{name: lora}]")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, MethodConfig):
+                out.append(item)
+                continue
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, dict) or "name" not in item:
+                raise ValueError(f"entry {i} needs a `name` (e.g. {{name: lora}})")
+            config_cls = method_config_class(str(item["name"]))
+            try:
+                out.append(config_cls.model_validate(item))
+            except ValidationError as exc:
+                raise UserError(_describe(exc, config_cls, prefix=f"methods.{i}")) from None
+        return out
+
+    @property
+    def metric(self) -> str:
+        return self.eval.metric or ("accuracy" if self.task == "classification" else "loss")
+
+
+def _describe(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    """One line for the first validation error: the dotted key, what is wrong, and the fix."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(root, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(valid)}"
+        return f"unknown config key '{key}': {fix}"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    msg = err["msg"]
+    return f"config key '{key}': {msg[0].lower()}{msg[1:]}{shown}"
+
+
+def _valid_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(model.model_fields) if model else []
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`lr=1e-4`, `targets=[q,v]`)."""
+    if "=" not in dotted:
+        raise UserError(f"override '{dotted}' is not key=value; write e.g. train.lr=1e-4")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: Any = tree
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override '{key}': '{part}' is not an index of that list (0..{len(node) - 1})")
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"override '{key}': '{last}' is not an index of that list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or the built-in defaults when `path` is None), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}; pass an existing YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {p} is not valid YAML{where}; fix its syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must hold a mapping of sections (model, data, ...)")
+        tree = loaded or {}
+    if "methods" not in tree and any(o.startswith("methods.") for o in overrides):
+        tree["methods"] = [m.model_dump() for m in Config().methods]
+    for item in overrides:
+        apply_override(tree, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, Config)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,151 @@
+"""From raw records to tokenised examples for each task, with one clear error per bad row.
+
+- classification: `text_column` (+ `text_pair_column`) -> `label_column`, mapped to ids by label names;
+- causal_lm: `text_column` is the prompt, `label_column` the response (prompt tokens are masked out of
+  the loss); with `label_column: null` the whole text is the target (plain language modelling);
+- seq2seq: `text_column` is the source, `label_column` the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from leantune.config import DataConfig
+from leantune.data.sources import Record, carve, load_source
+from leantune.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RawSplits:
+    train: list[Record]
+    validation: list[Record] = field(default_factory=list)
+    test: list[Record] = field(default_factory=list)
+    label_names: list[str] | None = None  # declared by a built-in dataset
+
+
+def load_raw_splits(cfg: DataConfig) -> RawSplits:
+    splits, builtin_labels = load_source(cfg.source)
+    if cfg.train_split not in splits:
+        raise UserError(
+            f"data source {cfg.source} has no split '{cfg.train_split}' (it has: {', '.join(splits)}); "
+            "set data.train_split"
+        )
+    train = splits[cfg.train_split]
+    validation = splits.get(cfg.validation_split)
+    test = splits.get(cfg.test_split)
+    if test is None and cfg.test_fraction > 0:
+        train, test = carve(train, cfg.test_fraction, cfg.split_seed)
+    if validation is None and cfg.validation_fraction > 0:
+        train, validation = carve(train, cfg.validation_fraction, cfg.split_seed + 1)
+    raw = RawSplits(train, validation or [], test or [], builtin_labels)
+    if cfg.max_train_samples:
+        raw.train = _subsample(raw.train, cfg.max_train_samples, cfg.split_seed)
+    if cfg.max_eval_samples:
+        raw.validation = _subsample(raw.validation, cfg.max_eval_samples, cfg.split_seed)
+        raw.test = _subsample(raw.test, cfg.max_eval_samples, cfg.split_seed)
+    if not raw.train:
+        raise UserError(f"the training split of {cfg.source} is empty; give it rows (or fix data.train_split)")
+    for name in (cfg.validation_split, cfg.test_split):
+        if name in splits and not splits[name]:
+            raise UserError(f"split '{name}' of {cfg.source} is empty; give it rows or remove it")
+    return raw
+
+
+def _subsample(rows: list[Record], n: int, seed: int) -> list[Record]:
+    return rows if len(rows) <= n else carve(rows, n / len(rows), seed)[1]
+
+
+def check_columns(rows: list[Record], cfg: DataConfig, keys: tuple[str, ...], source: str) -> None:
+    present = [k for k in rows[0] if k != "_line"]
+    for key in keys:
+        col = getattr(cfg, key)
+        if col is not None and col not in present:
+            raise UserError(
+                f"column '{col}' not found in {source} (columns: {', '.join(present)}); set data.{key}"
+            )
+
+
+def _text(row: Record, col: str, source: str) -> str:
+    value = row.get(col)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"{source} line {row.get('_line', '?')}: empty '{col}'; fill it in or drop the row")
+    return str(value)
+
+
+def infer_label_names(rows: list[Record], column: str) -> list[str]:
+    """Sorted distinct labels; integer labels keep their numeric order (0, 1, 2, ... 10)."""
+    labels = {str(r[column]).strip() for r in rows if r.get(column) is not None}
+    if all(lab.lstrip("-").isdigit() for lab in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def label_id(row: Record, column: str, names: list[str], source: str) -> int:
+    raw = row.get(column)
+    value = "" if raw is None else str(raw).strip()
+    if value in names:
+        return names.index(value)
+    if value.isdigit() and int(value) < len(names) and not any(n.isdigit() for n in names):
+        return int(value)  # integer labels over named classes (e.g. 0/1 with [negative, positive])
+    raise UserError(
+        f"{source} line {row.get('_line', '?')}: label '{value}' is not one of the labels "
+        f"{names}; fix the row or set data.label_names"
+    )
+
+
+def encode(task: str, rows: list[Record], tok, cfg: DataConfig, max_length: int,
+           label_names: list[str] | None, source: str) -> list[dict]:
+    """Tokenise `rows` for `task`; the result is a list of feature dicts of int lists."""
+    if not rows:
+        return []
+    if task == "classification":
+        assert label_names is not None
+        check_columns(rows, cfg, ("text_column", "text_pair_column", "label_column"), source)
+        texts = [_text(r, cfg.text_column, source) for r in rows]
+        pairs = [_text(r, cfg.text_pair_column, source) for r in rows] if cfg.text_pair_column else None
+        labels = [label_id(r, cfg.label_column, label_names, source) for r in rows]  # type: ignore[arg-type]
+        enc = tok(texts, pairs, truncation=True, max_length=max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))]
+    check_columns(rows, cfg, ("text_column", "label_column"), source)
+    if task == "seq2seq":
+        if cfg.label_column is None:
+            raise UserError("seq2seq needs a target column; set data.label_column")
+        src = tok([_text(r, cfg.text_column, source) for r in rows], truncation=True, max_length=max_length)
+        tgt = tok(text_target=[_text(r, cfg.label_column, source) for r in rows], truncation=True,
+                  max_length=max_length)
+        return [{"input_ids": src["input_ids"][i], "attention_mask": src["attention_mask"][i],
+                 "labels": tgt["input_ids"][i]} for i in range(len(rows))]
+    return [_causal_example(r, tok, cfg, max_length, source) for r in rows]
+
+
+def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: str) -> dict:
+    prompt = tok(_text(row, cfg.text_column, source))["input_ids"]
+    if cfg.label_column is None:
+        ids = prompt + [tok.eos_token_id]
+        labels = list(ids)
+    else:
+        response = tok(_text(row, cfg.label_column, source), add_special_tokens=False)["input_ids"]
+        ids = prompt + response + [tok.eos_token_id]
+        labels = [IGNORE_INDEX] * len(prompt) + response + [tok.eos_token_id]
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def collate(features: list[dict], pad_id: int):
+    """Pad to the longest example in the batch (dynamic padding): ids with `pad_id`, labels with -100."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if not isinstance(values[0], list):
+            batch[key] = torch.tensor(values)
+            continue
+        width = max(len(v) for v in values) if key == "labels" else longest
+        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+        batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values])
+    return batch

@@ -1,0 +1,9 @@
+"""One exception type for every mistake a user can make.
+
+The CLI turns a `UserError` into one line on stderr and exit code 2; everything else is a bug and keeps
+its traceback. Raise it *before* anything is written, so that bad input never costs data.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message names what is wrong and how to fix it."""

@@ -1,0 +1,52 @@
+"""Evaluate a model on tokenised examples, sharded across processes and gathered on every rank."""
+
+from __future__ import annotations
+
+import torch
+
+from leantune.data.tasks import IGNORE_INDEX, collate
+from leantune.eval.metrics import classification_metrics, lm_metrics
+
+
+@torch.no_grad()
+def evaluate(model, features: list[dict], task: str, batch_size: int, pad_id: int,
+             rank: int = 0, world: int = 1, num_labels: int = 2) -> dict[str, float]:
+    """Metrics over all of `features`; every rank gets the same numbers (no rank decides alone)."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mine = features[rank::world]
+    preds: list[int] = []
+    labels: list[int] = []
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        out = model(**batch)
+        if task == "classification":
+            preds += out.logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+            loss_sum += float(out.loss) * len(batch["labels"])
+            tokens += len(batch["labels"])
+        else:
+            n = _target_tokens(batch["labels"], shifted=task == "causal_lm")
+            loss_sum += float(out.loss) * n
+            tokens += n
+    model.train(was_training)
+    if world > 1:
+        parts = gather_object([(preds, labels, loss_sum, tokens)])
+        preds = [p for part in parts for p in part[0]]
+        labels = [lab for part in parts for lab in part[1]]
+        loss_sum = sum(part[2] for part in parts)
+        tokens = sum(part[3] for part in parts)
+    if task == "classification":
+        return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
+    return lm_metrics(loss_sum, tokens)
+
+
+def _target_tokens(labels: torch.Tensor, shifted: bool) -> int:
+    """Tokens the HF loss averages over (causal LMs predict token t+1, so the first label never counts)."""
+    if shifted:
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())

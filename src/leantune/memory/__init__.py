@@ -1,0 +1,1 @@
+"""Memory: measurement now; the analytic memory model (params, grads, optimizer, activations) later."""

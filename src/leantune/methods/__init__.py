@@ -1,0 +1,12 @@
+"""Fine-tuning methods as plug-ins; see `registry.py` for the contract."""
+
+from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, get_method, register
+
+__all__ = ["MethodConfig", "MethodContext", "MethodSpec", "get_method", "register", "apply_methods"]
+
+
+def apply_methods(model, configs, ctx: MethodContext):
+    """Apply each configured method in order (combinations are a list, not a new code path)."""
+    for cfg in configs:
+        model = get_method(cfg.name).apply(model, cfg, ctx)
+    return model

@@ -1,0 +1,67 @@
+"""Layer-wise freezing: embeddings and the lowest k blocks (or any named modules) stop training.
+
+The lower layers of a pretrained transformer hold general features; freezing them cuts gradient memory
+and backward time roughly in proportion to k while the upper blocks still adapt.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from leantune.errors import UserError
+from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
+
+
+class FreezeConfig(MethodConfig):
+    name: Literal["freeze"] = "freeze"
+    layers: int | None = Field(None, ge=0, description="Freeze the lowest k blocks.")
+    embeddings: bool = Field(True, description="Also freeze the embeddings.")
+    modules: list[str] = Field(
+        default_factory=list, description="Regexes of module names to freeze, e.g. ['pooler', 'layer\\.0\\.']."
+    )
+
+    @model_validator(mode="after")
+    def _something_to_freeze(self) -> FreezeConfig:
+        if self.layers is None and not self.modules and not self.embeddings:
+            raise ValueError("freeze needs `layers`, `modules` or `embeddings: true`")
+        return self
+
+
+def frozen_module_names(model, cfg: FreezeConfig) -> list[str]:
+    from leantune.models.structure import embedding_modules, find_blocks
+
+    names: list[str] = []
+    if cfg.embeddings:
+        names += [n for n, _ in embedding_modules(model)]
+    if cfg.layers:
+        prefix, blocks = find_blocks(model)
+        if cfg.layers > len(blocks):
+            raise UserError(
+                f"freeze: layers={cfg.layers} but the model has {len(blocks)} blocks; "
+                f"set methods.N.layers between 0 and {len(blocks)}"
+            )
+        names += [f"{prefix}.{i}" for i in range(cfg.layers)]
+    all_names = [n for n, _ in model.named_modules()]
+    for pattern in cfg.modules:
+        hits = [n for n in all_names if n and re.search(pattern, n)]
+        if not hits:
+            raise UserError(
+                f"freeze: module pattern '{pattern}' matches no module; "
+                f"top-level modules are: {', '.join(n for n, _ in model.named_children())}"
+            )
+        names += hits
+    return names
+
+
+def apply(model, cfg: FreezeConfig, ctx: MethodContext):
+    modules = dict(model.named_modules())
+    for name in frozen_module_names(model, cfg):
+        for p in modules[name].parameters():
+            p.requires_grad_(False)
+    return model
+
+
+SPEC = register(MethodSpec("freeze", FreezeConfig, apply))

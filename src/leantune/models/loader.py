@@ -1,0 +1,79 @@
+"""Load a tokenizer and a task model from `embedded:<name>`, a local HF folder, or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from leantune.errors import UserError
+from leantune.models.embedded import embedded_model_dir
+
+_AUTO_CLASS = {
+    "classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for embedded/local models; the hub id unchanged otherwise (checked when loading)."""
+    if name.startswith("embedded:"):
+        return str(embedded_model_dir(name.split(":", 1)[1]))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json; point model.name at a HF model folder")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_local or path.suffix:
+        raise UserError(f"model path not found: {name}; set model.name to an existing folder or a hub id")
+    return name
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else str(exc).splitlines()[0]
+        raise UserError(
+            f"cannot load model '{name}': not a local folder and {why}; "
+            "set model.name to a local HF folder or embedded:minilm"
+        ) from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = name if Path(name).is_dir() else resolve_model_path(name)  # adapter folders have no config.json
+    tok = _from_pretrained(AutoTokenizer, path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.sep_token
+    return tok
+
+
+def load_model(name: str, task: str, dtype: str = "float32", label_names: list[str] | None = None):
+    import torch
+    import transformers
+
+    path = resolve_model_path(name)
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if task == "classification":
+        names = label_names or ["0", "1"]
+        kwargs |= {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "LOAD REPORT" on a new head is expected
+    try:
+        model = _from_pretrained(getattr(transformers, _AUTO_CLASS[task]), path, **kwargs)
+    except ValueError as exc:
+        raise UserError(f"model '{name}' cannot be used for task '{task}': {str(exc).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if getattr(model.config, "pad_token_id", None) is None:
+        tok = load_tokenizer(name)
+        model.config.pad_token_id = tok.pad_token_id
+    return model

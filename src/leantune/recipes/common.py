@@ -1,0 +1,82 @@
+"""Pieces the recipes share: seeding/threads, label resolution, loading a finished run, reporting."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+from leantune.config import Config, load_config
+from leantune.errors import UserError
+
+VERSIONED = ("leantune", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
+
+
+def setup_torch(seed: int, threads: int | None) -> None:
+    import torch
+    from accelerate.utils import set_seed
+
+    if threads:
+        torch.set_num_threads(threads)
+    set_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def count_params(model) -> dict[str, float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a leantune run (no config.yaml); pass a folder `leantune train` made")
+    return load_config(path)
+
+
+def load_trained_model(run_dir: Path, cfg: Config):
+    """The run's final model: base + PEFT adapter where the run saved one, else the full saved model."""
+    from leantune.models.loader import load_model
+
+    folder = run_dir / "model"
+    if not folder.is_dir():
+        raise UserError(f"{run_dir} has no saved model (model/); did the run finish? resume it with --resume")
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
+        return PeftModel.from_pretrained(base, str(folder))
+    return load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
+
+
+def format_table(rows: list[tuple[str, str]], title: str) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * max(len(title), width + 20)]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""`leantune train`: config -> data -> model -> methods -> loop -> test evaluation -> summary.
+
+Everything that can fail on bad input (config, data, model, method targets, output folder) is checked
+before the first byte is written, so a mistake never costs an earlier run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from leantune.config import Config, dump_config
+from leantune.errors import UserError
+from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
+
+
+def _check_output(cfg: Config, resume: bool) -> Path:
+    out = Path(cfg.output.dir)
+    if resume:
+        from leantune.train.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(out / "checkpoints") is None:
+            raise UserError(f"nothing to resume in {out} (no checkpoint); run without --resume")
+        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
+        if saved and saved != dump_config(cfg):
+            raise UserError(f"the config differs from the one {out} was started with; resume with "
+                            f"`leantune train {out / 'config.yaml'} --resume`")
+    elif out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
+        raise UserError(f"output folder {out} already holds a run; use --resume to continue it, "
+                        "output.overwrite=true to replace it, or another output.dir")
+    return out
+
+
+def _features(cfg: Config, tok):
+    from leantune.data.tasks import check_columns, encode, infer_label_names, load_raw_splits
+
+    raw = load_raw_splits(cfg.data)
+    if cfg.task == "classification" and cfg.data.label_names is None:
+        check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
+        cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
+    enc = {split: encode(cfg.task, getattr(raw, split), tok, cfg.data, cfg.model.max_length,
+                         cfg.data.label_names, f"{cfg.data.source} [{split}]")
+           for split in ("train", "validation", "test")}
+    return enc
+
+
+def run_train(cfg: Config, resume: bool = False) -> dict:
+    t_start = time.perf_counter()
+    out = _check_output(cfg, resume)
+    setup_torch(cfg.train.seed, cfg.train.num_threads)
+
+    import torch
+    from accelerate import Accelerator
+
+    from leantune.eval.loop import evaluate
+    from leantune.memory.measure import peak_memory
+    from leantune.methods import MethodContext, apply_methods, get_method
+    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.train.checkpoint import write_json_atomic
+    from leantune.train.loop import Trainer
+
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    tok = load_tokenizer(cfg.model.name)
+    data = _features(cfg, tok)
+    setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
+    model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    params = count_params(model)
+    if params["trainable"] == 0:
+        raise UserError("the configured methods leave no trainable parameter; loosen `freeze` or add a method")
+    specs = [get_method(m.name) for m in cfg.methods]
+    step_fn = next((s.step for s in reversed(specs) if s.step), None)
+
+    # --- from here on we write ---
+    if acc.is_main_process:
+        if cfg.output.overwrite and not resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    acc.wait_for_everyone()
+    num_labels = len(cfg.data.label_names or [])
+    trainer = Trainer(cfg, model, acc, data["train"], data["validation"], tok.pad_token_id, num_labels, out,
+                      step_fn)
+    resumed = trainer.resume() if resume else False
+    state = trainer.fit()
+    trainer.restore_best()
+    test = {}
+    if data["test"]:
+        test = evaluate(trainer.module, data["test"], cfg.task, cfg.eval.batch_size, tok.pad_token_id,
+                        acc.process_index, acc.num_processes, num_labels)
+    digests = trainer.weights_digest()
+    summary = {
+        "run_dir": str(out),
+        "task": cfg.task,
+        "methods": [m.name for m in cfg.methods],
+        "method_reports": {s.name: s.report(trainer.module, m) for s, m in zip(specs, cfg.methods) if s.report},
+        "params": params,
+        "data": {split: len(rows) for split, rows in data.items()},
+        "train": {
+            "steps": state.step, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
+            "resumed": resumed, "train_time_s": state.train_time_s, "eval_time_s": state.eval_time_s,
+            "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
+            "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
+            "best_step": state.best_step, "best_metric": state.best_metric, "metric": cfg.metric,
+        },
+        "validation": state.last_eval,
+        "test": test,
+        "memory": peak_memory(),
+        "world_size": acc.num_processes,
+        "weights_sha256_per_rank": digests,
+        "versions": versions(),
+        "machine": machine(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    if acc.is_main_process:
+        _save_model(trainer.module, tok, out / "model")
+        summary["wall_time_s"] = time.perf_counter() - t_start
+        write_json_atomic(out / "summary.json", summary)
+        print(format_summary(summary))
+    trainer.log.close()
+    acc.wait_for_everyone()
+    return summary
+
+
+def _save_model(module, tok, dest: Path) -> None:
+    """save_pretrained into a temp folder, then rename: a PEFT model saves its adapter, others everything."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(tmp, dest)
+
+
+def format_summary(s: dict) -> str:
+    p, t, m = s["params"], s["train"], s["memory"]
+    rows = [
+        ("methods", " + ".join(s["methods"])),
+        ("trainable params", f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)"),
+        ("steps", f"{t['steps']} ({t['epochs_completed']} epochs)"),
+        ("wall time", f"{s.get('wall_time_s', 0):.1f} s (training {t['train_time_s']:.1f} s)"),
+        ("samples/s", f"{t['samples_per_s']:.1f}"),
+        ("peak memory", f"{m['peak_rss_bytes'] / 2**20:.0f} MiB RSS"
+                        + (f", {m['cuda_max_allocated_bytes'] / 2**20:.0f} MiB CUDA"
+                           if "cuda_max_allocated_bytes" in m else "")),
+    ]
+    for split in ("validation", "test"):
+        metrics = s.get(split) or {}
+        shown = [k for k in ("accuracy", "f1", "precision", "recall", "mcc", "majority_accuracy", "loss",
+                             "perplexity") if k in metrics]
+        rows += [(f"{split} {k}", f"{metrics[k]:.4f}") for k in shown]
+    rows.append(("run folder", s["run_dir"]))
+    return format_table(rows, "leantune summary")

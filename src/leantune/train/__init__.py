@@ -1,0 +1,1 @@
+"""The generic training loop on accelerate, checkpoints and logs."""

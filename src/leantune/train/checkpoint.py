@@ -1,0 +1,134 @@
+"""Atomic, pickle-free checkpoints: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a folder written under a temporary name and renamed into place, then `latest` is
+replaced atomically; a kill at any moment leaves either the old or the new checkpoint, never half of
+one. Nothing is ever `torch.load`ed, so a checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"param_groups": state["param_groups"], "state": {}}
+    for idx, slots in state["state"].items():
+        meta["state"][str(idx)] = {}
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+                meta["state"][str(idx)][key] = "__tensor__"
+            else:
+                meta["state"][str(idx)][key] = value
+    return tensors, meta
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {
+        int(idx): {k: tensors[f"{idx}.{k}"] if v == "__tensor__" else v for k, v in slots.items()}
+        for idx, slots in meta["state"].items()
+    }
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def python_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def restore_python_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
+                    torch_rng: list[torch.Tensor], keep: int) -> Path:
+    """Write checkpoint `step` atomically and prune older ones beyond `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+    save_file({f"rank{i}": t for i, t in enumerate(torch_rng)}, str(tmp / "rng.safetensors"))
+    write_json_atomic(tmp / "optimizer.json", opt_meta)
+    write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "python_rng": python_rng_state()})
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    (root / ".latest.tmp").write_text(final.name)
+    os.replace(root / ".latest.tmp", root / "latest")
+    others = sorted(p for p in root.glob("step-*") if p != final)
+    for old in others[: max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int) -> dict:
+    """Restore weights, optimizer and RNG in place; return the trainer state."""
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
+    state = json.loads((path / "trainer_state.json").read_text())
+    restore_python_rng(state.pop("python_rng"))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng[f"rank{rank}"])
+    return state

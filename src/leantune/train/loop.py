@@ -1,0 +1,211 @@
+"""The training loop: short, generic, and pluggable at the optimisation step.
+
+Why our own loop and not transformers.Trainer: MeZO, LOMO, gradient approximation and LISA replace the
+step itself; with a loop this small each stays a plug-in. accelerate still gives devices, mixed
+precision and DDP. The loop never asks which method is running.
+
+Determinism and resume: the data order of epoch e is a permutation seeded by (seed, e), sharded across
+ranks, so a checkpoint only needs (epoch, next step in epoch) to continue exactly; RNG, optimizer and
+scheduler state travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from leantune.config import Config
+from leantune.data.tasks import collate
+from leantune.eval.loop import evaluate
+from leantune.eval.metrics import is_better
+from leantune.train import checkpoint as ckpt
+from leantune.train.logging import RunLogger
+from leantune.train.optim import build_optimizer, linear_schedule
+from leantune.train.step import backprop_step
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    group: int = 0  # next optimizer step within the epoch
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    running_loss: float = 0.0  # loss summed since the last log line (kept so resumed logs match)
+    running_n: int = 0
+    last_eval: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model, accelerator, train_data: list[dict], val_data: list[dict],
+                 pad_id: int, num_labels: int, run_dir: Path, step_fn=None) -> None:
+        self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+        self.train_data, self.val_data = train_data, val_data
+        self.pad_id, self.num_labels = pad_id, num_labels
+        self.step_fn = step_fn or backprop_step
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        tc = cfg.train
+        self.model = accelerator.prepare(model)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        raw_opt = build_optimizer(self.module, tc.lr, tc.weight_decay)
+        self.optimizer = accelerator.prepare(raw_opt)
+        self.batches_per_epoch = len(self._epoch_batches(0))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / tc.grad_accum)
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        if tc.max_steps:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.scheduler = linear_schedule(raw_opt, round(tc.warmup_ratio * self.total_steps), self.total_steps)
+        self.state = TrainState()
+        self.log = RunLogger(run_dir, accelerator.is_main_process, cfg.output.tensorboard)
+        self._running = torch.zeros((), device=accelerator.device)  # no host sync per step
+        self._running_n = 0
+
+    @property
+    def module(self):
+        return self.acc.unwrap_model(self.model)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_data), generator=g).tolist()
+        order += order[: (-len(order)) % self.world]  # equal shards, or DDP ranks would hang
+        mine = order[self.rank :: self.world]
+        bs = self.cfg.train.batch_size
+        return [mine[i : i + bs] for i in range(0, len(mine), bs)]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank)
+        self.scheduler.load_state_dict(saved.pop("scheduler"))
+        self.state = TrainState(**saved)
+        self._running = torch.tensor(self.state.running_loss, device=self.acc.device)
+        self._running_n = self.state.running_n
+        self.log.truncate_after(self.state.step)
+        return True
+
+    def _save(self) -> None:
+        from accelerate.utils import gather_object
+
+        self.state.running_loss, self.state.running_n = float(self._running), self._running_n
+        rngs = gather_object([torch.get_rng_state()])
+        if self.acc.is_main_process:
+            state = {**self.state.__dict__, "scheduler": self.scheduler.state_dict()}
+            ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.module, self.optimizer, state, rngs,
+                                 self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _evaluate(self) -> None:
+        if not self.val_data:
+            return
+        t0 = time.perf_counter()
+        metrics = evaluate(self.module, self.val_data, self.cfg.task, self.cfg.eval.batch_size, self.pad_id,
+                           self.rank, self.world, self.num_labels)
+        st = self.state
+        st.eval_time_s += time.perf_counter() - t0
+        st.last_eval = {"step": st.step, **metrics}
+        self.log.log({"step": st.step, "epoch": st.epoch, "split": "validation", **metrics})
+        name = self.cfg.metric
+        if name not in metrics:
+            return
+        if is_better(name, metrics[name], st.best_metric):
+            st.best_metric, st.best_step, st.bad_evals = metrics[name], st.step, 0
+            if self.acc.is_main_process:
+                ckpt.save_tensors_atomic(ckpt.trainable_state(self.module), self.run_dir / "best.safetensors")
+        else:
+            st.bad_evals += 1
+            patience = self.cfg.train.early_stopping_patience
+            st.stopped_early = patience is not None and st.bad_evals >= patience
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        tc, st = self.cfg.train, self.state
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.acc.is_main_process,
+                   desc="train", unit="step", dynamic_ncols=True)
+        while st.step < self.total_steps and not st.stopped_early:
+            batches = self._epoch_batches(st.epoch)
+            while st.group < self.steps_per_epoch and st.step < self.total_steps and not st.stopped_early:
+                t0 = time.perf_counter()
+                group = batches[st.group * tc.grad_accum : (st.group + 1) * tc.grad_accum]
+                for j, idx in enumerate(group):
+                    batch = collate([self.train_data[i] for i in idx], self.pad_id)
+                    st.samples += len(idx) * self.world
+                    st.tokens += int(batch["attention_mask"].sum()) * self.world
+                    batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+                    sync = j == len(group) - 1
+                    with nullcontext() if sync else self.acc.no_sync(self.model):
+                        self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
+                    self._running_n += 1
+                grad_norm = None
+                if tc.max_grad_norm is not None:
+                    grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                st.step += 1
+                st.group += 1
+                st.train_time_s += time.perf_counter() - t0
+                bar.update(1)
+                if st.step % tc.log_every == 0 or st.step == self.total_steps:
+                    loss = float(self._running) / max(self._running_n, 1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    self.log.log({"step": st.step, "epoch": st.epoch, "loss": loss,
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                  "samples_per_s": st.samples / max(st.train_time_s, 1e-9)})
+                    self._running.zero_()
+                    self._running_n = 0
+                end_of_epoch = st.group == self.steps_per_epoch
+                if (tc.eval_every and st.step % tc.eval_every == 0) or end_of_epoch:
+                    self._evaluate()
+                if end_of_epoch:
+                    st.epoch, st.group = st.epoch + 1, 0
+                if tc.save_every and st.step % tc.save_every == 0:
+                    self._save()
+        bar.close()
+        if st.last_eval.get("step") != st.step:
+            self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
+        self.acc.wait_for_everyone()
+        return st
+
+    def restore_best(self) -> bool:
+        """Load the best evaluated weights (every rank reads the file rank 0 wrote)."""
+        from safetensors.torch import load_file
+
+        best = self.run_dir / "best.safetensors"
+        if self.state.best_step is None or not best.is_file():
+            return False
+        self.acc.wait_for_everyone()
+        ckpt.load_trainable_state(self.module, load_file(str(best)))
+        return True
+
+    def weights_digest(self) -> list[str]:
+        """sha256 of the trainable weights on every rank (DDP must end with identical weights)."""
+        from accelerate.utils import gather_object
+
+        h = hashlib.sha256()
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return gather_object([h.hexdigest()])
