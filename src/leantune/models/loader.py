@@ -67,12 +67,14 @@ def load_model(name: str, task: str, dtype: str = "float32", label_names: list[s
         }
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "LOAD REPORT" on a new head is expected
+    transformers.logging.disable_progress_bar()  # a bar for a 1-second load is noise
     try:
         model = _from_pretrained(getattr(transformers, _AUTO_CLASS[task]), path, **kwargs)
     except ValueError as exc:
         raise UserError(f"model '{name}' cannot be used for task '{task}': {str(exc).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(name)
         model.config.pad_token_id = tok.pad_token_id

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from leantune.config import Config, dump_config
 from leantune.errors import UserError
+from leantune.methods.registry import MethodSpec
 from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
 
 
@@ -46,20 +49,36 @@ def _features(cfg: Config, tok):
     return enc
 
 
-def run_train(cfg: Config, resume: bool = False) -> dict:
-    t_start = time.perf_counter()
+@dataclass
+class Prepared:
+    """Everything a run needs, built and validated before anything is written."""
+
+    cfg: Config
+    out: Path
+    accelerator: Any
+    tokenizer: Any
+    data: dict[str, list[dict]]
+    model: Any
+    params: dict[str, float]
+    specs: list[MethodSpec]
+
+    def trainer(self):
+        from leantune.train.loop import Trainer
+
+        step_fn = next((s.step for s in reversed(self.specs) if s.step), None)
+        return Trainer(self.cfg, self.model, self.accelerator, self.data["train"], self.data["validation"],
+                       self.tokenizer.pad_token_id, len(self.cfg.data.label_names or []), self.out, step_fn)
+
+
+def prepare(cfg: Config, resume: bool = False) -> Prepared:
     out = _check_output(cfg, resume)
     setup_torch(cfg.train.seed, cfg.train.num_threads)
 
     import torch
     from accelerate import Accelerator
 
-    from leantune.eval.loop import evaluate
-    from leantune.memory.measure import peak_memory
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.models.loader import load_model, load_tokenizer
-    from leantune.train.checkpoint import write_json_atomic
-    from leantune.train.loop import Trainer
 
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
@@ -70,8 +89,17 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     params = count_params(model)
     if params["trainable"] == 0:
         raise UserError("the configured methods leave no trainable parameter; loosen `freeze` or add a method")
-    specs = [get_method(m.name) for m in cfg.methods]
-    step_fn = next((s.step for s in reversed(specs) if s.step), None)
+    return Prepared(cfg, out, acc, tok, data, model, params, [get_method(m.name) for m in cfg.methods])
+
+
+def run_train(cfg: Config, resume: bool = False) -> dict:
+    t_start = time.perf_counter()
+    prep = prepare(cfg, resume)
+    cfg, out, acc, tok, data = prep.cfg, prep.out, prep.accelerator, prep.tokenizer, prep.data
+
+    from leantune.eval.loop import evaluate
+    from leantune.memory.measure import peak_memory
+    from leantune.train.checkpoint import write_json_atomic
 
     # --- from here on we write ---
     if acc.is_main_process:
@@ -80,23 +108,22 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
     acc.wait_for_everyone()
-    num_labels = len(cfg.data.label_names or [])
-    trainer = Trainer(cfg, model, acc, data["train"], data["validation"], tok.pad_token_id, num_labels, out,
-                      step_fn)
+    trainer = prep.trainer()
     resumed = trainer.resume() if resume else False
     state = trainer.fit()
     trainer.restore_best()
     test = {}
     if data["test"]:
         test = evaluate(trainer.module, data["test"], cfg.task, cfg.eval.batch_size, tok.pad_token_id,
-                        acc.process_index, acc.num_processes, num_labels)
+                        acc.process_index, acc.num_processes, trainer.num_labels)
     digests = trainer.weights_digest()
     summary = {
         "run_dir": str(out),
         "task": cfg.task,
         "methods": [m.name for m in cfg.methods],
-        "method_reports": {s.name: s.report(trainer.module, m) for s, m in zip(specs, cfg.methods) if s.report},
-        "params": params,
+        "method_reports": {s.name: s.report(trainer.module, m) for s, m in zip(prep.specs, cfg.methods)
+                           if s.report},
+        "params": prep.params,
         "data": {split: len(rows) for split, rows in data.items()},
         "train": {
             "steps": state.step, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,

@@ -1,0 +1,89 @@
+"""Training behaviour on tiny random-initialised models: it learns, and each method trains what it should."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leantune.config import load_config
+from leantune.recipes.train import prepare, run_train
+
+
+def _logged_losses(run_dir) -> list[float]:
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [ln["loss"] for ln in lines if "loss" in ln and ln.get("split") is None]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_classifier_learns_toy_task(base_overrides, tmp_path, method):
+    extra = ["methods=[{name: lora, r: 16, dropout: 0.0, target_modules: all-linear}]"] if method == "lora" else ["methods=[full]"]
+    summary = run_train(load_config(None, [*base_overrides, "train.log_every=5", *extra]))
+    losses = _logged_losses(tmp_path / "run")
+    assert losses[-1] < 0.8 * losses[0], losses
+    test = summary["test"]
+    assert test["accuracy"] >= test["majority_accuracy"] + 0.2, test
+    assert summary["params"]["trainable"] > 0
+    if method == "lora":
+        assert summary["params"]["trainable_pct"] < 50.0
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def _train_steps(overrides: list[str], steps: int = 6):
+    """Build a run in process and train a few steps; return (model before, model after) states."""
+    prep = prepare(load_config(None, [*overrides, f"train.max_steps={steps}", "train.save_every=1000"]))
+    prep.out.mkdir(parents=True)
+    before = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    trainer = prep.trainer()
+    trainer.fit()
+    after = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    return prep, before, after
+
+
+def test_lora_changes_only_lora_parameters(base_overrides):
+    prep, before, after = _train_steps([*base_overrides, "methods=[{name: lora, r: 4}]"])
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing trained"
+    for name in before:
+        trainable = dict(prep.model.named_parameters())[name].requires_grad
+        if "lora_" in name or "modules_to_save" in name:
+            assert trainable
+        else:
+            assert not trainable, name
+            assert torch.equal(before[name], after[name]), f"frozen {name} moved"
+    assert any("lora_B" in n for n in changed) and any("modules_to_save" in n for n in changed)
+
+
+def test_freeze_keeps_lower_blocks_bit_identical(base_overrides):
+    prep, before, after = _train_steps([*base_overrides, "methods=[{name: freeze, layers: 2}]"])
+    frozen = [n for n in before if n.startswith(("bert.embeddings", "bert.encoder.layer.0.", "bert.encoder.layer.1."))]
+    assert frozen
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    moved = [n for n in before if n.startswith("bert.encoder.layer.2.") and not torch.equal(before[n], after[n])]
+    assert moved, "the unfrozen top block did not train"
+    assert prep.params["trainable"] < prep.params["total"]
+
+
+def test_full_trains_every_block(base_overrides):
+    _, before, after = _train_steps([*base_overrides, "methods=[full]"])
+    assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
+                           after["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+@pytest.mark.parametrize("arch,task", [("gpt2", "causal_lm"), ("llama", "causal_lm"), ("t5", "seq2seq")])
+def test_generative_tasks_reduce_loss(tiny_models, tmp_path, arch, task):
+    rows = [{"text": f"question {i % 7}", "label": f"answer {i % 7} is {'yes' if i % 2 else 'no'}"}
+            for i in range(96)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_train(load_config(None, [
+        f"task={task}", f"model.name={tiny_models[arch]}", f"data.source={data}", "model.max_length=24",
+        "train.batch_size=16", "train.lr=5e-3", "train.epochs=4", "train.log_every=2", "train.num_threads=1",
+        "methods=[{name: lora, r: 8, target_modules: all-linear}]", "output.tensorboard=false",
+        f"output.dir={tmp_path / 'run'}",
+    ]))
+    losses = _logged_losses(tmp_path / "run")
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert summary["test"]["perplexity"] < 0.5 * torch.exp(torch.tensor(losses[0])).item()
