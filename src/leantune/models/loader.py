@@ -47,6 +47,10 @@ def load_tokenizer(name: str):
 
     path = name if Path(name).is_dir() else resolve_model_path(name)  # adapter folders have no config.json
     tok = _from_pretrained(AutoTokenizer, path)
+    if tok.eos_token is None and tok.sep_token is not None:
+        # a WordPiece vocabulary (BERT-style) ends a sequence with [SEP]; causal LM examples need an end
+        # token, and a tokenizer without one would give None ids (the tiny test models borrow this vocab)
+        tok.eos_token = tok.sep_token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.sep_token
     return tok
@@ -71,7 +75,8 @@ def load_model(name: str, task: str, dtype: str = "float32", label_names: list[s
     try:
         model = _from_pretrained(getattr(transformers, _AUTO_CLASS[task]), path, **kwargs)
     except ValueError as exc:
-        raise UserError(f"model '{name}' cannot be used for task '{task}': {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        raise UserError(f"model '{name}' cannot be used for task '{task}': {first}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()

@@ -56,7 +56,8 @@ def count_params(model) -> dict[str, float]:
 def load_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a leantune run (no config.yaml); pass a folder `leantune train` made")
+        raise UserError(f"{run_dir} is not a leantune run (no config.yaml); "
+                        "pass a folder `leantune train` made")
     return load_config(path)
 
 

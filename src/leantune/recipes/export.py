@@ -27,8 +27,11 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
         model = model.merge_and_unload()
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    load_tokenizer(str(run_dir / "model")).save_pretrained(str(tmp))
-    os.rename(tmp, dest)
+    try:
+        model.save_pretrained(str(tmp))
+        load_tokenizer(str(run_dir / "model")).save_pretrained(str(tmp))  # the run's tokenizer, not the base
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
     print(f"exported {'merged model' if merge else 'model'} to {dest}")
     return dest
