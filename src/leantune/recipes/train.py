@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leantune.config import Config, dump_config
+from leantune.config import Config, dump_config, load_config
 from leantune.errors import UserError
 from leantune.methods.registry import MethodSpec
 from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
@@ -26,8 +26,12 @@ def _check_output(cfg: Config, resume: bool) -> Path:
 
         if latest_checkpoint(out / "checkpoints") is None:
             raise UserError(f"nothing to resume in {out} (no checkpoint); run without --resume")
-        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
-        if saved and saved != dump_config(cfg):
+        saved = load_config(out / "config.yaml") if (out / "config.yaml").is_file() else None
+        if saved is not None and cfg.data.label_names is None:
+            # The first start inferred the label names from the data and recorded them in config.yaml; the
+            # same command line must resume, and must map labels to the same ids.
+            cfg.data.label_names = saved.data.label_names
+        if saved is not None and dump_config(saved) != dump_config(cfg):
             raise UserError(f"the config differs from the one {out} was started with; resume with "
                             f"`leantune train {out / 'config.yaml'} --resume`")
     elif out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
@@ -76,10 +80,14 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
 
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.models.loader import load_model, load_tokenizer
 
+    # accelerate keeps one process-wide state; a second run in the same process (tests, benchmarks) with
+    # another precision must start from a clean one. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
     data = _features(cfg, tok)
@@ -88,7 +96,8 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
     params = count_params(model)
     if params["trainable"] == 0:
-        raise UserError("the configured methods leave no trainable parameter; loosen `freeze` or add a method")
+        raise UserError("the configured methods leave no trainable parameter; "
+                        "loosen `freeze` or add a method")
     return Prepared(cfg, out, acc, tok, data, model, params, [get_method(m.name) for m in cfg.methods])
 
 
@@ -102,11 +111,14 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     from leantune.train.checkpoint import write_json_atomic
 
     # --- from here on we write ---
+    acc.wait_for_everyone()  # every rank has checked the output folder before rank 0 changes it
     if acc.is_main_process:
         if cfg.output.overwrite and not resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        tmp = out / ".config.yaml.tmp"
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, out / "config.yaml")  # a kill never leaves a torn config for --resume to read
     acc.wait_for_everyone()
     trainer = prep.trainer()
     resumed = trainer.resume() if resume else False
@@ -121,8 +133,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         "run_dir": str(out),
         "task": cfg.task,
         "methods": [m.name for m in cfg.methods],
-        "method_reports": {s.name: s.report(trainer.module, m) for s, m in zip(prep.specs, cfg.methods)
-                           if s.report},
+        "method_reports": {s.name: s.report(trainer.module, m)
+                           for s, m in zip(prep.specs, cfg.methods, strict=True) if s.report},
         "params": prep.params,
         "data": {split: len(rows) for split, rows in data.items()},
         "train": {

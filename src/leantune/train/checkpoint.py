@@ -86,30 +86,80 @@ def restore_python_rng(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
+def torch_rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch generators: CPU, and the current CUDA device's where CUDA is in use."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_torch_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
-                    torch_rng: list[torch.Tensor], keep: int) -> Path:
-    """Write checkpoint `step` atomically and prune older ones beyond `keep`."""
+                    torch_rng: list[dict[str, torch.Tensor] | torch.Tensor], keep: int) -> Path:
+    """Write checkpoint `step` atomically and prune older ones beyond `keep`.
+
+    `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-step-*"):  # a kill while writing: never a usable checkpoint
+        shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+    trainable = {k: v.contiguous() for k, v in trainable_state(model).items()}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-    save_file({f"rank{i}": t for i, t in enumerate(torch_rng)}, str(tmp / "rng.safetensors"))
+    rng: dict[str, torch.Tensor] = {}
+    for i, r in enumerate(torch_rng):
+        for kind, t in ({"cpu": r} if torch.is_tensor(r) else r).items():
+            rng[f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}"] = t.cpu()
+    save_file(rng, str(tmp / "rng.safetensors"))
     write_json_atomic(tmp / "optimizer.json", opt_meta)
-    write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "python_rng": python_rng_state()})
+    write_json_atomic(tmp / "trainer_state.json",
+                      {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()})
     for f in tmp.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
+    _fsync_dir(tmp)
+    if final.exists():  # left by a kill between the rename and the pointer update; `latest` is older
         shutil.rmtree(final)
     os.rename(tmp, final)
-    (root / ".latest.tmp").write_text(final.name)
-    os.replace(root / ".latest.tmp", root / "latest")
-    others = sorted(p for p in root.glob("step-*") if p != final)
-    for old in others[: max(0, len(others) - (keep - 1))]:
+    pointer_tmp = root / ".latest.tmp"
+    with pointer_tmp.open("w") as fh:
+        fh.write(final.name)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
+    # Keep the newest `keep` up to this step; any later one is a leftover of a killed, resumed run.
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+    older = [p for p in done if _step_of(p) < step]
+    stale = [p for p in done if _step_of(p) > step]
+    for old in older[: max(0, len(older) - (keep - 1))] + stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -122,13 +172,25 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int) -> dict:
-    """Restore weights, optimizer and RNG in place; return the trainer state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int, world: int = 1) -> dict:
+    """Restore weights, optimizer and RNG in place; return the trainer state.
+
+    The data order is sharded by rank, so a run resumes exactly only with the world size it was saved
+    with; any other is refused rather than silently continued differently.
+    """
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved_world = state.pop("world_size", 1)
+    if saved_world != world:
+        from leantune.errors import UserError
+
+        raise UserError(f"checkpoint {path} was written by {saved_world} process(es) and cannot resume "
+                        f"exactly with {world}; launch it with {saved_world}")
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
-    state = json.loads((path / "trainer_state.json").read_text())
     restore_python_rng(state.pop("python_rng"))
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng[f"rank{rank}"])
+    prefix = f"rank{rank}."
+    restore_torch_rng({"cpu": rng[f"rank{rank}"],
+                       **{k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}})
     return state

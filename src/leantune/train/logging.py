@@ -14,20 +14,34 @@ class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self._tb_dir = run_dir / "tensorboard"
         self._tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the log reads as one uninterrupted run."""
-        if not self.enabled or not self.path.is_file():
+        """On resume, drop what was logged after the checkpoint so the logs read as one uninterrupted run."""
+        if not self.enabled:
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        if self.path.is_file():
+            keep = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by the kill: it was after the checkpoint anyway
+                    continue
+                if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                    keep.append(line)
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

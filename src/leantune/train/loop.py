@@ -94,7 +94,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
-        saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank)
+        saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank, self.world)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.state = TrainState(**saved)
         self._running = torch.tensor(self.state.running_loss, device=self.acc.device)
@@ -105,8 +105,10 @@ class Trainer:
     def _save(self) -> None:
         from accelerate.utils import gather_object
 
+        # Every rank keeps the mean over ranks: the one number the checkpoint holds for all of them.
+        self._running = self.acc.reduce(self._running, reduction="mean")
         self.state.running_loss, self.state.running_n = float(self._running), self._running_n
-        rngs = gather_object([torch.get_rng_state()])
+        rngs = gather_object([ckpt.torch_rng_state()])
         if self.acc.is_main_process:
             state = {**self.state.__dict__, "scheduler": self.scheduler.state_dict()}
             ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.module, self.optimizer, state, rngs,
@@ -137,51 +139,58 @@ class Trainer:
             st.stopped_early = patience is not None and st.bad_evals >= patience
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _optimizer_step(self, group: list[list[int]]):
+        """Accumulate the gradients of `group`'s micro-batches, then step; return the gradient norm."""
+        tc, st = self.cfg.train, self.state
+        for j, idx in enumerate(group):
+            batch = collate([self.train_data[i] for i in idx], self.pad_id)
+            st.samples += len(idx) * self.world
+            st.tokens += int(batch["attention_mask"].sum()) * self.world
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            sync = j == len(group) - 1  # DDP all-reduces on the last micro-batch only
+            with nullcontext() if sync else self.acc.no_sync(self.model):
+                self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
+            self._running_n += 1
+        grad_norm = None
+        if tc.max_grad_norm is not None:
+            grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     def fit(self) -> TrainState:
         tc, st = self.cfg.train, self.state
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
+        batches, batches_epoch = [], None
         while st.step < self.total_steps and not st.stopped_early:
-            batches = self._epoch_batches(st.epoch)
-            while st.group < self.steps_per_epoch and st.step < self.total_steps and not st.stopped_early:
-                t0 = time.perf_counter()
-                group = batches[st.group * tc.grad_accum : (st.group + 1) * tc.grad_accum]
-                for j, idx in enumerate(group):
-                    batch = collate([self.train_data[i] for i in idx], self.pad_id)
-                    st.samples += len(idx) * self.world
-                    st.tokens += int(batch["attention_mask"].sum()) * self.world
-                    batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-                    sync = j == len(group) - 1
-                    with nullcontext() if sync else self.acc.no_sync(self.model):
-                        self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
-                    self._running_n += 1
-                grad_norm = None
-                if tc.max_grad_norm is not None:
-                    grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                st.step += 1
-                st.group += 1
-                st.train_time_s += time.perf_counter() - t0
-                bar.update(1)
-                if st.step % tc.log_every == 0 or st.step == self.total_steps:
-                    loss = float(self._running) / max(self._running_n, 1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    self.log.log({"step": st.step, "epoch": st.epoch, "loss": loss,
-                                  "lr": self.scheduler.get_last_lr()[0],
-                                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                                  "samples_per_s": st.samples / max(st.train_time_s, 1e-9)})
-                    self._running.zero_()
-                    self._running_n = 0
-                end_of_epoch = st.group == self.steps_per_epoch
-                if (tc.eval_every and st.step % tc.eval_every == 0) or end_of_epoch:
-                    self._evaluate()
-                if end_of_epoch:
-                    st.epoch, st.group = st.epoch + 1, 0
-                if tc.save_every and st.step % tc.save_every == 0:
-                    self._save()
+            if batches_epoch != st.epoch:  # every epoch has its own order, derived from (seed, epoch) alone
+                batches, batches_epoch = self._epoch_batches(st.epoch), st.epoch
+            t0 = time.perf_counter()
+            first = st.group * tc.grad_accum
+            grad_norm = self._optimizer_step(batches[first : first + tc.grad_accum])
+            st.step += 1
+            st.group += 1
+            st.train_time_s += time.perf_counter() - t0
+            bar.update(1)
+            if st.step % tc.log_every == 0 or st.step == self.total_steps:
+                loss = float(self.acc.reduce(self._running, reduction="mean")) / max(self._running_n, 1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                self.log.log({"step": st.step, "epoch": st.epoch, "loss": loss,
+                              "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                              "samples_per_s": st.samples / max(st.train_time_s, 1e-9)})
+                self._running.zero_()
+                self._running_n = 0
+            end_of_epoch = st.group == self.steps_per_epoch
+            if (tc.eval_every and st.step % tc.eval_every == 0) or end_of_epoch:
+                self._evaluate()
+            if end_of_epoch:
+                st.epoch, st.group = st.epoch + 1, 0
+            if tc.save_every and st.step % tc.save_every == 0:
+                self._save()
         bar.close()
         if st.last_eval.get("step") != st.step:
             self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
