@@ -91,3 +91,30 @@ def test_generative_tasks_reduce_loss(tiny_models, tmp_path, arch, task):
     losses = _logged_losses(tmp_path / "run")
     assert losses[-1] < 0.7 * losses[0], losses
     assert summary["test"]["perplexity"] < 0.5 * torch.exp(torch.tensor(losses[0])).item()
+
+
+def test_local_paths_are_recorded_absolutely(tiny_models, sentiment_csv, tmp_path, monkeypatch):
+    """A run started with relative paths can be evaluated/exported from any other folder later."""
+    import os
+
+    monkeypatch.chdir(tiny_models["bert"].parent)
+    rel_model = os.path.relpath(tiny_models["bert"])
+    rel_data = os.path.relpath(sentiment_csv)
+    cfg = load_config(None, [f"model.name={rel_model}", f"data.source={rel_data}", "methods=[full]",
+                             "train.max_steps=1", f"output.dir={tmp_path / 'run'}", "output.tensorboard=false"])
+    run_train(cfg)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.model.name == str(tiny_models["bert"].resolve())
+    assert saved.data.source == str(sentiment_csv.resolve())
+
+
+def test_tensorboard_events_hold_the_logged_losses(base_overrides, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(load_config(None, [*base_overrides, "methods=[full]", "train.log_every=4",
+                                 "output.tensorboard=true"]))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tb_losses = [e.value for e in events.Scalars("train/loss")]
+    assert tb_losses == pytest.approx(_logged_losses(tmp_path / "run"), rel=1e-6)
+    assert "validation/accuracy" in events.Tags()["scalars"]

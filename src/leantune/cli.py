@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from leantune.errors import UserError
@@ -82,6 +83,8 @@ def dispatch(ns: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft 0.21 calls an API transformers 5 deprecated; the user can do nothing about it
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)

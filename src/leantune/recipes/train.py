@@ -74,7 +74,16 @@ class Prepared:
                        self.tokenizer.pad_token_id, len(self.cfg.data.label_names or []), self.out, step_fn)
 
 
+def _absolute_local_paths(cfg: Config) -> None:
+    """Record local model/data paths absolutely, so `eval`/`export` work from any folder later."""
+    for section, key in ((cfg.model, "name"), (cfg.data, "source")):
+        value = getattr(section, key)
+        if ":" not in value and Path(value).expanduser().exists():
+            setattr(section, key, str(Path(value).expanduser().resolve()))
+
+
 def prepare(cfg: Config, resume: bool = False) -> Prepared:
+    _absolute_local_paths(cfg)
     out = _check_output(cfg, resume)
     setup_torch(cfg.train.seed, cfg.train.num_threads)
 
