@@ -66,3 +66,16 @@ def base_overrides(tiny_models, sentiment_csv, tmp_path) -> list[str]:
         "output.tensorboard=false",
         f"output.dir={tmp_path / 'run'}",
     ]
+
+
+def cli_err(capsys, *argv) -> str:
+    """Run the CLI expecting a user error: exit 2, exactly one line on stderr, no traceback."""
+    from leantune.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit {code}, stderr: {err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err}"
+    assert "Traceback" not in err
+    return lines[0]

@@ -23,8 +23,16 @@ def test_every_shipped_config_validates(path):
 
 
 def test_overrides_parse_yaml_values_and_list_indices():
-    cfg = load_config(None, ["train.lr=1e-4", "methods.0.r=16", "methods.0.target_modules=[query, key]",
-                             "train.max_grad_norm=null", "train.mixed_precision=bf16"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "methods.0.r=16",
+            "methods.0.target_modules=[query, key]",
+            "train.max_grad_norm=null",
+            "train.mixed_precision=bf16",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.methods[0].r == 16 and cfg.methods[0].target_modules == ["query", "key"]
     assert cfg.train.max_grad_norm is None and cfg.train.mixed_precision == "bf16"

@@ -95,8 +95,10 @@ def test_seq2seq_targets(tok):
 
 
 def test_collate_pads_dynamically(tok):
-    feats = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]},
-             {"input_ids": [5], "attention_mask": [1], "labels": [IGNORE_INDEX]}]
+    feats = [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]},
+        {"input_ids": [5], "attention_mask": [1], "labels": [IGNORE_INDEX]},
+    ]
     batch = collate(feats, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

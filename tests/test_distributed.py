@@ -33,8 +33,13 @@ RESUME_FROM = 50  # a checkpoint that is not at a log line: the running loss mus
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -51,9 +56,25 @@ def _launch(processes: int, args: list[str], log: Path, timeout: float = 240) ->
     else:
         # --multi_gpu (with ACCELERATE_USE_CPU=true) is what starts N gloo-synced processes on CPU; `--cpu`
         # alone starts one. The other flags only silence accelerate's warnings about unset defaults.
-        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "leantune", "train", *args]
+        cmd = [
+            ACCELERATE,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(_free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "leantune",
+            "train",
+            *args,
+        ]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from leantune.cli import main
-from tests.conftest import make_sentiment_rows, write_csv
-
-
-def run_cli(capsys, *argv: str) -> str:
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, f"exit {code}, stderr: {err}"
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line, got: {err}"
-    assert "Traceback" not in err
-    return lines[0]
+from tests.conftest import cli_err, make_sentiment_rows, write_csv
 
 
 def train_err(capsys, overrides: list[str], *extra: str) -> str:
-    return run_cli(capsys, "train", *overrides, *extra)
+    return cli_err(capsys, "train", *overrides, *extra)
 
 
 def test_typo_in_key_suggests_the_right_one(capsys, base_overrides):
@@ -48,14 +37,14 @@ def test_unknown_method(capsys, base_overrides):
 
 
 def test_missing_config_file(capsys, tmp_path):
-    line = run_cli(capsys, "train", str(tmp_path / "nope.yaml"))
+    line = cli_err(capsys, "train", str(tmp_path / "nope.yaml"))
     assert "config file not found" in line
 
 
 def test_invalid_yaml(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1,\n")
-    line = run_cli(capsys, "train", str(bad))
+    line = cli_err(capsys, "train", str(bad))
     assert "not valid YAML" in line
 
 
@@ -156,12 +145,12 @@ def test_bad_input_writes_nothing(capsys, base_overrides, tmp_path):
 
 
 def test_eval_on_a_folder_that_is_not_a_run(capsys, tmp_path):
-    line = run_cli(capsys, "eval", str(tmp_path))
+    line = cli_err(capsys, "eval", str(tmp_path))
     assert "is not a leantune run" in line
 
 
 def test_unknown_cli_option(capsys):
-    line = run_cli(capsys, "train", "--no-such-flag")
+    line = cli_err(capsys, "train", "--no-such-flag")
     assert "--no-such-flag" in line
 
 
@@ -182,5 +171,7 @@ def test_unknown_builtin_dataset(capsys, base_overrides):
 
 
 def test_no_trainable_parameters(capsys, base_overrides):
-    line = train_err(capsys, base_overrides, "methods=[{name: freeze, layers: 3, modules: [pooler, classifier]}]")
+    line = train_err(
+        capsys, base_overrides, "methods=[{name: freeze, layers: 3, modules: [pooler, classifier]}]"
+    )
     assert "no trainable parameter" in line

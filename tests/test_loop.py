@@ -43,8 +43,13 @@ def test_same_seed_same_weights_different_seed_different(base_overrides, tmp_pat
 
 
 def test_gradient_accumulation_matches_a_larger_batch(base_overrides, dropout_free_bert, tmp_path):
-    common = [*base_overrides, f"model.name={dropout_free_bert}", "methods=[full]", "train.max_steps=6",
-              "train.eval_every=1000"]
+    common = [
+        *base_overrides,
+        f"model.name={dropout_free_bert}",
+        "methods=[full]",
+        "train.max_steps=6",
+        "train.eval_every=1000",
+    ]
     big, _ = _fit([*common, "train.batch_size=16", "train.grad_accum=1", f"output.dir={tmp_path / 'big'}"])
     acc, _ = _fit([*common, "train.batch_size=8", "train.grad_accum=2", f"output.dir={tmp_path / 'acc'}"])
     for (name, p), q in zip(big.module.named_parameters(), acc.module.parameters(), strict=True):
@@ -52,26 +57,46 @@ def test_gradient_accumulation_matches_a_larger_batch(base_overrides, dropout_fr
 
 
 def test_early_stopping_stops_when_the_metric_stalls(base_overrides, tmp_path):
-    trainer, state = _fit([*base_overrides, "methods=[full]", "train.lr=1e-12", "train.epochs=20",
-                           "train.eval_every=2", "train.early_stopping_patience=2", "eval.metric=loss"])
+    trainer, state = _fit(
+        [
+            *base_overrides,
+            "methods=[full]",
+            "train.lr=1e-12",
+            "train.epochs=20",
+            "train.eval_every=2",
+            "train.early_stopping_patience=2",
+            "eval.metric=loss",
+        ]
+    )
     assert state.stopped_early
     assert state.step < trainer.total_steps
-    evals = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"validation"' in ln]
+    evals = [
+        json.loads(ln)
+        for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"validation"' in ln
+    ]
     assert len(evals) == 3  # the first sets the best, two more without improvement stop the run
 
 
 def test_best_weights_are_restored_for_the_test_split(base_overrides, tmp_path):
     summary = run_train(load_config(None, [*base_overrides, "methods=[full]", "train.eval_every=3"]))
-    evals = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"validation"' in ln]
+    evals = [
+        json.loads(ln)
+        for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"validation"' in ln
+    ]
     best = max(e["accuracy"] for e in evals)
     assert summary["train"]["best_metric"] == best
     assert summary["train"]["best_step"] == next(e["step"] for e in evals if e["accuracy"] == best)
 
 
 def test_bf16_autocast_trains(base_overrides, tmp_path):
-    trainer, state = _fit([*base_overrides, "methods=[full]", "train.mixed_precision=bf16", "train.log_every=5"])
-    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in ln and '"split"' not in ln]
+    trainer, state = _fit(
+        [*base_overrides, "methods=[full]", "train.mixed_precision=bf16", "train.log_every=5"]
+    )
+    losses = [
+        json.loads(ln)["loss"]
+        for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in ln and '"split"' not in ln
+    ]
     assert losses[-1] < 0.8 * losses[0], losses

@@ -11,10 +11,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_lora_job_on_a_subset_beats_majority(tmp_path):
-    summary = run_train(load_config(None, [
-        "data.max_train_samples=2048", "data.max_eval_samples=512", "train.lr=3e-3",
-        f"output.dir={tmp_path / 'run'}", "output.tensorboard=false",
-    ]))
+    summary = run_train(
+        load_config(
+            None,
+            [
+                "data.max_train_samples=2048",
+                "data.max_eval_samples=512",
+                "train.lr=3e-3",
+                f"output.dir={tmp_path / 'run'}",
+                "output.tensorboard=false",
+            ],
+        )
+    )
     test = summary["test"]
     assert test["accuracy"] >= test["majority_accuracy"] + 0.1, test
     # peft's default for BERT: LoRA on query and value of 6 blocks (r=8, A and B) + the 2-class head.

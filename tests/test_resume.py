@@ -30,14 +30,18 @@ KILL_AT_STEP = 120  # of 330; checkpoints every 5 steps, evaluations every 7 and
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
+    )
     return env
 
 
 def _train_cmd(tiny_models, sentiment_csv, run_dir: Path, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "leantune", "train",
+        sys.executable,
+        "-m",
+        "leantune",
+        "train",
         f"model.name={tiny_models['bert']}",
         "model.max_length=16",
         f"data.source={sentiment_csv}",
@@ -99,10 +103,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, sentiment_csv,
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("interrupted", "reference", "resumed")}
     # The reference and the run to be killed share the 2 cores (one thread each).
-    ref_proc = subprocess.Popen(_train_cmd(tiny_models, sentiment_csv, reference), env=_env(),
-                                stdout=logs["reference"], stderr=subprocess.STDOUT)
-    proc = subprocess.Popen(_train_cmd(tiny_models, sentiment_csv, interrupted), env=_env(),
-                            stdout=logs["interrupted"], stderr=subprocess.STDOUT)
+    ref_proc = subprocess.Popen(
+        _train_cmd(tiny_models, sentiment_csv, reference),
+        env=_env(),
+        stdout=logs["reference"],
+        stderr=subprocess.STDOUT,
+    )
+    proc = subprocess.Popen(
+        _train_cmd(tiny_models, sentiment_csv, interrupted),
+        env=_env(),
+        stdout=logs["interrupted"],
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         # Kill once lines were logged after the latest checkpoint, so that resuming must drop them.
@@ -123,8 +135,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, sentiment_csv,
     assert not (interrupted / "summary.json").exists(), "the run finished before it was killed"
     assert not (interrupted / "model").exists()
 
-    resumed = subprocess.run(_train_cmd(tiny_models, sentiment_csv, interrupted, "--resume"), env=_env(),
-                             stdout=logs["resumed"], stderr=subprocess.STDOUT, timeout=180)
+    resumed = subprocess.run(
+        _train_cmd(tiny_models, sentiment_csv, interrupted, "--resume"),
+        env=_env(),
+        stdout=logs["resumed"],
+        stderr=subprocess.STDOUT,
+        timeout=180,
+    )
     for fh in logs.values():
         fh.close()
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
@@ -156,13 +173,28 @@ def finished_run(tiny_models, sentiment_csv, tmp_path_factory) -> Path:
     from leantune.recipes.train import run_train
 
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_train(load_config(None, [
-        f"model.name={tiny_models['bert']}", "model.max_length=16", f"data.source={sentiment_csv}",
-        "methods=[{name: lora, r: 4, dropout: 0.2}]", "train.batch_size=16", "train.grad_accum=2",
-        "train.lr=3e-3", "train.epochs=3", "train.num_threads=1", "train.save_every=3",
-        "train.keep_checkpoints=100", "train.log_every=2", "train.eval_every=4", "output.tensorboard=false",
-        f"output.dir={run_dir}",
-    ]))
+    run_train(
+        load_config(
+            None,
+            [
+                f"model.name={tiny_models['bert']}",
+                "model.max_length=16",
+                f"data.source={sentiment_csv}",
+                "methods=[{name: lora, r: 4, dropout: 0.2}]",
+                "train.batch_size=16",
+                "train.grad_accum=2",
+                "train.lr=3e-3",
+                "train.epochs=3",
+                "train.num_threads=1",
+                "train.save_every=3",
+                "train.keep_checkpoints=100",
+                "train.log_every=2",
+                "train.eval_every=4",
+                "output.tensorboard=false",
+                f"output.dir={run_dir}",
+            ],
+        )
+    )
     return run_dir
 
 

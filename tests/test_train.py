@@ -20,8 +20,11 @@ def _logged_losses(run_dir) -> list[float]:
 def test_classifier_learns_toy_task(base_overrides, tmp_path, method):
     # LoRA on a random-init base needs a higher rate and more steps than full fine-tuning to learn (on
     # real weights see test_real_model.py); seeded, so this is deterministic on CPU.
-    lora = ["methods=[{name: lora, r: 16, dropout: 0.0, target_modules: all-linear}]", "train.lr=5e-3",
-            "train.epochs=10"]
+    lora = [
+        "methods=[{name: lora, r: 16, dropout: 0.0, target_modules: all-linear}]",
+        "train.lr=5e-3",
+        "train.epochs=10",
+    ]
     extra = lora if method == "lora" else ["methods=[full]"]
     summary = run_train(load_config(None, [*base_overrides, "train.log_every=5", *extra]))
     losses = _logged_losses(tmp_path / "run")
@@ -61,33 +64,56 @@ def test_lora_changes_only_lora_parameters(base_overrides):
 
 def test_freeze_keeps_lower_blocks_bit_identical(base_overrides):
     prep, before, after = _train_steps([*base_overrides, "methods=[{name: freeze, layers: 2}]"])
-    frozen = [n for n in before if n.startswith(("bert.embeddings", "bert.encoder.layer.0.", "bert.encoder.layer.1."))]
+    frozen = [
+        n
+        for n in before
+        if n.startswith(("bert.embeddings", "bert.encoder.layer.0.", "bert.encoder.layer.1."))
+    ]
     assert frozen
     for name in frozen:
         assert torch.equal(before[name], after[name]), name
-    moved = [n for n in before if n.startswith("bert.encoder.layer.2.") and not torch.equal(before[n], after[n])]
+    moved = [
+        n for n in before if n.startswith("bert.encoder.layer.2.") and not torch.equal(before[n], after[n])
+    ]
     assert moved, "the unfrozen top block did not train"
     assert prep.params["trainable"] < prep.params["total"]
 
 
 def test_full_trains_every_block(base_overrides):
     _, before, after = _train_steps([*base_overrides, "methods=[full]"])
-    assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
-                           after["bert.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        before["bert.encoder.layer.0.attention.self.query.weight"],
+        after["bert.encoder.layer.0.attention.self.query.weight"],
+    )
 
 
 @pytest.mark.parametrize("arch,task", [("gpt2", "causal_lm"), ("llama", "causal_lm"), ("t5", "seq2seq")])
 def test_generative_tasks_reduce_loss(tiny_models, tmp_path, arch, task):
-    rows = [{"text": f"question {i % 7}", "label": f"answer {i % 7} is {'yes' if i % 2 else 'no'}"}
-            for i in range(96)]
+    rows = [
+        {"text": f"question {i % 7}", "label": f"answer {i % 7} is {'yes' if i % 2 else 'no'}"}
+        for i in range(96)
+    ]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = run_train(load_config(None, [
-        f"task={task}", f"model.name={tiny_models[arch]}", f"data.source={data}", "model.max_length=24",
-        "train.batch_size=16", "train.lr=1e-2", "train.epochs=10", "train.log_every=5", "train.num_threads=1",
-        "methods=[full]", "output.tensorboard=false",
-        f"output.dir={tmp_path / 'run'}",
-    ]))
+    summary = run_train(
+        load_config(
+            None,
+            [
+                f"task={task}",
+                f"model.name={tiny_models[arch]}",
+                f"data.source={data}",
+                "model.max_length=24",
+                "train.batch_size=16",
+                "train.lr=1e-2",
+                "train.epochs=10",
+                "train.log_every=5",
+                "train.num_threads=1",
+                "methods=[full]",
+                "output.tensorboard=false",
+                f"output.dir={tmp_path / 'run'}",
+            ],
+        )
+    )
     losses = _logged_losses(tmp_path / "run")
     assert losses[-1] < 0.7 * losses[0], losses
     assert summary["test"]["perplexity"] < 0.5 * torch.exp(torch.tensor(losses[0])).item()
@@ -100,8 +126,17 @@ def test_local_paths_are_recorded_absolutely(tiny_models, sentiment_csv, tmp_pat
     monkeypatch.chdir(tiny_models["bert"].parent)
     rel_model = os.path.relpath(tiny_models["bert"])
     rel_data = os.path.relpath(sentiment_csv)
-    cfg = load_config(None, [f"model.name={rel_model}", f"data.source={rel_data}", "methods=[full]",
-                             "train.max_steps=1", f"output.dir={tmp_path / 'run'}", "output.tensorboard=false"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={rel_model}",
+            f"data.source={rel_data}",
+            "methods=[full]",
+            "train.max_steps=1",
+            f"output.dir={tmp_path / 'run'}",
+            "output.tensorboard=false",
+        ],
+    )
     run_train(cfg)
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.model.name == str(tiny_models["bert"].resolve())
@@ -111,8 +146,9 @@ def test_local_paths_are_recorded_absolutely(tiny_models, sentiment_csv, tmp_pat
 def test_tensorboard_events_hold_the_logged_losses(base_overrides, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_train(load_config(None, [*base_overrides, "methods=[full]", "train.log_every=4",
-                                 "output.tensorboard=true"]))
+    run_train(
+        load_config(None, [*base_overrides, "methods=[full]", "train.log_every=4", "output.tensorboard=true"])
+    )
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     tb_losses = [e.value for e in events.Scalars("train/loss")]
