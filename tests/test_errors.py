@@ -58,9 +58,10 @@ def test_model_path_that_does_not_exist(capsys, base_overrides, tmp_path):
     assert "model path not found" in line
 
 
-def test_hub_id_offline(capsys, base_overrides):
-    line = train_err(capsys, base_overrides, "model.name=someone/some-model")
-    assert "cannot load model 'someone/some-model'" in line
+@pytest.mark.parametrize("hub_id", ["someone/some-model", "Qwen/Qwen2.5-0.5B"])
+def test_hub_id_offline(capsys, base_overrides, hub_id):
+    line = train_err(capsys, base_overrides, f"model.name={hub_id}")
+    assert f"cannot load model '{hub_id}'" in line and "offline" in line
 
 
 def test_empty_split(capsys, base_overrides, tmp_path):

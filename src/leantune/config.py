@@ -163,7 +163,9 @@ def apply_override(tree: dict, dotted: str) -> None:
         nxt = parts[i + 1]
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"override '{key}': '{part}' is not an index of that list (0..{len(node) - 1})")
+                raise UserError(
+                    f"override '{key}': '{part}' is not an index of that list (0..{len(node) - 1})"
+                )
             node = node[int(part)]
             continue
         if part not in node or node[part] is None:

@@ -28,8 +28,9 @@ def rotten_tomatoes() -> dict[str, list[Record]]:
         _id, score, text = line.split("\t", 2)
         if float(score) == 0.0:
             continue
-        rows.append({"text": text.strip(), "label": "positive" if float(score) > 0 else "negative",
-                     "_line": line_no})
+        rows.append(
+            {"text": text.strip(), "label": "positive" if float(score) > 0 else "negative", "_line": line_no}
+        )
     return {"train": rows}
 
 

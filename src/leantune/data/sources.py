@@ -42,7 +42,7 @@ def read_table(path: Path) -> list[Record]:
                     f"{path} line {reader.line_num}: expected {len(header)} fields, found {len(fields)}; "
                     "quote fields that contain the delimiter"
                 )
-            rows.append({**dict(zip(header, fields)), "_line": reader.line_num})
+            rows.append({**dict(zip(header, fields, strict=True)), "_line": reader.line_num})
     return rows
 
 
@@ -55,7 +55,9 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {line_no}: invalid JSON ({exc.msg}); one object per line") from None
+                raise UserError(
+                    f"{path} line {line_no}: invalid JSON ({exc.msg}); one object per line"
+                ) from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path} line {line_no}: expected a JSON object, found {type(obj).__name__}")
             obj["_line"] = line_no

@@ -46,7 +46,9 @@ def load_raw_splits(cfg: DataConfig) -> RawSplits:
         raw.validation = _subsample(raw.validation, cfg.max_eval_samples, cfg.split_seed)
         raw.test = _subsample(raw.test, cfg.max_eval_samples, cfg.split_seed)
     if not raw.train:
-        raise UserError(f"the training split of {cfg.source} is empty; give it rows (or fix data.train_split)")
+        raise UserError(
+            f"the training split of {cfg.source} is empty; give it rows (or fix data.train_split)"
+        )
     for name in (cfg.validation_split, cfg.test_split):
         if name in splits and not splits[name]:
             raise UserError(f"split '{name}' of {cfg.source} is empty; give it rows or remove it")
@@ -95,8 +97,15 @@ def label_id(row: Record, column: str, names: list[str], source: str) -> int:
     )
 
 
-def encode(task: str, rows: list[Record], tok, cfg: DataConfig, max_length: int,
-           label_names: list[str] | None, source: str) -> list[dict]:
+def encode(
+    task: str,
+    rows: list[Record],
+    tok,
+    cfg: DataConfig,
+    max_length: int,
+    label_names: list[str] | None,
+    source: str,
+) -> list[dict]:
     """Tokenise `rows` for `task`; the result is a list of feature dicts of int lists."""
     if not rows:
         return []
@@ -114,10 +123,19 @@ def encode(task: str, rows: list[Record], tok, cfg: DataConfig, max_length: int,
         if cfg.label_column is None:
             raise UserError("seq2seq needs a target column; set data.label_column")
         src = tok([_text(r, cfg.text_column, source) for r in rows], truncation=True, max_length=max_length)
-        tgt = tok(text_target=[_text(r, cfg.label_column, source) for r in rows], truncation=True,
-                  max_length=max_length)
-        return [{"input_ids": src["input_ids"][i], "attention_mask": src["attention_mask"][i],
-                 "labels": tgt["input_ids"][i]} for i in range(len(rows))]
+        tgt = tok(
+            text_target=[_text(r, cfg.label_column, source) for r in rows],
+            truncation=True,
+            max_length=max_length,
+        )
+        return [
+            {
+                "input_ids": src["input_ids"][i],
+                "attention_mask": src["attention_mask"][i],
+                "labels": tgt["input_ids"][i],
+            }
+            for i in range(len(rows))
+        ]
     return [_causal_example(r, tok, cfg, max_length, source) for r in rows]
 
 

@@ -9,8 +9,16 @@ from leantune.eval.metrics import classification_metrics, lm_metrics
 
 
 @torch.no_grad()
-def evaluate(model, features: list[dict], task: str, batch_size: int, pad_id: int,
-             rank: int = 0, world: int = 1, num_labels: int = 2) -> dict[str, float]:
+def evaluate(
+    model,
+    features: list[dict],
+    task: str,
+    batch_size: int,
+    pad_id: int,
+    rank: int = 0,
+    world: int = 1,
+    num_labels: int = 2,
+) -> dict[str, float]:
     """Metrics over all of `features`; every rank gets the same numbers (no rank decides alone)."""
     from accelerate.utils import gather_object
 
@@ -22,7 +30,7 @@ def evaluate(model, features: list[dict], task: str, batch_size: int, pad_id: in
     labels: list[int] = []
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
         out = model(**batch)
         if task == "classification":
             preds += out.logits.argmax(-1).tolist()

@@ -20,7 +20,8 @@ class FreezeConfig(MethodConfig):
     layers: int | None = Field(None, ge=0, description="Freeze the lowest k blocks.")
     embeddings: bool = Field(True, description="Also freeze the embeddings.")
     modules: list[str] = Field(
-        default_factory=list, description="Regexes of module names to freeze, e.g. ['pooler', 'layer\\.0\\.']."
+        default_factory=list,
+        description="Regexes of module names to freeze, e.g. ['pooler', 'layer\\.0\\.'].",
     )
 
     @model_validator(mode="after")

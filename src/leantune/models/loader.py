@@ -24,8 +24,8 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json; point model.name at a HF model folder")
         return str(path)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_local or path.suffix:
+    # Hub ids are `name` or `org/name` (dots allowed: Qwen/Qwen2.5-0.5B); anything else is a path.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UserError(f"model path not found: {name}; set model.name to an existing folder or a hub id")
     return name
 

@@ -19,27 +19,52 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     tok = load_tokenizer("embedded:minilm")
     vocab = len(tok)
-    ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id}
+    ids = {
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.cls_token_id,
+        "eos_token_id": tok.sep_token_id,
+    }
     torch.manual_seed(seed)
     if arch == "bert":
         cfg = transformers.BertConfig(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
         )
         model = transformers.BertForSequenceClassification(cfg)
     elif arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=128, **ids)
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=128, **ids
+        )
         model = transformers.GPT2LMHeadModel(cfg)
     elif arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=128, **ids,
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **ids,
         )
         model = transformers.LlamaForCausalLM(cfg)
     elif arch == "t5":
         cfg = transformers.T5Config(
-            vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-            decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            decoder_start_token_id=tok.pad_token_id,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.sep_token_id,
         )
         model = transformers.T5ForConditionalGeneration(cfg)
     else:
