@@ -19,6 +19,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{text}'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leantune", description="Efficient fine-tuning of transformer language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -30,19 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a finished run on a dataset")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--data", help="builtin:<name>, a .csv/.tsv/.jsonl file, or hf:<name> (default: the run's)")
+    e.add_argument("--data",
+                   help="builtin:<name>, a .csv/.tsv/.jsonl file, or hf:<name> (default: the run's)")
     e.add_argument("--split", default="test", help="split of a built-in/hf source (default: test)")
     e.add_argument("--out", type=Path, help="also write the metrics to this JSON file (must not exist)")
 
     x = sub.add_parser("export", help="write a run's model as a plain HF folder")
     x.add_argument("run_dir", type=Path)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
-    x.add_argument("--out", type=Path, help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)")
+    x.add_argument("--out", type=Path,
+                   help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)")
 
     f = sub.add_parser("fetch", help="download and cache a built-in dataset now (it is fetched on first use)")
     f.add_argument("name", help="e.g. rotten_tomatoes")
 
     sub.add_parser("methods", help="list the available methods")
+
+    b = sub.add_parser("bench", help="run a benchmark suite, one JSON artefact per run and repeat")
+    b.add_argument("suite", help="a suite name in benchmarks/suites/ or a suite YAML path")
+    b.add_argument("--repeat", type=_positive_int, metavar="N",
+                   help="run each N times (default: the suite's repeat)")
+    b.add_argument("--rerun", action="store_true", help="redo runs that already have an artefact")
+    b.add_argument("--only", nargs="+", metavar="ID", help="run only these run ids")
+    b.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override appended to every run (repeatable), e.g. --set model.name=/models/x")
+    b.add_argument("--results", type=Path, metavar="DIR", help="results root (default: benchmarks/results)")
+    b.add_argument("--work", type=Path, metavar="DIR",
+                   help="keep the run folders and logs here (default: a temporary folder, removed)")
+    b.add_argument("--dry-run", action="store_true", help="validate the suite and list its runs; run nothing")
+
+    r = sub.add_parser("report", help="write report.md and report.html from a suite's artefacts")
+    r.add_argument("suite", help="a suite name or YAML path")
+    r.add_argument("--results", type=Path, metavar="DIR", help="results root (default: benchmarks/results)")
     return p
 
 
@@ -79,6 +104,15 @@ def dispatch(ns: argparse.Namespace) -> None:
         from leantune.methods.registry import available_methods
 
         print("\n".join(available_methods()))
+    elif ns.command == "bench":
+        from leantune.bench.runner import run_bench
+
+        run_bench(ns.suite, results=ns.results, repeat=ns.repeat, rerun=ns.rerun, only=ns.only,
+                  extra=ns.extra, dry_run=ns.dry_run, work=ns.work)
+    elif ns.command == "report":
+        from leantune.bench.report import run_report
+
+        run_report(ns.suite, ns.results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leantune: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("leantune: interrupted; continue with --resume", file=sys.stderr)
+        again = "run the same command again" if ns.command == "bench" else "continue with --resume"
+        print(f"leantune: interrupted; {again}", file=sys.stderr)
         return 130
     return 0

@@ -73,3 +73,11 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+if __name__ == "__main__":  # python -m leantune.models.tiny bert runs/tiny-bert  (e.g. for the smoke bench)
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in ARCHS:
+        raise SystemExit(f"usage: python -m leantune.models.tiny {{{','.join(ARCHS)}}} OUT_DIR")
+    print(build_tiny_model(sys.argv[1], sys.argv[2]))

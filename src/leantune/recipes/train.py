@@ -40,7 +40,8 @@ def _check_output(cfg: Config, resume: bool) -> Path:
     return out
 
 
-def _features(cfg: Config, tok):
+def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
+    """Tokenised train/validation/test examples; fills in inferred label names (shared with baselines)."""
     from leantune.data.tasks import check_columns, encode, infer_label_names, load_raw_splits
 
     raw = load_raw_splits(cfg.data)
@@ -99,7 +100,7 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
-    data = _features(cfg, tok)
+    data = build_features(cfg, tok)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))

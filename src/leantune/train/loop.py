@@ -155,6 +155,7 @@ class Trainer:
         if tc.max_grad_norm is not None:
             grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         self.optimizer.step()
+        self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -179,7 +180,7 @@ class Trainer:
                 loss = float(self.acc.reduce(self._running, reduction="mean")) / max(self._running_n, 1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 self.log.log({"step": st.step, "epoch": st.epoch, "loss": loss,
-                              "lr": self.scheduler.get_last_lr()[0],
+                              "lr": self._step_lr,
                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
                               "samples_per_s": st.samples / max(st.train_time_s, 1e-9)})
                 self._running.zero_()

@@ -1,0 +1,133 @@
+"""One benchmark artefact: the JSON record of one (run, repeat), built from the run's summary.json.
+
+Why summary.json is the source of truth: the training process itself measured its train time, samples
+and peak memory, and computed its metrics; the runner only adds what the run cannot know (the suite,
+the repeat, the wall time of the whole subprocess, the matmul peak of this invocation, the size on
+disk). Artefacts are written to a temporary file and renamed, so a killed suite never leaves a torn
+artefact that would later count as finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+SCHEMA = 1
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of all files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of the weight files (safetensors / bin / pt) under `path`, without tokenizer and config files."""
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*")
+               if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+
+def artefact_path(folder: Path, key: str) -> Path:
+    return folder / f"{key}.json"
+
+
+def metrics_path(folder: Path, key: str) -> Path:
+    return folder / f"{key}.metrics.jsonl"
+
+
+def read_artefact(path: Path) -> dict | None:
+    """The artefact at `path` when it is a complete one of this schema, else None (then it is rerun)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+
+
+def load_artefacts(folder: Path) -> list[dict]:
+    """Every complete artefact in a suite's results folder, ordered by repeat then file name."""
+    found = [a for p in sorted(folder.glob("*-r*.json")) if (a := read_artefact(p)) is not None]
+    return sorted(found, key=lambda a: (a["repeat"], a["run_id"]))
+
+
+def time_per_epoch(summary: dict) -> float:
+    """Training seconds per full pass over the train split (extrapolated when max_steps cut it short)."""
+    cfg, train = summary["config"]["train"], summary["train"]
+    world = summary.get("world_size", 1)
+    batches = math.ceil(summary["data"]["train"] / max(world, 1) / cfg["batch_size"])
+    steps_per_epoch = math.ceil(batches / cfg["grad_accum"])
+    return train["train_time_s"] * steps_per_epoch / max(train["steps"], 1)
+
+
+def build_artefact(*, suite: str, invocation: str, run_id: str, kind: str, repeat: int, overrides: list[str],
+                   command: list[str], summary: dict, wall_time_s: float, run_dir: Path, peak: dict | None,
+                   flops: dict) -> dict:
+    train = summary["train"]
+    cfg = summary["config"]
+    return {
+        "schema": SCHEMA,
+        "suite": suite,
+        "invocation": invocation,  # runs of one `leantune bench` call were measured side by side
+        "run_id": run_id,
+        "kind": kind,
+        "repeat": repeat,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "overrides": overrides,
+        "command": command,
+        "methods": summary["methods"],
+        "task": summary["task"],
+        "seed": cfg["train"]["seed"],
+        "config": cfg,
+        "versions": summary["versions"],
+        "machine": summary["machine"],
+        "world_size": summary.get("world_size", 1),
+        "data": summary["data"],
+        # the whole subprocess (imports, loading, training, evaluation, saving) as the runner saw it
+        "wall_time_s": wall_time_s,
+        "run_wall_time_s": summary.get("wall_time_s"),
+        "train_time_s": train["train_time_s"],
+        "eval_time_s": train.get("eval_time_s"),
+        "time_per_epoch_s": time_per_epoch(summary),
+        "steps": train["steps"],
+        "epochs_completed": train["epochs_completed"],
+        "samples_per_s": train["samples_per_s"],
+        "tokens_per_s": train["tokens_per_s"],
+        "memory": summary["memory"],
+        "peak_memory_bytes": summary["memory"].get("cuda_max_allocated_bytes",
+                                                   summary["memory"]["peak_rss_bytes"]),
+        "params": summary["params"],
+        "model_size_bytes": dir_size(run_dir / "model"),  # the adapter / model folder, tokenizer included
+        "weights_size_bytes": weights_size(run_dir / "model"),
+        # test: the weights the run kept (leantune restores the best by validation); validation: its last
+        # evaluation (the final weights); best: the best validation value and its step
+        "metrics": {
+            "test": summary.get("test") or {},
+            "validation": summary.get("validation") or {},
+            "best": {"metric": train.get("metric"), "value": train.get("best_metric"),
+                     "step": train.get("best_step")},
+        },
+        "baseline": summary.get("baseline"),
+        "matmul_peak": peak,
+        "flops": flops,
+    }

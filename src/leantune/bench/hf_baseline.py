@@ -1,0 +1,253 @@
+"""The baseline we measure ourselves against: the same job done with transformers.Trainer + peft.
+
+`python -m leantune.bench.hf_baseline [CONFIG.yaml] key=value ... output.dir=DIR` reads a leantune config
+and runs it the way a Hugging Face user would, writing a summary.json with the keys the bench runner
+reads (and a metrics.jsonl of the logged losses), so the two compare like for like.
+
+What is identical to `leantune train`, on purpose: the data rows and splits (leantune.data.tasks), the
+tokenisation and max_length, the model loading (leantune.models.loader), the seeding before the head and
+the LoRA init (so both start from the same weights), batch size, gradient accumulation, epochs /
+max_steps, learning rate, linear warmup steps and decay, weight decay with the usual no-decay groups,
+max_grad_norm, the seed, the thread count, dynamic padding (DataCollatorWithPadding) and the test
+evaluation (leantune.eval.loop.evaluate on the same features). The optimizer is `adamw_torch` (plain
+torch AdamW, as leantune uses) rather than transformers' default fused AdamW, so a speed difference is
+the framework's, not the kernel's. What is not: the data order (Trainer's own seeded sampler), and the
+Trainer does no evaluation or checkpointing while training (leantune evaluates at epoch ends, outside
+its timed training).
+
+Timing: `train_time_s` spans on_train_begin -> on_train_end, i.e. the Trainer's own `train_runtime`
+(its training loop: data loading, steps, logging; not its set-up) without its rounding to 4 decimals;
+the closest match to leantune's summed step time. `step_time_s` (the sum of on_step_begin ->
+on_step_end, without fetching batches) is recorded too. Samples and tokens are counted in
+`training_step`, not in the collator (the dataloader fetches one batch ahead).
+
+transformers 5.x API notes: `eval_strategy` (not `evaluation_strategy`), `processing_class` (not
+`tokenizer`), no `warmup_ratio` (we pass integer `warmup_steps`, computed as leantune does), and the
+default optimizer is fused AdamW for torch >= 2.8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from leantune.errors import UserError
+
+
+def check_supported(cfg) -> None:
+    """The baseline covers single-method LoRA or full fine-tuning of a classifier (cheap: no torch)."""
+    names = [m.name for m in cfg.methods]
+    if names not in (["lora"], ["full"]):
+        raise UserError(f"hf_baseline runs methods [lora] or [full] only (got {names}); "
+                        "change the run's methods or make it kind: leantune")
+    if cfg.task != "classification":
+        raise UserError(f"hf_baseline supports task classification only (got {cfg.task})")
+    if cfg.train.early_stopping_patience or cfg.train.eval_every:
+        raise UserError("hf_baseline evaluates only after training; drop train.eval_every and "
+                        "train.early_stopping_patience for this run")
+
+
+def total_steps(n_train: int, tc) -> int:
+    """Optimizer steps of the run, exactly as leantune's loop counts them (single process)."""
+    steps = tc.epochs * math.ceil(math.ceil(n_train / tc.batch_size) / tc.grad_accum)
+    return min(steps, tc.max_steps) if tc.max_steps else steps
+
+
+def _counting_trainer_class():
+    """A Trainer that counts the samples and non-padding tokens of the batches it really trained on.
+
+    Counting in the collator over-counts: accelerate's DataLoaderShard fetches one batch ahead (to know
+    which batch is the last), so the collator sees a batch more than the loop trains on.
+    """
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        samples = 0
+        tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.samples += len(inputs["input_ids"])
+            self.tokens += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingTrainer
+
+
+def _apply_method(model, cfg):
+    """peft directly, the way a Hugging Face user writes it (not leantune's method plug-ins)."""
+    method = cfg.methods[0]
+    if method.name == "full":
+        return model
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(
+        task_type="SEQ_CLS", r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+        target_modules=method.target_modules, bias=method.bias, modules_to_save=method.modules_to_save,
+    ))
+
+
+def run_baseline(cfg) -> dict:
+    t_start = time.perf_counter()
+    check_supported(cfg)
+    out = Path(cfg.output.dir)
+    if out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
+        raise UserError(f"output folder {out} already holds a run; set output.overwrite=true or another dir")
+
+    from leantune.recipes.common import count_params, machine, setup_torch, versions
+    from leantune.recipes.train import build_features
+
+    setup_torch(cfg.train.seed, cfg.train.num_threads)
+    import torch
+    import transformers
+    from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+
+    from leantune.bench.artefact import write_json_atomic
+    from leantune.config import dump_config
+    from leantune.eval.loop import evaluate
+    from leantune.memory.measure import peak_memory
+    from leantune.models.loader import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name)
+    data = build_features(cfg, tok)
+    setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init as leantune train
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
+    model = _apply_method(model, cfg)
+    params = count_params(model)
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    tc = cfg.train
+    steps = total_steps(len(data["train"]), tc)
+    log_lines: list[dict] = []
+    clock = {"step_sum": 0.0}
+
+    class Log(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            clock["train_begin"] = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            clock["train_end"] = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            clock["step_begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock["step_sum"] += time.perf_counter() - clock["step_begin"]
+            if state.global_step == state.max_steps:
+                control.should_log = True  # leantune logs the last step too; keeps the loss curves comparable
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                log_lines.append({"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+                                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")})
+
+    args = TrainingArguments(
+        output_dir=str(out / "hf_trainer"),
+        per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps or -1,
+        learning_rate=tc.lr,
+        weight_decay=tc.weight_decay,
+        warmup_steps=round(tc.warmup_ratio * steps),  # an int: a float in [0, 1) would mean a ratio
+        lr_scheduler_type="linear",
+        max_grad_norm=tc.max_grad_norm if tc.max_grad_norm is not None else 0.0,
+        optim="adamw_torch",
+        seed=tc.seed,
+        bf16=tc.mixed_precision == "bf16",
+        fp16=tc.mixed_precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=tc.log_every,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # the features are exactly the model's inputs
+        label_names=["labels"],  # a PeftModel hides the signature Trainer would infer this from
+        disable_tqdm=True,
+    )
+    transformers.logging.set_verbosity_error()
+    trainer = _counting_trainer_class()(model=model, args=args, train_dataset=data["train"],
+                                        data_collator=DataCollatorWithPadding(tok), processing_class=tok,
+                                        callbacks=[Log()])
+    result = trainer.train()
+    train_time = clock["train_end"] - clock["train_begin"]  # train_runtime, unrounded
+    model = trainer.model
+    pad_id, num_labels = tok.pad_token_id, len(cfg.data.label_names)
+    t_eval = time.perf_counter()
+    def score(split: str) -> dict:
+        rows = data[split]
+        return evaluate(model, rows, cfg.task, cfg.eval.batch_size, pad_id, 0, 1, num_labels) if rows else {}
+
+    validation = score("validation")
+    eval_time = time.perf_counter() - t_eval
+    test = score("test")
+    metric, method = cfg.metric, cfg.methods[0].name
+    summary = {
+        "run_dir": str(out),
+        "task": cfg.task,
+        "methods": [m.name for m in cfg.methods],
+        "params": params,
+        "data": {split: len(rows) for split, rows in data.items()},
+        "train": {
+            "steps": trainer.state.global_step, "epochs_completed": int(trainer.state.epoch or 0),
+            "stopped_early": False, "resumed": False, "train_time_s": train_time, "eval_time_s": eval_time,
+            "samples_per_s": trainer.samples / max(train_time, 1e-9),
+            "tokens_per_s": trainer.tokens / max(train_time, 1e-9),
+            "best_step": trainer.state.global_step if metric in validation else None,
+            "best_metric": validation.get(metric), "metric": metric,
+        },
+        "validation": {"step": trainer.state.global_step, **validation} if validation else {},
+        "test": test,
+        "memory": peak_memory(),
+        "world_size": 1,
+        "versions": versions(),
+        "machine": machine(),
+        "config": cfg.model_dump(mode="json"),
+        "baseline": {"framework": "transformers.Trainer" + (" + peft" if method == "lora" else ""),
+                     "optim": getattr(args.optim, "value", args.optim), "warmup_steps": args.warmup_steps,
+                     "step_time_s": clock["step_sum"], "train_runtime_s": result.metrics.get("train_runtime"),
+                     "trainer_samples_per_s": result.metrics.get("train_samples_per_second")},
+    }
+    with (out / "metrics.jsonl").open("w", encoding="utf-8") as fh:
+        for line in log_lines:
+            fh.write(json.dumps(line) + "\n")
+        if validation:
+            fh.write(json.dumps({"step": trainer.state.global_step, "epoch": trainer.state.epoch,
+                                 "split": "validation", **validation}) + "\n")
+    model.save_pretrained(str(out / "model"))  # the adapter (or full model), for the size-on-disk column
+    tok.save_pretrained(str(out / "model"))
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    write_json_atomic(out / "summary.json", summary)
+    print(f"hf_baseline: {summary['train']['steps']} steps in {train_time:.1f} s, "
+          f"{summary['train']['samples_per_s']:.1f} samples/s, test {test}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from leantune.cli import EXIT_USER_ERROR, _split_train_args
+    from leantune.config import load_config
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        path, overrides = _split_train_args(args)
+        run_baseline(load_config(path, overrides))
+    except UserError as exc:
+        print(f"leantune hf_baseline: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

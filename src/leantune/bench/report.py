@@ -1,0 +1,277 @@
+"""`leantune report SUITE`: the artefacts of a suite -> report.md (a README-ready table) + report.html.
+
+Why a report is built only from artefacts: the artefacts are what we commit, so anyone can regenerate
+the README's figures without rerunning anything. Ratios (time vs `full`, samples/s vs the HF baseline)
+are taken between runs of the same repeat, which the runner measured back to back in one invocation,
+never between numbers from different days. With repeats, a cell shows the median and the min-max spread.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from leantune.bench.artefact import load_artefacts, metrics_path
+from leantune.errors import UserError
+
+MiB = 2**20
+
+
+def _method_label(a: dict) -> str:
+    parts = []
+    for m in a["config"]["methods"]:
+        if m["name"] == "lora":
+            parts.append(f"lora r{m.get('r')}")
+        elif m["name"] == "freeze" and m.get("layers") is not None:
+            parts.append(f"freeze {m['layers']}")
+        else:
+            parts.append(m["name"])
+    label = " + ".join(parts)
+    return f"{label} (HF Trainer)" if a["kind"] == "hf_baseline" else label
+
+
+def _quality_metric(artefacts: list[dict]) -> str:
+    tests = [a["metrics"]["test"] for a in artefacts]
+    return "accuracy" if all("accuracy" in t for t in tests) else "loss"
+
+
+def _cell(values: list[float], fmt: str | None = None, suffix: str = "") -> str:
+    """The median, with the min-max spread when the values differ at the shown precision; '–' when none.
+
+    `fmt` None picks the precision from the magnitude (3 significant digits or more), for times and rates
+    that range from milliseconds (tiny smoke models) to minutes.
+    """
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    if fmt is None:
+        fmt = ".0f" if abs(med) >= 100 else ".1f" if abs(med) >= 10 else ".2f" if abs(med) >= 1 else ".3f"
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    if lo == hi:
+        return format(med, fmt) + suffix
+    return f"{format(med, fmt)}{suffix} ({lo}–{hi})"
+
+
+def _test(key: str) -> Callable[[dict], float | None]:
+    return lambda a: a["metrics"]["test"].get(key)
+
+
+class Table:
+    """The artefacts grouped by run id (suite order) and repeat, with per-repeat ratios."""
+
+    def __init__(self, artefacts: list[dict], order: list[str] | None = None) -> None:
+        ids = list(dict.fromkeys(a["run_id"] for a in artefacts))
+        if order:
+            ids = [i for i in order if i in ids] + [i for i in ids if i not in order]
+        self.ids = ids
+        self.by_id: dict[str, dict[int, dict]] = {i: {} for i in ids}
+        for a in artefacts:
+            self.by_id[a["run_id"]][a["repeat"]] = a
+        full_ft = [i for i in ids
+                   if self.first(i)["kind"] == "leantune" and self.first(i)["methods"] == ["full"]]
+        self.full = "full" if "full" in self.by_id else next(iter(full_ft), None)
+        self.hf = next((i for i in ids if self.first(i)["kind"] == "hf_baseline"), None)
+        self.metric = _quality_metric(artefacts)
+
+    def first(self, run_id: str) -> dict:
+        return self.by_id[run_id][min(self.by_id[run_id])]
+
+    def values(self, run_id: str, get: Callable[[dict], float | None]) -> list[float]:
+        return [v for a in self.by_id[run_id].values() if (v := get(a)) is not None]
+
+    def ratios(self, run_id: str, ref: str | None, get: Callable[[dict], float]) -> tuple[list[float], bool]:
+        """get(run) / get(ref) for every repeat both have (never across repeats), and whether any pair
+        comes from different invocations (a resumed or partly rerun suite: not measured side by side)."""
+        if ref is None:
+            return [], False
+        runs, refs = self.by_id[run_id], self.by_id[ref]
+        pairs = [k for k in sorted(runs) if k in refs and get(refs[k])]
+        crossed = any(runs[k].get("invocation") != refs[k].get("invocation") for k in pairs)
+        return [get(runs[k]) / get(refs[k]) for k in pairs], crossed
+
+    def _ratio_cell(self, run_id: str, ref: str | None, get: Callable[[dict], float]) -> str:
+        values, crossed = self.ratios(run_id, ref, get)
+        return _cell(values, ".2f", "x") + ("*" if crossed else "")
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """Header and one row per run id; a ratio cell ends in '*' when it pairs different invocations."""
+        header = ["run", "method", "trainable %", "train time (s)",
+                  f"time vs {self.full}" if self.full else "time vs full", "samples/s",
+                  f"samples/s vs {self.hf}" if self.hf else "samples/s vs HF", "peak memory (MiB)",
+                  "accuracy" if self.metric == "accuracy" else "test loss", "F1", "MCC", "% of fp32 peak"]
+        rows = []
+        for i in self.ids:
+            frac = self.values(i, lambda a: (a.get("flops") or {}).get("fraction_of_fp32_peak"))
+            rows.append([
+                i, _method_label(self.first(i)),
+                _cell(self.values(i, lambda a: a["params"]["trainable_pct"]), ".3f"),
+                _cell(self.values(i, lambda a: a["train_time_s"])),
+                self._ratio_cell(i, self.full, lambda a: a["train_time_s"]),
+                _cell(self.values(i, lambda a: a["samples_per_s"])),
+                self._ratio_cell(i, self.hf, lambda a: a["samples_per_s"]),
+                _cell(self.values(i, lambda a: a["peak_memory_bytes"] / MiB), ".0f"),
+                _cell(self.values(i, _test(self.metric)), ".4f"),
+                _cell(self.values(i, _test("f1")), ".4f"),
+                _cell(self.values(i, _test("mcc")), ".4f"),
+                _cell([100 * f for f in frac], ".2f"),
+            ])
+        return header, rows
+
+
+def _context_lines(artefacts: list[dict]) -> list[str]:
+    a = artefacts[0]
+    m, v = a["machine"], a["versions"]
+    peaks = [x["matmul_peak"] for x in artefacts if x.get("matmul_peak")]
+    fp32 = sorted({round(p["fp32_gflops"]) for p in peaks})
+    bf16 = sorted({round(p["bf16_gflops"]) for p in peaks})
+    repeats = max(x["repeat"] for x in artefacts)
+    invocations = len({x.get("invocation") for x in artefacts})
+    mixed = ""
+    if invocations > 1:
+        mixed = (f" From {invocations} bench invocations: a ratio marked * pairs runs that were not measured "
+                 "side by side (`leantune bench SUITE --rerun` measures them again together).")
+    lines = [
+        f"Machine: {m.get('processor')} ({m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
+        f"device {m.get('device')}); torch {v.get('torch')}, transformers {v.get('transformers')}, "
+        f"peft {v.get('peft')}.",
+        f"Matmul peak measured in the same invocation ({peaks[0]['size'] if peaks else '?'}^2): "
+        f"{'/'.join(map(str, fp32)) or '?'} GFLOP/s fp32, {'/'.join(map(str, bf16)) or '?'} GFLOP/s bf16.",
+        f"Repeats: {repeats}" + ("; cells show median (min–max)." if repeats > 1 else ".") + mixed,
+        "Ratios are taken between runs of the same repeat (measured back to back); quality is on the test "
+        "split; peak memory is the process RSS (CUDA: max allocated); % of fp32 peak counts "
+        "(4·N_total + 2·N_trainable)·tokens model FLOPs, embeddings excluded.",
+    ]
+    return lines
+
+
+def markdown(table: Table, suite: str, context: list[str]) -> str:
+    header, rows = table.rows()
+    out = [f"# Benchmark: {suite}", "", *[f"{line}  " for line in context], "",
+           "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _scatter(table: Table, plt, x: Callable[[dict], float], xlabel: str, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i in table.ids:
+        runs = list(table.by_id[i].values())
+        xs = [x(a) for a in runs]
+        ys = [a["metrics"]["test"].get(table.metric, float("nan")) for a in runs]
+        ax.scatter(xs, ys, label=i)
+        ax.annotate(i, (statistics.median(xs), statistics.median(ys)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {table.metric}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _loss_curves(table: Table, plt, folder: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, i in enumerate(table.ids):
+        first = min(table.by_id[i])
+        for k in sorted(table.by_id[i]):
+            path = metrics_path(folder, f"{i}-r{k}")
+            if not path.is_file():
+                continue
+            pts = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "split" not in rec and isinstance(rec.get("loss"), (int, float)):
+                    pts.append((rec["step"], rec["loss"]))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=f"C{n}", alpha=1.0 if k == first else 0.35,
+                        label=i if k == first else None, marker="." if len(pts) < 20 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def html_report(table: Table, suite: str, context: list[str], folder: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = [
+        ("Quality vs training time", _scatter(table, plt, lambda a: a["train_time_s"], "training time (s)",
+                                              "Quality vs training time")),
+        ("Quality vs peak memory", _scatter(table, plt, lambda a: a["peak_memory_bytes"] / MiB,
+                                            "peak memory (MiB)", "Quality vs peak memory")),
+        ("Training loss", _loss_curves(table, plt, folder)),
+    ]
+    header, rows = table.rows()
+    esc = html.escape
+    thead = "".join(f"<th>{esc(h)}</th>" for h in header)
+    tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    figs = "".join(f'<figure><img alt="{esc(t)}" src="data:image/png;base64,{png}"></figure>'
+                   for t, png in plots)
+    notes = "".join(f"<p>{esc(line)}</p>" for line in context)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>leantune benchmark: {esc(suite)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #f0f0f0; }} td:nth-child(-n+2) {{ text-align: left; }}
+figure {{ display: inline-block; margin: 1em; }} p {{ max-width: 60em; }}
+</style></head><body>
+<h1>Benchmark: {esc(suite)}</h1>
+{notes}
+<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>
+{figs}
+</body></html>
+"""
+
+
+def run_report(suite_arg: str, results: Path | None = None) -> tuple[Path, Path]:
+    from leantune.bench.artefact import write_text_atomic
+    from leantune.bench.runner import DEFAULT_RESULTS
+    from leantune.bench.suite import load_suite, resolve_suite_path
+
+    order = None
+    name = suite_arg
+    try:
+        suite = load_suite(resolve_suite_path(suite_arg))
+        name, order = suite.name, [r.id for r in suite.runs]
+    except UserError:
+        if suite_arg.endswith((".yaml", ".yml")):
+            raise
+        name = Path(suite_arg).name  # a suite without its YAML: report whatever artefacts exist
+    folder = (results or DEFAULT_RESULTS) / name
+    artefacts = load_artefacts(folder)
+    if not artefacts:
+        raise UserError(f"no benchmark artefacts in {folder}; run `leantune bench {suite_arg}` first")
+    table = Table(artefacts, order)
+    context = _context_lines(artefacts)
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    write_text_atomic(md_path, markdown(table, name, context))
+    write_text_atomic(html_path, html_report(table, name, context, folder))
+    print(f"wrote {md_path} and {html_path}")
+    return md_path, html_path
