@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from leantune.bench.artefact import read_artefact, write_json_atomic
+from leantune.atomic import write_json_atomic
+from leantune.bench.artefact import read_artefact
 from leantune.bench.peak import embeddings_trained, training_flops
 from leantune.bench.report import Table, markdown
 from leantune.cli import main

@@ -105,7 +105,7 @@ def run_baseline(cfg) -> dict:
     import transformers
     from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
-    from leantune.bench.artefact import write_json_atomic
+    from leantune.atomic import write_json_atomic
     from leantune.config import dump_config
     from leantune.eval.loop import evaluate
     from leantune.memory.measure import peak_memory

@@ -251,7 +251,7 @@ figure {{ display: inline-block; margin: 1em; }} p {{ max-width: 60em; }}
 
 
 def run_report(suite_arg: str, results: Path | None = None) -> tuple[Path, Path]:
-    from leantune.bench.artefact import write_text_atomic
+    from leantune.atomic import write_text_atomic
     from leantune.bench.runner import DEFAULT_RESULTS
     from leantune.bench.suite import load_suite, resolve_suite_path
 

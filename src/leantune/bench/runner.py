@@ -22,14 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from leantune.bench.artefact import (
-    artefact_path,
-    build_artefact,
-    copy_atomic,
-    metrics_path,
-    read_artefact,
-    write_json_atomic,
-)
+from leantune.atomic import copy_atomic, write_json_atomic
+from leantune.bench.artefact import artefact_path, build_artefact, metrics_path, read_artefact
 from leantune.bench.suite import PlannedRun, Suite, load_suite, plan, resolve_suite_path
 from leantune.errors import UserError
 

@@ -45,7 +45,7 @@ def run_eval(run_dir: Path, source: str | None, split: str = "test", out_json: P
                        num_labels=len(cfg.data.label_names or []))
     result = {"run_dir": str(run_dir), "data": data_cfg.source, "split": split, "n": len(features), **metrics}
     if out_json is not None:
-        from leantune.train.checkpoint import write_json_atomic
+        from leantune.atomic import write_json_atomic
 
         out_json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_json, result)

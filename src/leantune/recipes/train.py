@@ -116,9 +116,9 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     prep = prepare(cfg, resume)
     cfg, out, acc, tok, data = prep.cfg, prep.out, prep.accelerator, prep.tokenizer, prep.data
 
+    from leantune.atomic import write_json_atomic, write_text_atomic
     from leantune.eval.loop import evaluate
     from leantune.memory.measure import peak_memory
-    from leantune.train.checkpoint import write_json_atomic
 
     # --- from here on we write ---
     acc.wait_for_everyone()  # every rank has checked the output folder before rank 0 changes it
@@ -126,9 +126,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         if cfg.output.overwrite and not resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".config.yaml.tmp"
-        tmp.write_text(dump_config(cfg))
-        os.replace(tmp, out / "config.yaml")  # a kill never leaves a torn config for --resume to read
+        write_text_atomic(out / "config.yaml", dump_config(cfg))  # never torn for --resume to read
     acc.wait_for_everyone()
     trainer = prep.trainer()
     resumed = trainer.resume() if resume else False

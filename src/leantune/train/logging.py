@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from leantune.atomic import write_text_atomic
 
 
 class RunLogger:
@@ -34,9 +35,7 @@ class RunLogger:
                     continue
                 if isinstance(record, dict) and record.get("step", step + 1) <= step:
                     keep.append(line)
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
