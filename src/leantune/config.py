@@ -61,6 +61,12 @@ class TrainConfig(Strict):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(32, gt=0, description="Per process, per micro-batch.")
     grad_accum: int = Field(1, gt=0)
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length: less padding (1.9x samples/s on the default job at "
+        "equal accuracy, benchmarks/results/speed-levers), but batches skew towards one label where length "
+        "and label correlate, so it is opt-in (as in transformers.Trainer).",
+    )
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, le=1)

@@ -151,6 +151,8 @@ def run_baseline(cfg) -> dict:
         output_dir=str(out / "hf_trainer"),
         per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.grad_accum,
+        # the Trainer has the same lever (transformers 5 renamed group_by_length): compare like with like
+        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
         num_train_epochs=tc.epochs,
         max_steps=tc.max_steps or -1,
         learning_rate=tc.lr,

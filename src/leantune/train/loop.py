@@ -4,9 +4,9 @@ Why our own loop and not transformers.Trainer: MeZO, LOMO, gradient approximatio
 step itself; with a loop this small each stays a plug-in. accelerate still gives devices, mixed
 precision and DDP. The loop never asks which method is running.
 
-Determinism and resume: the data order of epoch e is a permutation seeded by (seed, e), sharded across
-ranks, so a checkpoint only needs (epoch, next step in epoch) to continue exactly; RNG, optimizer and
-scheduler state travel in the checkpoint.
+Determinism and resume: the data order of epoch e depends only on (seed, e) (see batching.py), so a
+checkpoint only needs (epoch, next step in epoch) to continue exactly; RNG, optimizer and scheduler
+state travel in the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from leantune.data.tasks import collate
 from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
 from leantune.train import checkpoint as ckpt
+from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
 from leantune.train.optim import build_optimizer, linear_schedule
 from leantune.train.step import backprop_step
@@ -62,6 +63,7 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         raw_opt = build_optimizer(self.module, tc.lr, tc.weight_decay)
         self.optimizer = accelerator.prepare(raw_opt)
+        self._lengths = [len(f["input_ids"]) for f in train_data]
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / tc.grad_accum)
         self.total_steps = tc.epochs * self.steps_per_epoch
@@ -78,12 +80,9 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_data), generator=g).tolist()
-        order += order[: (-len(order)) % self.world]  # equal shards, or DDP ranks would hang
-        mine = order[self.rank :: self.world]
-        bs = self.cfg.train.batch_size
-        return [mine[i : i + bs] for i in range(0, len(mine), bs)]
+        tc = self.cfg.train
+        return epoch_batches(self._lengths, tc.batch_size, tc.seed, epoch, self.rank, self.world,
+                             tc.group_by_length)
 
     # -- checkpoints -------------------------------------------------------------------------------
     @property
