@@ -34,7 +34,9 @@ def test_grouping_cuts_padding_but_keeps_batches_shuffled():
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_ranks_get_equal_disjoint_shards(grouped):
-    shards = [epoch_batches(LENGTHS[:999], 16, 0, 0, rank=r, world=2, group_by_length=grouped) for r in (0, 1)]
+    shards = [
+        epoch_batches(LENGTHS[:999], 16, 0, 0, rank=r, world=2, group_by_length=grouped) for r in (0, 1)
+    ]
     flat = [sorted(i for b in s for i in b) for s in shards]
     assert len(flat[0]) == len(flat[1]) == 500  # 999 padded to 1000 by repeating one example
     assert set(flat[0]) | set(flat[1]) == set(range(999))

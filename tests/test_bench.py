@@ -144,7 +144,7 @@ def test_report_writes_table_and_html_with_plots(bench, capsys):
     html = (results / "smoke" / "report.html").read_text()
     assert "<table>" in html and html.count("<tr>") == 1 + len(RUNS)
     images = html.split('src="data:image/png;base64,')[1:]
-    assert len(images) == 3
+    assert len(images) == 4  # quality vs time, quality vs memory, loss curves, scaling
     for img in images:
         png = base64.b64decode(img.split('"', 1)[0])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -122,3 +122,23 @@ def test_builtin_rotten_tomatoes_is_real_and_cached(tmp_path, monkeypatch):
     assert len(rows) == 10_568
     assert sum(r["label"] == "positive" for r in rows) == 5_242
     assert (tmp_path / "data" / "rotten_tomatoes.tsv").is_file()
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\ngood,pos\n".encode())
+    raw = load_raw_splits(DataConfig(source=str(path), validation_fraction=0, test_fraction=0))
+    assert raw.train[0]["text"] == "good"
+
+
+def test_json_numbers_one_label_per_value():
+    rows = [{"y": 1}, {"y": 1.0}, {"y": 0}]
+    assert infer_label_names(rows, "y") == ["0", "1"]
+
+
+def test_long_causal_prompt_keeps_the_response(tok):
+    rows = [{"text": "word " * 40, "label": "the answer", "_line": 2}]
+    feat = encode("causal_lm", rows, tok, DataConfig(source="x"), 12, None, "x")[0]
+    target = tok("the answer", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(feat["input_ids"]) == 12
+    assert feat["labels"][-len(target) :] == target == feat["input_ids"][-len(target) :]

@@ -129,10 +129,20 @@ def test_existing_run_is_not_overwritten(capsys, base_overrides, tmp_path):
     run.mkdir()
     precious = run / "summary.json"
     precious.write_text("keep me")
+    (run / "config.yaml").write_text("task: classification\n")
     line = train_err(capsys, base_overrides)
     assert "already holds a run" in line and "--resume" in line
     assert precious.read_text() == "keep me"
-    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "summary.json"]
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(capsys, base_overrides, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "thesis.tex").write_text("years of work")
+    line = train_err(capsys, base_overrides, "output.overwrite=true")
+    assert "holds no leantune run" in line
+    assert (run / "thesis.tex").read_text() == "years of work"
 
 
 def test_resume_without_checkpoint(capsys, base_overrides):
@@ -176,3 +186,47 @@ def test_no_trainable_parameters(capsys, base_overrides):
         capsys, base_overrides, "methods=[{name: freeze, layers: 3, modules: [pooler, classifier]}]"
     )
     assert "no trainable parameter" in line
+
+
+def test_unknown_eval_metric(capsys, base_overrides):
+    line = train_err(capsys, base_overrides, "eval.metric=acuracy")
+    assert "'acuracy'" in line and "'accuracy'" in line
+
+
+def test_classification_without_label_column(capsys, base_overrides):
+    line = train_err(capsys, base_overrides, "data.label_column=null")
+    assert "needs data.label_column" in line
+
+
+def test_override_into_a_value(capsys, base_overrides):
+    line = train_err(capsys, base_overrides, "train.lr.x=2")
+    assert "'train.lr' is a value, not a section" in line
+
+
+def test_invalid_freeze_regex(capsys, base_overrides):
+    line = train_err(capsys, base_overrides, "methods=[{name: freeze, modules: ['(']}]")
+    assert "not a valid regular expression" in line
+
+
+def test_max_length_beyond_the_models_positions(capsys, base_overrides):
+    line = train_err(capsys, base_overrides, "model.max_length=512")
+    assert "exceeds the 128 positions" in line
+
+
+def test_a_single_class_is_not_classification(capsys, base_overrides, tmp_path):
+    rows = [r for r in make_sentiment_rows(40) if r["label"] == "pos"]
+    line = train_err(capsys, base_overrides, f"data.source={write_csv(tmp_path / 'one.csv', rows)}")
+    assert "at least 2" in line
+
+
+def test_non_utf8_file(capsys, base_overrides, tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncaf\xe9 au lait,pos\n".encode("latin-1"))
+    line = train_err(capsys, base_overrides, f"data.source={path}")
+    assert "not UTF-8" in line
+
+
+def test_eval_of_an_unfinished_run(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("task: classification\n")
+    line = cli_err(capsys, "eval", str(tmp_path))
+    assert "has no saved model" in line

@@ -154,3 +154,29 @@ def test_tensorboard_events_hold_the_logged_losses(base_overrides, tmp_path):
     tb_losses = [e.value for e in events.Scalars("train/loss")]
     assert tb_losses == pytest.approx(_logged_losses(tmp_path / "run"), rel=1e-6)
     assert "validation/accuracy" in events.Tags()["scalars"]
+
+
+def test_lora_trains_the_head_of_t5_style_classifiers(tiny_models, sentiment_csv, tmp_path):
+    """peft only knows `classifier`/`score` heads; T5's `classification_head` must train too."""
+    prep, before, after = _train_steps(
+        [
+            f"model.name={tiny_models['t5']}",
+            f"data.source={sentiment_csv}",
+            "model.max_length=16",
+            "train.batch_size=16",
+            "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+        steps=2,
+    )
+    head = [n for n in before if "classification_head" in n and "modules_to_save" in n]
+    assert head and all(not torch.equal(before[n], after[n]) for n in head if n.endswith("weight"))
+
+
+def test_a_failed_start_can_be_started_again(base_overrides, tmp_path):
+    """A run that died before its first checkpoint left only config.yaml: the same command starts over."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: classification\n")
+    summary = run_train(load_config(None, [*base_overrides, "methods=[full]", "train.max_steps=2"]))
+    assert summary["train"]["steps"] == 2

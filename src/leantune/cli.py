@@ -30,22 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (default: the embedded MiniLM + LoRA job)")
-    t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="a config file and/or dotted overrides such as train.lr=1e-4 methods.0.r=16")
+    t.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG.yaml] [key=value ...]",
+        help="a config file and/or dotted overrides such as train.lr=1e-4 methods.0.r=16",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its checkpoint")
 
     e = sub.add_parser("eval", help="evaluate a finished run on a dataset")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--data",
-                   help="builtin:<name>, a .csv/.tsv/.jsonl file, or hf:<name> (default: the run's)")
+    e.add_argument(
+        "--data", help="builtin:<name>, a .csv/.tsv/.jsonl file, or hf:<name> (default: the run's)"
+    )
     e.add_argument("--split", default="test", help="split of a built-in/hf source (default: test)")
     e.add_argument("--out", type=Path, help="also write the metrics to this JSON file (must not exist)")
 
     x = sub.add_parser("export", help="write a run's model as a plain HF folder")
     x.add_argument("run_dir", type=Path)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
-    x.add_argument("--out", type=Path,
-                   help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)")
+    x.add_argument(
+        "--out", type=Path, help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)"
+    )
 
     f = sub.add_parser("fetch", help="download and cache a built-in dataset now (it is fetched on first use)")
     f.add_argument("name", help="e.g. rotten_tomatoes")
@@ -54,15 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark suite, one JSON artefact per run and repeat")
     b.add_argument("suite", help="a suite name in benchmarks/suites/ or a suite YAML path")
-    b.add_argument("--repeat", type=_positive_int, metavar="N",
-                   help="run each N times (default: the suite's repeat)")
+    b.add_argument(
+        "--repeat", type=_positive_int, metavar="N", help="run each N times (default: the suite's repeat)"
+    )
     b.add_argument("--rerun", action="store_true", help="redo runs that already have an artefact")
     b.add_argument("--only", nargs="+", metavar="ID", help="run only these run ids")
-    b.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override appended to every run (repeatable), e.g. --set model.name=/models/x")
+    b.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override appended to every run (repeatable), e.g. --set model.name=/models/x",
+    )
     b.add_argument("--results", type=Path, metavar="DIR", help="results root (default: benchmarks/results)")
-    b.add_argument("--work", type=Path, metavar="DIR",
-                   help="keep the run folders and logs here (default: a temporary folder, removed)")
+    b.add_argument(
+        "--work",
+        type=Path,
+        metavar="DIR",
+        help="keep the run folders and logs here (default: a temporary folder, removed)",
+    )
     b.add_argument("--dry-run", action="store_true", help="validate the suite and list its runs; run nothing")
 
     r = sub.add_parser("report", help="write report.md and report.html from a suite's artefacts")
@@ -107,8 +124,16 @@ def dispatch(ns: argparse.Namespace) -> None:
     elif ns.command == "bench":
         from leantune.bench.runner import run_bench
 
-        run_bench(ns.suite, results=ns.results, repeat=ns.repeat, rerun=ns.rerun, only=ns.only,
-                  extra=ns.extra, dry_run=ns.dry_run, work=ns.work)
+        run_bench(
+            ns.suite,
+            results=ns.results,
+            repeat=ns.repeat,
+            rerun=ns.rerun,
+            only=ns.only,
+            extra=ns.extra,
+            dry_run=ns.dry_run,
+            work=ns.work,
+        )
     elif ns.command == "report":
         from leantune.bench.report import run_report
 
@@ -132,4 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         again = "run the same command again" if ns.command == "bench" else "continue with --resume"
         print(f"leantune: interrupted; {again}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `leantune ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0

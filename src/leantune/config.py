@@ -12,12 +12,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, method_config_class
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
+CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
+LM_METRICS = ("loss", "perplexity")
 
 
 class Strict(BaseModel):
@@ -125,6 +135,17 @@ class Config(Strict):
                 raise UserError(_describe(exc, config_cls, prefix=f"methods.{i}")) from None
         return out
 
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        known = CLASSIFICATION_METRICS if self.task == "classification" else LM_METRICS
+        if self.eval.metric is not None and self.eval.metric not in known:
+            hint = difflib.get_close_matches(self.eval.metric, known, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
+            raise ValueError(f"eval.metric '{self.eval.metric}' is not a {self.task} metric; {fix}")
+        if self.task != "causal_lm" and self.data.label_column is None:
+            raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
+        return self
+
     @property
     def metric(self) -> str:
         return self.eval.metric or ("accuracy" if self.task == "classification" else "loss")
@@ -134,6 +155,8 @@ def _describe(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> 
     """One line for the first validation error: the dotted key, what is wrong, and the fix."""
     err = exc.errors()[0]
     loc = tuple(err["loc"])
+    if not loc and not prefix:  # a check across sections (a model validator): its message says it all
+        return f"config: {err['msg'].removeprefix('Value error, ')}"
     key = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(root, loc[:-1])
@@ -172,12 +195,18 @@ def apply_override(tree: dict, dotted: str) -> None:
                 raise UserError(
                     f"override '{key}': '{part}' is not an index of that list (0..{len(node) - 1})"
                 )
+            if isinstance(node[int(part)], str):  # `methods=[lora]` then `methods.0.r=16`
+                node[int(part)] = {"name": node[int(part)]}
             node = node[int(part)]
             continue
+        if not isinstance(node, dict):
+            raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         node = node[part]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"override '{key}': '{'.'.join(parts[:-1])}' is a value, not a section")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise UserError(f"override '{key}': '{last}' is not an index of that list")

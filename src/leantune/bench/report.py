@@ -213,6 +213,27 @@ def _loss_curves(table: Table, plt, folder: Path) -> str:
     return png
 
 
+def _scaling(table: Table, plt) -> str:
+    """Training time and peak memory against tokens trained: linear time and flat memory are the goal."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for n, i in enumerate(table.ids):
+        runs = list(table.by_id[i].values())
+        tokens = [a["tokens_per_s"] * a["train_time_s"] / 1e3 for a in runs]
+        left.scatter(tokens, [a["train_time_s"] for a in runs], color=f"C{n}", label=i)
+        right.scatter(tokens, [a["peak_memory_bytes"] / MiB for a in runs], color=f"C{n}", label=i)
+    for ax, ylabel in ((left, "training time (s)"), (right, "peak memory (MiB)")):
+        ax.set_xlabel("tokens trained (thousands)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle("Scaling with the amount of training")
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
 def html_report(table: Table, suite: str, context: list[str], folder: Path) -> str:
     import matplotlib
 
@@ -225,6 +246,7 @@ def html_report(table: Table, suite: str, context: list[str], folder: Path) -> s
         ("Quality vs peak memory", _scatter(table, plt, lambda a: a["peak_memory_bytes"] / MiB,
                                             "peak memory (MiB)", "Quality vs peak memory")),
         ("Training loss", _loss_curves(table, plt, folder)),
+        ("Scaling", _scaling(table, plt)),
     ]
     header, rows = table.rows()
     esc = html.escape

@@ -21,6 +21,15 @@ FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 def read_table(path: Path) -> list[Record]:
     """Read CSV/TSV (header row) or JSONL (one object per line) with line numbers and clear errors."""
+    try:
+        return _read_table(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: malformed CSV ({exc}); check its quoting") from None
+
+
+def _read_table(path: Path) -> list[Record]:
     if not path.is_file():
         raise UserError(f"data file not found: {path}; fix data.source (or --data)")
     if path.suffix in (".jsonl", ".json"):
@@ -29,8 +38,9 @@ def read_table(path: Path) -> list[Record]:
         raise UserError(f"data file {path} has unknown type '{path.suffix}'; use .csv, .tsv or .jsonl")
     delimiter = "\t" if path.suffix == ".tsv" else ","
     rows: list[Record] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would stick to the first column name
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, strict=True)
         header = next(reader, None)
         if not header:
             raise UserError(f"data file {path} is empty; it needs a header row and at least one row")
@@ -48,7 +58,7 @@ def read_table(path: Path) -> list[Record]:
 
 def _read_jsonl(path: Path) -> list[Record]:
     rows: list[Record] = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

@@ -76,17 +76,23 @@ def _text(row: Record, col: str, source: str) -> str:
     return str(value)
 
 
+def label_text(raw) -> str:
+    """One spelling per label: JSON's 1 and 1.0 are the same class."""
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return "" if raw is None else str(raw).strip()
+
+
 def infer_label_names(rows: list[Record], column: str) -> list[str]:
     """Sorted distinct labels; integer labels keep their numeric order (0, 1, 2, ... 10)."""
-    labels = {str(r[column]).strip() for r in rows if r.get(column) is not None}
+    labels = {label_text(r[column]) for r in rows if r.get(column) is not None}
     if all(lab.lstrip("-").isdigit() for lab in labels):
         return sorted(labels, key=int)
     return sorted(labels)
 
 
 def label_id(row: Record, column: str, names: list[str], source: str) -> int:
-    raw = row.get(column)
-    value = "" if raw is None else str(raw).strip()
+    value = label_text(row.get(column))
     if value in names:
         return names.index(value)
     if value.isdigit() and int(value) < len(names) and not any(n.isdigit() for n in names):
@@ -140,15 +146,18 @@ def encode(
 
 
 def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: str) -> dict:
+    """Prompt + response + EOS; too long, the prompt loses its *start*, so the target is always learnt."""
     prompt = tok(_text(row, cfg.text_column, source))["input_ids"]
     if cfg.label_column is None:
-        ids = prompt + [tok.eos_token_id]
-        labels = list(ids)
-    else:
-        response = tok(_text(row, cfg.label_column, source), add_special_tokens=False)["input_ids"]
-        ids = prompt + response + [tok.eos_token_id]
-        labels = [IGNORE_INDEX] * len(prompt) + response + [tok.eos_token_id]
-    ids, labels = ids[:max_length], labels[:max_length]
+        ids = (prompt + [tok.eos_token_id])[:max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+    response = tok(_text(row, cfg.label_column, source), add_special_tokens=False)["input_ids"]
+    target = (response + [tok.eos_token_id])[: max_length - 1]  # keep at least one prompt token
+    prompt = (
+        prompt[len(prompt) + len(target) - max_length :] if len(prompt) + len(target) > max_length else prompt
+    )
+    ids = prompt + target
+    labels = [IGNORE_INDEX] * len(prompt) + target
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 

@@ -39,8 +39,9 @@ def evaluate(
             tokens += len(batch["labels"])
         else:
             n = _target_tokens(batch["labels"], shifted=task == "causal_lm")
-            loss_sum += float(out.loss) * n
-            tokens += n
+            if n:  # a batch without target tokens has a NaN mean loss and nothing to add
+                loss_sum += float(out.loss) * n
+                tokens += n
     model.train(was_training)
     if world > 1:
         parts = gather_object([(preds, labels, loss_sum, tokens)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
@@ -23,6 +23,16 @@ class FreezeConfig(MethodConfig):
         default_factory=list,
         description="Regexes of module names to freeze, e.g. ['pooler', 'layer\\.0\\.'].",
     )
+
+    @field_validator("modules")
+    @classmethod
+    def _valid_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"'{pattern}' is not a valid regular expression ({exc})") from None
+        return patterns
 
     @model_validator(mode="after")
     def _something_to_freeze(self) -> FreezeConfig:

@@ -15,6 +15,8 @@ from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
 
 PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+# peft's SEQ_CLS trains heads named `classifier` or `score`; T5/BART-style models call theirs otherwise.
+CLASSIFICATION_HEADS = ("classification_head",)
 
 
 class LoraConfig(MethodConfig):
@@ -48,6 +50,10 @@ def apply(model, cfg: LoraConfig, ctx: MethodContext):
 
     if isinstance(cfg.target_modules, list):
         check_targets(model, cfg.target_modules)
+    modules_to_save = cfg.modules_to_save
+    if ctx.task == "classification" and modules_to_save is None:
+        children = {n for n, _ in model.named_children()}
+        modules_to_save = [h for h in CLASSIFICATION_HEADS if h in children] or None
     lora = peft.LoraConfig(
         task_type=PEFT_TASK[ctx.task],
         r=cfg.r,
@@ -55,7 +61,7 @@ def apply(model, cfg: LoraConfig, ctx: MethodContext):
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         bias=cfg.bias,
-        modules_to_save=cfg.modules_to_save,
+        modules_to_save=modules_to_save,
     )
     try:
         return peft.get_peft_model(model, lora)

@@ -68,6 +68,7 @@ def load_model(name: str, task: str, dtype: str = "float32", label_names: list[s
             "num_labels": len(names),
             "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)},
+            "ignore_mismatched_sizes": True,  # a fine-tuned classifier with another label count: new head
         }
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "LOAD REPORT" on a new head is expected

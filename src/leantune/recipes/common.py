@@ -54,10 +54,14 @@ def count_params(model) -> dict[str, float]:
 
 
 def load_run_config(run_dir: Path) -> Config:
+    """The config of a *finished* run (eval and export need its saved model)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a leantune run (no config.yaml); "
-                        "pass a folder `leantune train` made")
+        raise UserError(
+            f"{run_dir} is not a leantune run (no config.yaml); pass a folder `leantune train` made"
+        )
+    if not (run_dir / "model").is_dir():
+        raise UserError(f"{run_dir} has no saved model (model/); did the run finish? resume it with --resume")
     return load_config(path)
 
 
@@ -66,8 +70,6 @@ def load_trained_model(run_dir: Path, cfg: Config):
     from leantune.models.loader import load_model
 
     folder = run_dir / "model"
-    if not folder.is_dir():
-        raise UserError(f"{run_dir} has no saved model (model/); did the run finish? resume it with --resume")
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 

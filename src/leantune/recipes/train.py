@@ -32,12 +32,39 @@ def _check_output(cfg: Config, resume: bool) -> Path:
             # same command line must resume, and must map labels to the same ids.
             cfg.data.label_names = saved.data.label_names
         if saved is not None and dump_config(saved) != dump_config(cfg):
-            raise UserError(f"the config differs from the one {out} was started with; resume with "
-                            f"`leantune train {out / 'config.yaml'} --resume`")
-    elif out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
-        raise UserError(f"output folder {out} already holds a run; use --resume to continue it, "
-                        "output.overwrite=true to replace it, or another output.dir")
+            raise UserError(
+                f"the config differs from the one {out} was started with; resume with "
+                f"`leantune train {out / 'config.yaml'} --resume`"
+            )
+    elif out.exists() and any(out.iterdir()):
+        if not (out / "config.yaml").is_file():
+            raise UserError(
+                f"output folder {out} is not empty and holds no leantune run; leantune only "
+                "replaces its own run folders: choose another output.dir"
+            )
+        failed_start = not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+        if not cfg.output.overwrite and not failed_start:
+            raise UserError(
+                f"output folder {out} already holds a run; use --resume to continue it, "
+                "output.overwrite=true to replace it, or another output.dir"
+            )
     return out
+
+
+def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if positions and cfg.model.max_length > positions:
+        raise UserError(
+            f"model.max_length={cfg.model.max_length} exceeds the {positions} positions of "
+            f"{cfg.model.name}; set model.max_length <= {positions}"
+        )
+    if cfg.task == "classification" and num_labels < 2:
+        raise UserError(
+            f"the training data of {cfg.data.source} has {num_labels} class(es) "
+            f"({cfg.data.label_names}); classification needs at least 2: check data.label_column"
+        )
 
 
 def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
@@ -48,9 +75,18 @@ def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
     if cfg.task == "classification" and cfg.data.label_names is None:
         check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
         cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
-    enc = {split: encode(cfg.task, getattr(raw, split), tok, cfg.data, cfg.model.max_length,
-                         cfg.data.label_names, f"{cfg.data.source} [{split}]")
-           for split in ("train", "validation", "test")}
+    enc = {
+        split: encode(
+            cfg.task,
+            getattr(raw, split),
+            tok,
+            cfg.data,
+            cfg.model.max_length,
+            cfg.data.label_names,
+            f"{cfg.data.source} [{split}]",
+        )
+        for split in ("train", "validation", "test")
+    }
     return enc
 
 
@@ -71,8 +107,17 @@ class Prepared:
         from leantune.train.loop import Trainer
 
         step_fn = next((s.step for s in reversed(self.specs) if s.step), None)
-        return Trainer(self.cfg, self.model, self.accelerator, self.data["train"], self.data["validation"],
-                       self.tokenizer.pad_token_id, len(self.cfg.data.label_names or []), self.out, step_fn)
+        return Trainer(
+            self.cfg,
+            self.model,
+            self.accelerator,
+            self.data["train"],
+            self.data["validation"],
+            self.tokenizer.pad_token_id,
+            len(self.cfg.data.label_names or []),
+            self.out,
+            step_fn,
+        )
 
 
 def _absolute_local_paths(cfg: Config) -> None:
@@ -104,10 +149,12 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     params = count_params(model)
     if params["trainable"] == 0:
-        raise UserError("the configured methods leave no trainable parameter; "
-                        "loosen `freeze` or add a method")
+        raise UserError(
+            "the configured methods leave no trainable parameter; loosen `freeze` or add a method"
+        )
     return Prepared(cfg, out, acc, tok, data, model, params, [get_method(m.name) for m in cfg.methods])
 
 
@@ -123,7 +170,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     # --- from here on we write ---
     acc.wait_for_everyone()  # every rank has checked the output folder before rank 0 changes it
     if acc.is_main_process:
-        if cfg.output.overwrite and not resume and out.exists():
+        if not resume and out.exists():  # _check_output allowed it: overwrite, or a start that failed
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", dump_config(cfg))  # never torn for --resume to read
@@ -134,23 +181,40 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     trainer.restore_best()
     test = {}
     if data["test"]:
-        test = evaluate(trainer.module, data["test"], cfg.task, cfg.eval.batch_size, tok.pad_token_id,
-                        acc.process_index, acc.num_processes, trainer.num_labels)
+        test = evaluate(
+            trainer.module,
+            data["test"],
+            cfg.task,
+            cfg.eval.batch_size,
+            tok.pad_token_id,
+            acc.process_index,
+            acc.num_processes,
+            trainer.num_labels,
+        )
     digests = trainer.weights_digest()
     summary = {
         "run_dir": str(out),
         "task": cfg.task,
         "methods": [m.name for m in cfg.methods],
-        "method_reports": {s.name: s.report(trainer.module, m)
-                           for s, m in zip(prep.specs, cfg.methods, strict=True) if s.report},
+        "method_reports": {
+            s.name: s.report(trainer.module, m)
+            for s, m in zip(prep.specs, cfg.methods, strict=True)
+            if s.report
+        },
         "params": prep.params,
         "data": {split: len(rows) for split, rows in data.items()},
         "train": {
-            "steps": state.step, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
-            "resumed": resumed, "train_time_s": state.train_time_s, "eval_time_s": state.eval_time_s,
+            "steps": state.step,
+            "epochs_completed": state.epoch,
+            "stopped_early": state.stopped_early,
+            "resumed": resumed,
+            "train_time_s": state.train_time_s,
+            "eval_time_s": state.eval_time_s,
             "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
             "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
-            "best_step": state.best_step, "best_metric": state.best_metric, "metric": cfg.metric,
+            "best_step": state.best_step,
+            "best_metric": state.best_metric,
+            "metric": cfg.metric,
         },
         "validation": state.last_eval,
         "test": test,
@@ -190,14 +254,32 @@ def format_summary(s: dict) -> str:
         ("steps", f"{t['steps']} ({t['epochs_completed']} epochs)"),
         ("wall time", f"{s.get('wall_time_s', 0):.1f} s (training {t['train_time_s']:.1f} s)"),
         ("samples/s", f"{t['samples_per_s']:.1f}"),
-        ("peak memory", f"{m['peak_rss_bytes'] / 2**20:.0f} MiB RSS"
-                        + (f", {m['cuda_max_allocated_bytes'] / 2**20:.0f} MiB CUDA"
-                           if "cuda_max_allocated_bytes" in m else "")),
+        (
+            "peak memory",
+            f"{m['peak_rss_bytes'] / 2**20:.0f} MiB RSS"
+            + (
+                f", {m['cuda_max_allocated_bytes'] / 2**20:.0f} MiB CUDA"
+                if "cuda_max_allocated_bytes" in m
+                else ""
+            ),
+        ),
     ]
     for split in ("validation", "test"):
         metrics = s.get(split) or {}
-        shown = [k for k in ("accuracy", "f1", "precision", "recall", "mcc", "majority_accuracy", "loss",
-                             "perplexity") if k in metrics]
+        shown = [
+            k
+            for k in (
+                "accuracy",
+                "f1",
+                "precision",
+                "recall",
+                "mcc",
+                "majority_accuracy",
+                "loss",
+                "perplexity",
+            )
+            if k in metrics
+        ]
         rows += [(f"{split} {k}", f"{metrics[k]:.4f}") for k in shown]
     rows.append(("run folder", s["run_dir"]))
     return format_table(rows, "leantune summary")

@@ -16,8 +16,15 @@ import torch
 MEGA = 50  # batches per sorted window: large enough to group lengths, small enough to stay random
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                  group_by_length: bool = False) -> list[list[int]]:
+def epoch_batches(
+    lengths: list[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    group_by_length: bool = False,
+) -> list[list[int]]:
     """This rank's batches (lists of example indices) for `epoch`."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
@@ -25,8 +32,11 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, ra
     mine = order[rank::world]
     if group_by_length:
         window = batch_size * MEGA
-        mine = [i for s in range(0, len(mine), window)
-                for i in sorted(mine[s : s + window], key=lambda i: -lengths[i])]
+        mine = [
+            i
+            for s in range(0, len(mine), window)
+            for i in sorted(mine[s : s + window], key=lambda i: -lengths[i])
+        ]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     if group_by_length:
         perm = torch.randperm(len(batches), generator=g).tolist()

@@ -109,8 +109,15 @@ def _step_of(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
-                    torch_rng: list[dict[str, torch.Tensor] | torch.Tensor], keep: int) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    trainer_state: dict,
+    torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
+    keep: int,
+) -> Path:
     """Write checkpoint `step` atomically and prune older ones beyond `keep`.
 
     `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order.
@@ -131,8 +138,10 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, tr
             rng[f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}"] = t.cpu()
     save_file(rng, str(tmp / "rng.safetensors"))
     write_json_atomic(tmp / "optimizer.json", opt_meta)
-    write_json_atomic(tmp / "trainer_state.json",
-                      {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()})
+    write_json_atomic(
+        tmp / "trainer_state.json",
+        {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()},
+    )
     for f in tmp.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -175,14 +184,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int, wo
     if saved_world != world:
         from leantune.errors import UserError
 
-        raise UserError(f"checkpoint {path} was written by {saved_world} process(es) and cannot resume "
-                        f"exactly with {world}; launch it with {saved_world}")
+        raise UserError(
+            f"checkpoint {path} was written by {saved_world} process(es) and cannot resume "
+            f"exactly with {world}; launch it with {saved_world}"
+        )
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
     restore_python_rng(state.pop("python_rng"))
     rng = load_file(str(path / "rng.safetensors"))
     prefix = f"rank{rank}."
-    restore_torch_rng({"cpu": rng[f"rank{rank}"],
-                       **{k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}})
+    restore_torch_rng(
+        {"cpu": rng[f"rank{rank}"], **{k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}}
+    )
     return state

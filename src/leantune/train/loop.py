@@ -51,8 +51,18 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model, accelerator, train_data: list[dict], val_data: list[dict],
-                 pad_id: int, num_labels: int, run_dir: Path, step_fn=None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model,
+        accelerator,
+        train_data: list[dict],
+        val_data: list[dict],
+        pad_id: int,
+        num_labels: int,
+        run_dir: Path,
+        step_fn=None,
+    ) -> None:
         self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
         self.train_data, self.val_data = train_data, val_data
         self.pad_id, self.num_labels = pad_id, num_labels
@@ -81,8 +91,9 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         tc = self.cfg.train
-        return epoch_batches(self._lengths, tc.batch_size, tc.seed, epoch, self.rank, self.world,
-                             tc.group_by_length)
+        return epoch_batches(
+            self._lengths, tc.batch_size, tc.seed, epoch, self.rank, self.world, tc.group_by_length
+        )
 
     # -- checkpoints -------------------------------------------------------------------------------
     @property
@@ -110,8 +121,15 @@ class Trainer:
         rngs = gather_object([ckpt.torch_rng_state()])
         if self.acc.is_main_process:
             state = {**self.state.__dict__, "scheduler": self.scheduler.state_dict()}
-            ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.module, self.optimizer, state, rngs,
-                                 self.cfg.train.keep_checkpoints)
+            ckpt.save_checkpoint(
+                self.ckpt_root,
+                self.state.step,
+                self.module,
+                self.optimizer,
+                state,
+                rngs,
+                self.cfg.train.keep_checkpoints,
+            )
         self.acc.wait_for_everyone()
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -119,8 +137,16 @@ class Trainer:
         if not self.val_data:
             return
         t0 = time.perf_counter()
-        metrics = evaluate(self.module, self.val_data, self.cfg.task, self.cfg.eval.batch_size, self.pad_id,
-                           self.rank, self.world, self.num_labels)
+        metrics = evaluate(
+            self.module,
+            self.val_data,
+            self.cfg.task,
+            self.cfg.eval.batch_size,
+            self.pad_id,
+            self.rank,
+            self.world,
+            self.num_labels,
+        )
         st = self.state
         st.eval_time_s += time.perf_counter() - t0
         st.last_eval = {"step": st.step, **metrics}
@@ -155,15 +181,22 @@ class Trainer:
             grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         self.optimizer.step()
         self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
-        self.scheduler.step()
+        if not self.acc.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     def fit(self) -> TrainState:
         tc, st = self.cfg.train, self.state
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.acc.is_main_process,
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=st.step,
+            disable=not self.acc.is_main_process,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         batches, batches_epoch = [], None
         while st.step < self.total_steps and not st.stopped_early:
             if batches_epoch != st.epoch:  # every epoch has its own order, derived from (seed, epoch) alone
@@ -178,10 +211,16 @@ class Trainer:
             if st.step % tc.log_every == 0 or st.step == self.total_steps:
                 loss = float(self.acc.reduce(self._running, reduction="mean")) / max(self._running_n, 1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                self.log.log({"step": st.step, "epoch": st.epoch, "loss": loss,
-                              "lr": self._step_lr,
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              "samples_per_s": st.samples / max(st.train_time_s, 1e-9)})
+                self.log.log(
+                    {
+                        "step": st.step,
+                        "epoch": st.epoch,
+                        "loss": loss,
+                        "lr": self._step_lr,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "samples_per_s": st.samples / max(st.train_time_s, 1e-9),
+                    }
+                )
                 self._running.zero_()
                 self._running_n = 0
             end_of_epoch = st.group == self.steps_per_epoch

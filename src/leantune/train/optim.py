@@ -14,8 +14,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
             (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
     if not decay and not no_decay:
         raise ValueError("no trainable parameters")
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     return torch.optim.AdamW(groups, lr=lr)
 
 
