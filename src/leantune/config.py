@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -132,7 +132,7 @@ class Config(Strict):
             try:
                 out.append(config_cls.model_validate(item))
             except ValidationError as exc:
-                raise UserError(_describe(exc, config_cls, prefix=f"methods.{i}")) from None
+                raise UserError(describe_validation_error(exc, config_cls, prefix=f"methods.{i}")) from None
         return out
 
     @model_validator(mode="after")
@@ -151,33 +151,56 @@ class Config(Strict):
         return self.eval.metric or ("accuracy" if self.task == "classification" else "loss")
 
 
-def _describe(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
-    """One line for the first validation error: the dotted key, what is wrong, and the fix."""
+def describe_validation_error(
+    exc: ValidationError,
+    root: type[BaseModel],
+    prefix: str = "",
+    noun: str = "config key",
+    top: str = "config",
+) -> str:
+    """One line for the first validation error: the dotted key, what is wrong, and the fix.
+
+    Shared by every YAML file we validate (configs, benchmark suites); `noun` names what a key is.
+    """
     err = exc.errors()[0]
     loc = tuple(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
     if not loc and not prefix:  # a check across sections (a model validator): its message says it all
-        return f"config: {err['msg'].removeprefix('Value error, ')}"
+        return f"{top}: {msg}"
     key = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(root, loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(valid)}"
-        return f"unknown config key '{key}': {fix}"
+        return f"unknown {noun} '{key}': {fix}"
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    msg = err["msg"]
-    return f"config key '{key}': {msg[0].lower()}{msg[1:]}{shown}"
+    shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
+    return f"{noun} '{key}': {msg[0].lower()}{msg[1:]}{shown}"
 
 
 def _valid_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model at `loc`, looking through list[...] and optional annotations."""
     model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(str(part)) if model else None
-        ann = field.annotation if field else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        candidates = (field.annotation, *get_args(field.annotation)) if field else ()
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
     return sorted(model.model_fields) if model else []
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping; `what` names it in the one-line errors."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"{what} {path} must hold a mapping of keys")
+    return loaded or {}
 
 
 def apply_override(tree: dict, dotted: str) -> None:
@@ -222,15 +245,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise UserError(f"config file not found: {p}; pass an existing YAML file (see configs/)")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {p} is not valid YAML{where}; fix its syntax") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"config file {p} must hold a mapping of sections (model, data, ...)")
-        tree = loaded or {}
+        tree = read_yaml_mapping(p, "config file")
     if "methods" not in tree and any(o.startswith("methods.") for o in overrides):
         tree["methods"] = [m.model_dump() for m in Config().methods]
     for item in overrides:
@@ -238,7 +253,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise UserError(_describe(exc, Config)) from None
+        raise UserError(describe_validation_error(exc, Config)) from None
 
 
 def dump_config(cfg: Config) -> str:

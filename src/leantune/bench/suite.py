@@ -19,16 +19,15 @@ torch), so `leantune bench SUITE --dry-run` is a real check.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from leantune.config import describe_validation_error, read_yaml_mapping
 from leantune.errors import UserError
 
 SUITES_DIR = Path("benchmarks/suites")
@@ -111,39 +110,17 @@ def resolve_suite_path(suite: str | Path) -> Path:
 
 
 def load_suite(path: Path) -> Suite:
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"suite {path} is not valid YAML{where}; fix its syntax") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"suite {path} must be a mapping with `name` and `runs`")
+    tree = read_yaml_mapping(path, "suite")
     try:
         return Suite.model_validate(tree)
     except ValidationError as exc:
-        raise UserError(f"suite {path}: {_describe(exc)}") from None
+        why = describe_validation_error(exc, Suite, noun="key", top="suite")
+        raise UserError(f"suite {path}: {why}") from None
 
 
-def _describe(exc: ValidationError) -> str:
-    """One line for the first error; unknown keys get the closest valid key as the fix."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    key = ".".join(map(str, loc)) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        model = RunSpec if "runs" in loc[:-1] else Suite
-        valid = sorted(model.model_fields)
-        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(valid)}"
-        return f"unknown key '{key}': {fix}"
-    msg = err["msg"].removeprefix("Value error, ")
-    got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
-    return f"key '{key}': {msg[0].lower()}{msg[1:]}{shown}"
-
-
-def plan(suite: Suite, extra: Sequence[str] = (), only: Sequence[str] | None = None,
-         repeat: int | None = None) -> list[PlannedRun]:
+def plan(
+    suite: Suite, extra: Sequence[str] = (), only: Sequence[str] | None = None, repeat: int | None = None
+) -> list[PlannedRun]:
     """Every (run, repeat) in execution order, each config validated; repeats are interleaved.
 
     Interleaving (all runs of repeat 1, then all of repeat 2, ...) spreads slow drift of the machine
