@@ -42,13 +42,17 @@ def check_supported(cfg) -> None:
     """The baseline covers single-method LoRA or full fine-tuning of a classifier (cheap: no torch)."""
     names = [m.name for m in cfg.methods]
     if names not in (["lora"], ["full"]):
-        raise UserError(f"hf_baseline runs methods [lora] or [full] only (got {names}); "
-                        "change the run's methods or make it kind: leantune")
+        raise UserError(
+            f"hf_baseline runs methods [lora] or [full] only (got {names}); "
+            "change the run's methods or make it kind: leantune"
+        )
     if cfg.task != "classification":
         raise UserError(f"hf_baseline supports task classification only (got {cfg.task})")
     if cfg.train.early_stopping_patience or cfg.train.eval_every:
-        raise UserError("hf_baseline evaluates only after training; drop train.eval_every and "
-                        "train.early_stopping_patience for this run")
+        raise UserError(
+            "hf_baseline evaluates only after training; drop train.eval_every and "
+            "train.early_stopping_patience for this run"
+        )
 
 
 def total_steps(n_train: int, tc) -> int:
@@ -84,10 +88,18 @@ def _apply_method(model, cfg):
         return model
     import peft
 
-    return peft.get_peft_model(model, peft.LoraConfig(
-        task_type="SEQ_CLS", r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-        target_modules=method.target_modules, bias=method.bias, modules_to_save=method.modules_to_save,
-    ))
+    return peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            task_type="SEQ_CLS",
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=method.target_modules,
+            bias=method.bias,
+            modules_to_save=method.modules_to_save,
+        ),
+    )
 
 
 def run_baseline(cfg) -> dict:
@@ -114,7 +126,7 @@ def run_baseline(cfg) -> dict:
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init as leantune train
-    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = _apply_method(model, cfg)
     params = count_params(model)
 
@@ -144,8 +156,15 @@ def run_baseline(cfg) -> dict:
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                log_lines.append({"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
-                                  "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")})
+                log_lines.append(
+                    {
+                        "step": state.global_step,
+                        "epoch": state.epoch,
+                        "loss": logs["loss"],
+                        "lr": logs.get("learning_rate"),
+                        "grad_norm": logs.get("grad_norm"),
+                    }
+                )
 
     args = TrainingArguments(
         output_dir=str(out / "hf_trainer"),
@@ -177,14 +196,20 @@ def run_baseline(cfg) -> dict:
         disable_tqdm=True,
     )
     transformers.logging.set_verbosity_error()
-    trainer = _counting_trainer_class()(model=model, args=args, train_dataset=data["train"],
-                                        data_collator=DataCollatorWithPadding(tok), processing_class=tok,
-                                        callbacks=[Log()])
+    trainer = _counting_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        data_collator=DataCollatorWithPadding(tok),
+        processing_class=tok,
+        callbacks=[Log()],
+    )
     result = trainer.train()
     train_time = clock["train_end"] - clock["train_begin"]  # train_runtime, unrounded
     model = trainer.model
     pad_id, num_labels = tok.pad_token_id, len(cfg.data.label_names)
     t_eval = time.perf_counter()
+
     def score(split: str) -> dict:
         rows = data[split]
         return evaluate(model, rows, cfg.task, cfg.eval.batch_size, pad_id, 0, 1, num_labels) if rows else {}
@@ -200,12 +225,17 @@ def run_baseline(cfg) -> dict:
         "params": params,
         "data": {split: len(rows) for split, rows in data.items()},
         "train": {
-            "steps": trainer.state.global_step, "epochs_completed": int(trainer.state.epoch or 0),
-            "stopped_early": False, "resumed": False, "train_time_s": train_time, "eval_time_s": eval_time,
+            "steps": trainer.state.global_step,
+            "epochs_completed": int(trainer.state.epoch or 0),
+            "stopped_early": False,
+            "resumed": False,
+            "train_time_s": train_time,
+            "eval_time_s": eval_time,
             "samples_per_s": trainer.samples / max(train_time, 1e-9),
             "tokens_per_s": trainer.tokens / max(train_time, 1e-9),
             "best_step": trainer.state.global_step if metric in validation else None,
-            "best_metric": validation.get(metric), "metric": metric,
+            "best_metric": validation.get(metric),
+            "metric": metric,
         },
         "validation": {"step": trainer.state.global_step, **validation} if validation else {},
         "test": test,
@@ -214,23 +244,38 @@ def run_baseline(cfg) -> dict:
         "versions": versions(),
         "machine": machine(),
         "config": cfg.model_dump(mode="json"),
-        "baseline": {"framework": "transformers.Trainer" + (" + peft" if method == "lora" else ""),
-                     "optim": getattr(args.optim, "value", args.optim), "warmup_steps": args.warmup_steps,
-                     "step_time_s": clock["step_sum"], "train_runtime_s": result.metrics.get("train_runtime"),
-                     "trainer_samples_per_s": result.metrics.get("train_samples_per_second")},
+        "baseline": {
+            "framework": "transformers.Trainer" + (" + peft" if method == "lora" else ""),
+            "optim": getattr(args.optim, "value", args.optim),
+            "warmup_steps": args.warmup_steps,
+            "step_time_s": clock["step_sum"],
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "trainer_samples_per_s": result.metrics.get("train_samples_per_second"),
+        },
     }
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as fh:
         for line in log_lines:
             fh.write(json.dumps(line) + "\n")
         if validation:
-            fh.write(json.dumps({"step": trainer.state.global_step, "epoch": trainer.state.epoch,
-                                 "split": "validation", **validation}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": trainer.state.global_step,
+                        "epoch": trainer.state.epoch,
+                        "split": "validation",
+                        **validation,
+                    }
+                )
+                + "\n"
+            )
     model.save_pretrained(str(out / "model"))  # the adapter (or full model), for the size-on-disk column
     tok.save_pretrained(str(out / "model"))
     summary["wall_time_s"] = time.perf_counter() - t_start
     write_json_atomic(out / "summary.json", summary)
-    print(f"hf_baseline: {summary['train']['steps']} steps in {train_time:.1f} s, "
-          f"{summary['train']['samples_per_s']:.1f} samples/s, test {test}")
+    print(
+        f"hf_baseline: {summary['train']['steps']} steps in {train_time:.1f} s, "
+        f"{summary['train']['samples_per_s']:.1f} samples/s, test {test}"
+    )
     return summary
 
 

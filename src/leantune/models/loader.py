@@ -56,7 +56,14 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, task: str, dtype: str = "float32", label_names: list[str] | None = None):
+def load_model(
+    name: str,
+    task: str,
+    dtype: str = "float32",
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+):
+    """The task model; `pad_token_id` (the tokenizer's) fills a config without one (GPT-2 style)."""
     import torch
     import transformers
 
@@ -82,6 +89,7 @@ def load_model(name: str, task: str, dtype: str = "float32", label_names: list[s
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
     if getattr(model.config, "pad_token_id", None) is None:
-        tok = load_tokenizer(name)
-        model.config.pad_token_id = tok.pad_token_id
+        model.config.pad_token_id = (
+            pad_token_id if pad_token_id is not None else load_tokenizer(name).pad_token_id
+        )
     return model

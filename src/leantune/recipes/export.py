@@ -7,10 +7,9 @@ written as peft saved it. The destination must not exist: export never overwrite
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+from leantune.atomic import write_folder_atomic
 from leantune.errors import UserError
 from leantune.recipes.common import load_run_config, load_trained_model
 
@@ -25,13 +24,12 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
     model = load_trained_model(run_dir, cfg)
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(str(tmp))
-        load_tokenizer(str(run_dir / "model")).save_pretrained(str(tmp))  # the run's tokenizer, not the base
-        os.rename(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+    tok = load_tokenizer(str(run_dir / "model"))  # the run's tokenizer, not the base's
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
+
+    write_folder_atomic(dest, write)  # nothing half-written is left behind
     print(f"exported {'merged model' if merge else 'model'} to {dest}")
     return dest

@@ -6,7 +6,6 @@ before the first byte is written, so a mistake never costs an earlier run.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -147,7 +146,7 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
-    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     params = count_params(model)
@@ -236,14 +235,14 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
 
 
 def _save_model(module, tok, dest: Path) -> None:
-    """save_pretrained into a temp folder, then rename: a PEFT model saves its adapter, others everything."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.rename(tmp, dest)
+    """A PEFT model saves its adapter, others everything; written to a temp folder, then renamed."""
+    from leantune.atomic import write_folder_atomic
+
+    def write(folder: Path) -> None:
+        module.save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
+
+    write_folder_atomic(dest, write)
 
 
 def format_summary(s: dict) -> str:

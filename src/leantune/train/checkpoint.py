@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from leantune.atomic import write_json_atomic
+from leantune.atomic import write_json_atomic, write_text_atomic
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -149,12 +149,7 @@ def save_checkpoint(
     if final.exists():  # left by a kill between the rename and the pointer update; `latest` is older
         shutil.rmtree(final)
     os.rename(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    with pointer_tmp.open("w") as fh:
-        fh.write(final.name)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(pointer_tmp, root / "latest")
+    write_text_atomic(root / "latest", final.name)
     _fsync_dir(root)
     # Keep the newest `keep` up to this step; any later one is a leftover of a killed, resumed run.
     done = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
