@@ -26,8 +26,11 @@ def weights_size(path: Path) -> int:
     """Bytes of the weight files (safetensors / bin / pt) under `path`, without tokenizer and config files."""
     if not path.is_dir():
         return 0
-    return sum(f.stat().st_size for f in path.rglob("*")
-               if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth")
+    )
 
 
 def artefact_path(folder: Path, key: str) -> Path:
@@ -62,9 +65,21 @@ def time_per_epoch(summary: dict) -> float:
     return train["train_time_s"] * steps_per_epoch / max(train["steps"], 1)
 
 
-def build_artefact(*, suite: str, invocation: str, run_id: str, kind: str, repeat: int, overrides: list[str],
-                   command: list[str], summary: dict, wall_time_s: float, run_dir: Path, peak: dict | None,
-                   flops: dict) -> dict:
+def build_artefact(
+    *,
+    suite: str,
+    invocation: str,
+    run_id: str,
+    kind: str,
+    repeat: int,
+    overrides: list[str],
+    command: list[str],
+    summary: dict,
+    wall_time_s: float,
+    run_dir: Path,
+    peak: dict | None,
+    flops: dict,
+) -> dict:
     train = summary["train"]
     cfg = summary["config"]
     return {
@@ -96,8 +111,9 @@ def build_artefact(*, suite: str, invocation: str, run_id: str, kind: str, repea
         "samples_per_s": train["samples_per_s"],
         "tokens_per_s": train["tokens_per_s"],
         "memory": summary["memory"],
-        "peak_memory_bytes": summary["memory"].get("cuda_max_allocated_bytes",
-                                                   summary["memory"]["peak_rss_bytes"]),
+        "peak_memory_bytes": summary["memory"].get(
+            "cuda_max_allocated_bytes", summary["memory"]["peak_rss_bytes"]
+        ),
         "params": summary["params"],
         "model_size_bytes": dir_size(run_dir / "model"),  # the adapter / model folder, tokenizer included
         "weights_size_bytes": weights_size(run_dir / "model"),
@@ -106,8 +122,11 @@ def build_artefact(*, suite: str, invocation: str, run_id: str, kind: str, repea
         "metrics": {
             "test": summary.get("test") or {},
             "validation": summary.get("validation") or {},
-            "best": {"metric": train.get("metric"), "value": train.get("best_metric"),
-                     "step": train.get("best_step")},
+            "best": {
+                "metric": train.get("metric"),
+                "value": train.get("best_metric"),
+                "step": train.get("best_step"),
+            },
         },
         "baseline": summary.get("baseline"),
         "matmul_peak": peak,

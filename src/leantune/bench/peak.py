@@ -35,8 +35,9 @@ from functools import lru_cache
 FP32, BF16 = "fp32", "bf16"
 
 
-def matmul_peak(threads: int, size: int = 2048, iters: int = 7, warmup: int = 2,
-                budget_s: float = 6.0) -> dict:
+def matmul_peak(
+    threads: int, size: int = 2048, iters: int = 7, warmup: int = 2, budget_s: float = 6.0
+) -> dict:
     """Median GFLOP/s of dense `size` x `size` matmuls in fp32 and bf16 (after warm-up).
 
     `budget_s` caps each dtype's timed loop: a CPU without native bf16 can be 10x slower there, and the

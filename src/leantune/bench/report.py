@@ -72,8 +72,9 @@ class Table:
         self.by_id: dict[str, dict[int, dict]] = {i: {} for i in ids}
         for a in artefacts:
             self.by_id[a["run_id"]][a["repeat"]] = a
-        full_ft = [i for i in ids
-                   if self.first(i)["kind"] == "leantune" and self.first(i)["methods"] == ["full"]]
+        full_ft = [
+            i for i in ids if self.first(i)["kind"] == "leantune" and self.first(i)["methods"] == ["full"]
+        ]
         self.full = "full" if "full" in self.by_id else next(iter(full_ft), None)
         self.hf = next((i for i in ids if self.first(i)["kind"] == "hf_baseline"), None)
         self.metric = _quality_metric(artefacts)
@@ -100,26 +101,39 @@ class Table:
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """Header and one row per run id; a ratio cell ends in '*' when it pairs different invocations."""
-        header = ["run", "method", "trainable %", "train time (s)",
-                  f"time vs {self.full}" if self.full else "time vs full", "samples/s",
-                  f"samples/s vs {self.hf}" if self.hf else "samples/s vs HF", "peak memory (MiB)",
-                  "accuracy" if self.metric == "accuracy" else "test loss", "F1", "MCC", "% of fp32 peak"]
+        header = [
+            "run",
+            "method",
+            "trainable %",
+            "train time (s)",
+            f"time vs {self.full}" if self.full else "time vs full",
+            "samples/s",
+            f"samples/s vs {self.hf}" if self.hf else "samples/s vs HF",
+            "peak memory (MiB)",
+            "accuracy" if self.metric == "accuracy" else "test loss",
+            "F1",
+            "MCC",
+            "% of fp32 peak",
+        ]
         rows = []
         for i in self.ids:
             frac = self.values(i, lambda a: (a.get("flops") or {}).get("fraction_of_fp32_peak"))
-            rows.append([
-                i, _method_label(self.first(i)),
-                _cell(self.values(i, lambda a: a["params"]["trainable_pct"]), ".3f"),
-                _cell(self.values(i, lambda a: a["train_time_s"])),
-                self._ratio_cell(i, self.full, lambda a: a["train_time_s"]),
-                _cell(self.values(i, lambda a: a["samples_per_s"])),
-                self._ratio_cell(i, self.hf, lambda a: a["samples_per_s"]),
-                _cell(self.values(i, lambda a: a["peak_memory_bytes"] / MiB), ".0f"),
-                _cell(self.values(i, _test(self.metric)), ".4f"),
-                _cell(self.values(i, _test("f1")), ".4f"),
-                _cell(self.values(i, _test("mcc")), ".4f"),
-                _cell([100 * f for f in frac], ".2f"),
-            ])
+            rows.append(
+                [
+                    i,
+                    _method_label(self.first(i)),
+                    _cell(self.values(i, lambda a: a["params"]["trainable_pct"]), ".3f"),
+                    _cell(self.values(i, lambda a: a["train_time_s"])),
+                    self._ratio_cell(i, self.full, lambda a: a["train_time_s"]),
+                    _cell(self.values(i, lambda a: a["samples_per_s"])),
+                    self._ratio_cell(i, self.hf, lambda a: a["samples_per_s"]),
+                    _cell(self.values(i, lambda a: a["peak_memory_bytes"] / MiB), ".0f"),
+                    _cell(self.values(i, _test(self.metric)), ".4f"),
+                    _cell(self.values(i, _test("f1")), ".4f"),
+                    _cell(self.values(i, _test("mcc")), ".4f"),
+                    _cell([100 * f for f in frac], ".2f"),
+                ]
+            )
         return header, rows
 
 
@@ -133,8 +147,10 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
     invocations = len({x.get("invocation") for x in artefacts})
     mixed = ""
     if invocations > 1:
-        mixed = (f" From {invocations} bench invocations: a ratio marked * pairs runs that were not measured "
-                 "side by side (`leantune bench SUITE --rerun` measures them again together).")
+        mixed = (
+            f" From {invocations} bench invocations: a ratio marked * pairs runs that were not measured "
+            "side by side (`leantune bench SUITE --rerun` measures them again together)."
+        )
     lines = [
         f"Machine: {m.get('processor')} ({m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}); torch {v.get('torch')}, transformers {v.get('transformers')}, "
@@ -151,13 +167,20 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
 
 def markdown(table: Table, suite: str, context: list[str]) -> str:
     header, rows = table.rows()
-    out = [f"# Benchmark: {suite}", "", *[f"{line}  " for line in context], "",
-           "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out = [
+        f"# Benchmark: {suite}",
+        "",
+        *[f"{line}  " for line in context],
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 
 # -- plots -----------------------------------------------------------------------------------------
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -172,8 +195,13 @@ def _scatter(table: Table, plt, x: Callable[[dict], float], xlabel: str, title: 
         xs = [x(a) for a in runs]
         ys = [a["metrics"]["test"].get(table.metric, float("nan")) for a in runs]
         ax.scatter(xs, ys, label=i)
-        ax.annotate(i, (statistics.median(xs), statistics.median(ys)), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            i,
+            (statistics.median(xs), statistics.median(ys)),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {table.metric}")
     ax.set_title(title)
@@ -200,8 +228,13 @@ def _loss_curves(table: Table, plt, folder: Path) -> str:
                 if "split" not in rec and isinstance(rec.get("loss"), (int, float)):
                     pts.append((rec["step"], rec["loss"]))
             if pts:
-                ax.plot(*zip(*pts, strict=True), color=f"C{n}", alpha=1.0 if k == first else 0.35,
-                        label=i if k == first else None, marker="." if len(pts) < 20 else None)
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    color=f"C{n}",
+                    alpha=1.0 if k == first else 0.35,
+                    label=i if k == first else None,
+                    marker="." if len(pts) < 20 else None,
+                )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
@@ -241,10 +274,22 @@ def html_report(table: Table, suite: str, context: list[str], folder: Path) -> s
     import matplotlib.pyplot as plt
 
     plots = [
-        ("Quality vs training time", _scatter(table, plt, lambda a: a["train_time_s"], "training time (s)",
-                                              "Quality vs training time")),
-        ("Quality vs peak memory", _scatter(table, plt, lambda a: a["peak_memory_bytes"] / MiB,
-                                            "peak memory (MiB)", "Quality vs peak memory")),
+        (
+            "Quality vs training time",
+            _scatter(
+                table, plt, lambda a: a["train_time_s"], "training time (s)", "Quality vs training time"
+            ),
+        ),
+        (
+            "Quality vs peak memory",
+            _scatter(
+                table,
+                plt,
+                lambda a: a["peak_memory_bytes"] / MiB,
+                "peak memory (MiB)",
+                "Quality vs peak memory",
+            ),
+        ),
         ("Training loss", _loss_curves(table, plt, folder)),
         ("Scaling", _scaling(table, plt)),
     ]
@@ -252,8 +297,9 @@ def html_report(table: Table, suite: str, context: list[str], folder: Path) -> s
     esc = html.escape
     thead = "".join(f"<th>{esc(h)}</th>" for h in header)
     tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    figs = "".join(f'<figure><img alt="{esc(t)}" src="data:image/png;base64,{png}"></figure>'
-                   for t, png in plots)
+    figs = "".join(
+        f'<figure><img alt="{esc(t)}" src="data:image/png;base64,{png}"></figure>' for t, png in plots
+    )
     notes = "".join(f"<p>{esc(line)}</p>" for line in context)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>leantune benchmark: {esc(suite)}</title>

@@ -32,8 +32,14 @@ _MODULE = {"leantune": ["leantune", "train"], "hf_baseline": ["leantune.bench.hf
 
 
 def child_command(run: PlannedRun, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", *_MODULE[run.spec.kind], *run.overrides,
-            f"output.dir={run_dir}", "output.overwrite=true"]
+    return [
+        sys.executable,
+        "-m",
+        *_MODULE[run.spec.kind],
+        *run.overrides,
+        f"output.dir={run_dir}",
+        "output.overwrite=true",
+    ]
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -42,9 +48,17 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_bench(suite_arg: str, *, results: Path | None = None, repeat: int | None = None, rerun: bool = False,
-              only: Sequence[str] | None = None, extra: Sequence[str] = (), dry_run: bool = False,
-              work: Path | None = None) -> list[Path]:
+def run_bench(
+    suite_arg: str,
+    *,
+    results: Path | None = None,
+    repeat: int | None = None,
+    rerun: bool = False,
+    only: Sequence[str] | None = None,
+    extra: Sequence[str] = (),
+    dry_run: bool = False,
+    work: Path | None = None,
+) -> list[Path]:
     """Run the suite; return the artefact paths of every planned (run, repeat), fresh or reused."""
     suite = load_suite(resolve_suite_path(suite_arg))
     runs = plan(suite, extra, only, repeat)  # validates every run's config before anything starts
@@ -54,22 +68,29 @@ def run_bench(suite_arg: str, *, results: Path | None = None, repeat: int | None
         _print_plan(suite, runs, todo, folder)
         return [artefact_path(folder, r.key) for r in runs]
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"suite {suite.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished "
-          f"(--rerun to redo them); results in {folder}", flush=True)
+    print(
+        f"suite {suite.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished "
+        f"(--rerun to redo them); results in {folder}",
+        flush=True,
+    )
     if todo:
         from leantune.bench.peak import matmul_peak
 
         invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
         peak = matmul_peak(suite.threads)
-        print(f"matmul peak ({suite.threads} threads, {peak['size']}^2): {peak['fp32_gflops']:.0f} GFLOP/s "
-              f"fp32, {peak['bf16_gflops']:.0f} GFLOP/s bf16", flush=True)
+        print(
+            f"matmul peak ({suite.threads} threads, {peak['size']}^2): {peak['fp32_gflops']:.0f} GFLOP/s "
+            f"fp32, {peak['bf16_gflops']:.0f} GFLOP/s bf16",
+            flush=True,
+        )
         for i, run in enumerate(todo, 1):
             _run_one(suite, run, folder, peak, invocation, work, f"[{i}/{len(todo)}]")
     return [artefact_path(folder, r.key) for r in runs]
 
 
-def _run_one(suite: Suite, run: PlannedRun, folder: Path, peak: dict, invocation: str, work: Path | None,
-             tag: str) -> None:
+def _run_one(
+    suite: Suite, run: PlannedRun, folder: Path, peak: dict, invocation: str, work: Path | None, tag: str
+) -> None:
     import json
 
     from leantune.bench.peak import flops_report
@@ -82,8 +103,9 @@ def _run_one(suite: Suite, run: PlannedRun, folder: Path, peak: dict, invocation
     print(f"{tag} {run.key} ({run.spec.kind}) ...", end=" ", flush=True)
     t0 = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(suite.threads),
-                            check=False).returncode
+        rc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(suite.threads), check=False
+        ).returncode
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
@@ -92,20 +114,34 @@ def _run_one(suite: Suite, run: PlannedRun, folder: Path, peak: dict, invocation
         why = lines[-1].split("error: ", 1)[-1] if rc == 2 and lines else f"exit {rc}"
         if rc != 2:  # a crash, not a user error: show the end of its traceback
             print("\n".join(lines[-15:]), file=sys.stderr)
-        raise UserError(f"run '{run.key}' of suite '{suite.name}' failed: {why} (log: {log_path}); finished "
-                        "runs are kept, the same command continues")
+        raise UserError(
+            f"run '{run.key}' of suite '{suite.name}' failed: {why} (log: {log_path}); finished "
+            "runs are kept, the same command continues"
+        )
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     artefact = build_artefact(
-        suite=suite.name, invocation=invocation, run_id=run.spec.id, kind=run.spec.kind, repeat=run.repeat,
-        overrides=list(run.overrides), command=[Path(cmd[0]).name, *cmd[1:]], summary=summary,
-        wall_time_s=wall, run_dir=run_dir, peak=peak, flops=flops_report(summary, peak),
+        suite=suite.name,
+        invocation=invocation,
+        run_id=run.spec.id,
+        kind=run.spec.kind,
+        repeat=run.repeat,
+        overrides=list(run.overrides),
+        command=[Path(cmd[0]).name, *cmd[1:]],
+        summary=summary,
+        wall_time_s=wall,
+        run_dir=run_dir,
+        peak=peak,
+        flops=flops_report(summary, peak),
     )
     if (run_dir / "metrics.jsonl").is_file():
         copy_atomic(run_dir / "metrics.jsonl", metrics_path(folder, run.key))
     write_json_atomic(artefact_path(folder, run.key), artefact)  # last: its presence means "finished"
-    print(f"{wall:.1f} s wall, {artefact['train_time_s']:.1f} s training, "
-          f"{artefact['samples_per_s']:.1f} samples/s, {artefact['flops']['fraction_of_fp32_peak']:.1%} of "
-          f"fp32 peak", flush=True)
+    print(
+        f"{wall:.1f} s wall, {artefact['train_time_s']:.1f} s training, "
+        f"{artefact['samples_per_s']:.1f} samples/s, {artefact['flops']['fraction_of_fp32_peak']:.1%} of "
+        f"fp32 peak",
+        flush=True,
+    )
     if work is None:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1,15 +1,19 @@
 """Methods are plug-ins registered by name; the trainer only ever sees `MethodSpec`s.
 
 A method module defines a pydantic config (subclass of `MethodConfig`), an `apply(model, cfg, ctx)` that
-freezes/wraps/injects and leaves `requires_grad` right, and optionally a custom optimisation `step` and a
-`report` of the numbers it owns. It calls `register(...)` at import time. Method modules must import
-torch/peft lazily (inside functions) so that validating a config stays fast.
+freezes/wraps/injects and leaves `requires_grad` right, optionally a `runtime(model, cfg, ctx)` factory
+returning a `MethodRuntime` (per-run behaviour during training: a custom optimisation step, hooks around
+each optimizer step, state that must survive `--resume`, numbers for the summary) and a static `report`.
+It calls `register(...)` at import time; every module in this package is discovered, so adding a method
+touches one file. Method modules must import torch/peft lazily (inside functions) so that validating a
+config stays fast.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +22,8 @@ from pydantic import BaseModel, ConfigDict
 
 from leantune.errors import UserError
 
-BUILTIN_METHODS = ("full", "freeze", "lora")
+# Modules of this package that are not methods.
+NOT_METHODS = frozenset({"registry"})
 
 
 class MethodConfig(BaseModel):
@@ -36,12 +41,54 @@ class MethodContext:
     seed: int
 
 
+class MethodRuntime:
+    """What a method does while training runs; every hook is optional (the base does nothing).
+
+    The trainer creates one runtime per configured method after the model is prepared and the optimizer
+    built, and calls the hooks of all of them in config order; it never asks which method it is.
+
+    `step`: when a subclass defines it, it replaces backprop for each micro-batch, with the signature of
+    `leantune.train.step.backprop_step(model, batch, accelerator, scale) -> detached loss`: it must leave
+    `scale * gradient` (or its estimate) accumulated in `.grad` of the trainable parameters, which the
+    trainer's optimizer then applies. The last method in the list that defines a step wins.
+    `state`/`tensors` are saved in every checkpoint and handed back to `load` on `--resume`, so a method
+    with its own randomness or learned parts (a sampled layer set, an approximator network) resumes
+    exactly. Derive per-step randomness from (seed, step) where possible: then there is nothing to save.
+    """
+
+    step: Callable[..., Any] | None = None
+
+    def on_train_start(self, trainer: Any) -> None:
+        """After the optimizer exists, before the first step (also after a resume has loaded state)."""
+
+    def on_step_start(self, trainer: Any) -> None:
+        """Before the micro-batches of optimizer step `trainer.state.step` (0-based) are computed."""
+
+    def on_step_end(self, trainer: Any) -> None:
+        """After the optimizer step and `zero_grad`; `trainer.state.step` still names the step just done."""
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state for checkpoints."""
+        return {}
+
+    def tensors(self) -> dict[str, Any]:
+        """Tensors for checkpoints (saved with safetensors)."""
+        return {}
+
+    def load(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Restore what `state`/`tensors` returned when the checkpoint was written."""
+
+    def report(self) -> dict[str, Any]:
+        """Numbers this method owns, for summary.json (`method_reports`)."""
+        return {}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type[MethodConfig]
     apply: Callable[[Any, Any, MethodContext], Any]
-    step: Callable[..., Any] | None = None
+    runtime: Callable[[Any, Any, MethodContext], MethodRuntime] | None = None
     report: Callable[[Any, Any], dict[str, Any]] | None = None
 
 
@@ -56,8 +103,11 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def _load_builtins() -> None:
-    for name in BUILTIN_METHODS:
-        importlib.import_module(f"leantune.methods.{name}")
+    import leantune.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in NOT_METHODS and not info.name.startswith("_"):
+            importlib.import_module(f"leantune.methods.{info.name}")
 
 
 def get_method(name: str) -> MethodSpec:

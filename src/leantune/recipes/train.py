@@ -103,9 +103,15 @@ class Prepared:
     specs: list[MethodSpec]
 
     def trainer(self):
+        from leantune.methods import MethodContext
         from leantune.train.loop import Trainer
 
-        step_fn = next((s.step for s in reversed(self.specs) if s.step), None)
+        ctx = MethodContext(task=self.cfg.task, seed=self.cfg.train.seed)
+        runtimes = [
+            spec.runtime(self.model, mcfg, ctx)
+            for spec, mcfg in zip(self.specs, self.cfg.methods, strict=True)
+            if spec.runtime
+        ]
         return Trainer(
             self.cfg,
             self.model,
@@ -115,7 +121,7 @@ class Prepared:
             self.tokenizer.pad_token_id,
             len(self.cfg.data.label_names or []),
             self.out,
-            step_fn,
+            runtimes,
         )
 
 
@@ -195,11 +201,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         "run_dir": str(out),
         "task": cfg.task,
         "methods": [m.name for m in cfg.methods],
-        "method_reports": {
-            s.name: s.report(trainer.module, m)
-            for s, m in zip(prep.specs, cfg.methods, strict=True)
-            if s.report
-        },
+        "method_reports": method_reports(prep.specs, cfg.methods, trainer),
         "params": prep.params,
         "data": {split: len(rows) for split, rows in data.items()},
         "train": {
@@ -232,6 +234,19 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     trainer.log.close()
     acc.wait_for_everyone()
     return summary
+
+
+def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str, dict]:
+    """Each method's own numbers: its static report plus what its runtime measured during training."""
+    runtimes = iter(trainer.runtimes)
+    out: dict[str, dict] = {}
+    for i, (spec, mcfg) in enumerate(zip(specs, configs, strict=True)):
+        report = dict(spec.report(trainer.module, mcfg)) if spec.report else {}
+        if spec.runtime:
+            report.update(next(runtimes).report())
+        if report:
+            out[spec.name if spec.name not in out else f"{spec.name}.{i}"] = report
+    return out
 
 
 def _save_model(module, tok, dest: Path) -> None:

@@ -117,10 +117,12 @@ def save_checkpoint(
     trainer_state: dict,
     torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
     keep: int,
+    method_tensors: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and prune older ones beyond `keep`.
 
-    `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order.
+    `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order;
+    `method_tensors` the tensors of each method's runtime, in config order.
     """
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp-step-*"):  # a kill while writing: never a usable checkpoint
@@ -137,6 +139,12 @@ def save_checkpoint(
         for kind, t in ({"cpu": r} if torch.is_tensor(r) else r).items():
             rng[f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}"] = t.cpu()
     save_file(rng, str(tmp / "rng.safetensors"))
+    methods = {
+        f"{i}.{k}": v.detach().contiguous().cpu()
+        for i, tensors in enumerate(method_tensors or [])
+        for k, v in tensors.items()
+    }
+    save_file(methods, str(tmp / "methods.safetensors"))
     write_json_atomic(tmp / "optimizer.json", opt_meta)
     write_json_atomic(
         tmp / "trainer_state.json",
@@ -158,6 +166,17 @@ def save_checkpoint(
     for old in older[: max(0, len(older) - (keep - 1))] + stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_method_tensors(path: Path, count: int) -> list[dict[str, torch.Tensor]]:
+    """Each method runtime's checkpointed tensors, in config order (empty for older checkpoints)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    file = path / "methods.safetensors"
+    if file.is_file():
+        for key, value in load_file(str(file)).items():
+            i, name = key.split(".", 1)
+            out[int(i)][name] = value
+    return out
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -25,6 +25,7 @@ from leantune.config import Config
 from leantune.data.tasks import collate
 from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
+from leantune.methods.registry import MethodRuntime
 from leantune.train import checkpoint as ckpt
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
@@ -61,12 +62,14 @@ class Trainer:
         pad_id: int,
         num_labels: int,
         run_dir: Path,
-        step_fn=None,
+        runtimes: list[MethodRuntime] | None = None,
     ) -> None:
         self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
         self.train_data, self.val_data = train_data, val_data
         self.pad_id, self.num_labels = pad_id, num_labels
-        self.step_fn = step_fn or backprop_step
+        self.runtimes = runtimes or []
+        # The last method that brings its own step wins (a list like [freeze, mezo] means "mezo's step").
+        self.step_fn = next((rt.step for rt in reversed(self.runtimes) if rt.step is not None), backprop_step)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         tc = cfg.train
         self.model = accelerator.prepare(model)
@@ -106,6 +109,10 @@ class Trainer:
             return False
         saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank, self.world)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
+        method_states = saved.pop("methods", [])
+        method_tensors = ckpt.load_method_tensors(path, len(self.runtimes))
+        for rt, state, tensors in zip(self.runtimes, method_states, method_tensors, strict=True):
+            rt.load(state, tensors)
         self.state = TrainState(**saved)
         self._running = torch.tensor(self.state.running_loss, device=self.acc.device)
         self._running_n = self.state.running_n
@@ -120,7 +127,11 @@ class Trainer:
         self.state.running_loss, self.state.running_n = float(self._running), self._running_n
         rngs = gather_object([ckpt.torch_rng_state()])
         if self.acc.is_main_process:
-            state = {**self.state.__dict__, "scheduler": self.scheduler.state_dict()}
+            state = {
+                **self.state.__dict__,
+                "scheduler": self.scheduler.state_dict(),
+                "methods": [rt.state() for rt in self.runtimes],
+            }
             ckpt.save_checkpoint(
                 self.ckpt_root,
                 self.state.step,
@@ -129,6 +140,7 @@ class Trainer:
                 state,
                 rngs,
                 self.cfg.train.keep_checkpoints,
+                [rt.tensors() for rt in self.runtimes],
             )
         self.acc.wait_for_everyone()
 
@@ -177,7 +189,7 @@ class Trainer:
                 self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
             self._running_n += 1
         grad_norm = None
-        if tc.max_grad_norm is not None:
+        if tc.max_grad_norm is not None and self.params:
             grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         self.optimizer.step()
         self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
@@ -189,6 +201,8 @@ class Trainer:
     def fit(self) -> TrainState:
         tc, st = self.cfg.train, self.state
         self.model.train()
+        for rt in self.runtimes:
+            rt.on_train_start(self)
         bar = tqdm(
             total=self.total_steps,
             initial=st.step,
@@ -203,7 +217,11 @@ class Trainer:
                 batches, batches_epoch = self._epoch_batches(st.epoch), st.epoch
             t0 = time.perf_counter()
             first = st.group * tc.grad_accum
+            for rt in self.runtimes:
+                rt.on_step_start(self)
             grad_norm = self._optimizer_step(batches[first : first + tc.grad_accum])
+            for rt in self.runtimes:
+                rt.on_step_end(self)
             st.step += 1
             st.group += 1
             st.train_time_s += time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The default optimisation micro-step: forward, loss, backward.
 
-Methods that are not plain backprop (MeZO, LOMO, gradient approximation) register their own function
-with the same signature in their `MethodSpec.step`; the trainer calls whichever it is given.
+Methods that are not plain backprop (MeZO, LOMO, gradient approximation) give their `MethodRuntime` a
+`step` with the same signature; the trainer calls whichever it is given.
 """
 
 from __future__ import annotations
