@@ -291,6 +291,17 @@ def test_report_ratios_pair_repeats_and_show_median_and_spread():
     assert not by["hf"]["time vs full"].endswith("*")
 
 
+def test_report_flags_runs_measured_on_a_busy_machine():
+    from leantune.bench.report import _context_lines
+
+    quiet = [_fake("lora", 1, 5.0, 20.0, 0.8), _fake("full", 1, 9.0, 10.0, 0.8, methods=("full",))]
+    for a in quiet:
+        a["machine"] = {"cpu_count": 2, "load_avg_1m_5m_15m": [1.2, 1.0, 0.9]}
+    assert "busy" not in " ".join(_context_lines(quiet))
+    quiet[1]["machine"]["load_avg_1m_5m_15m"] = [6.5, 5.0, 3.0]
+    assert "load average up to 6.5 on 2 CPUs" in " ".join(_context_lines(quiet))
+
+
 def test_help_lists_bench_and_imports_nothing_heavy():
     import sys
 

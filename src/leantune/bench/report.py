@@ -151,13 +151,20 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
             f" From {invocations} bench invocations: a ratio marked * pairs runs that were not measured "
             "side by side (`leantune bench SUITE --rerun` measures them again together)."
         )
+    loads = [x["machine"]["load_avg_1m_5m_15m"][0] for x in artefacts if "load_avg_1m_5m_15m" in x["machine"]]
+    busy = ""
+    if loads and max(loads) > (m.get("cpu_count") or 1) * 0.75:
+        busy = (
+            f" The machine was busy with other work during some runs (1-min load average up to "
+            f"{max(loads):.1f} on {m.get('cpu_count')} CPUs): times are upper bounds and ratios are noisy."
+        )
     lines = [
         f"Machine: {m.get('processor')} ({m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads, "
         f"device {m.get('device')}); torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"peft {v.get('peft')}.",
         f"Matmul peak measured in the same invocation ({peaks[0]['size'] if peaks else '?'}^2): "
         f"{'/'.join(map(str, fp32)) or '?'} GFLOP/s fp32, {'/'.join(map(str, bf16)) or '?'} GFLOP/s bf16.",
-        f"Repeats: {repeats}" + ("; cells show median (min–max)." if repeats > 1 else ".") + mixed,
+        f"Repeats: {repeats}" + ("; cells show median (min–max)." if repeats > 1 else ".") + mixed + busy,
         "Ratios are taken between runs of the same repeat (measured back to back); quality is on the test "
         "split; peak memory is the process RSS (CUDA: max allocated); % of fp32 peak counts "
         "(4·N_total + 2·N_trainable)·tokens model FLOPs, embeddings excluded.",

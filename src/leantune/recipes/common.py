@@ -42,6 +42,9 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",
     }
+    if hasattr(os, "getloadavg"):
+        # Timings are only comparable on a quiet machine: record how busy it was when the run ended.
+        info["load_avg_1m_5m_15m"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     return info
