@@ -93,7 +93,9 @@ def vitaminc() -> dict[str, list[Record]]:
 
 def _first_target(example: dict) -> str:
     target = example["target"]
-    return str(target[0] if isinstance(target, list) and target else target).strip()
+    if isinstance(target, list):
+        target = target[0] if target else ""
+    return str(target).strip()
 
 
 def parse_natural_instructions(subtask: str, task: dict, limit: int = NI_PER_SUBTASK) -> list[Record]:
