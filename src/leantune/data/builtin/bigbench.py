@@ -1,0 +1,154 @@
+"""Datasets read out of the BIG-bench sdist (`bigbench==1.0.0`, Apache-2.0), never installed.
+
+Installing bigbench pulls tensorflow/t5/seqio (minutes, 1.8 GB); we only need a few `task.json` files, so
+the 358 MB sdist is downloaded once and every pinned file (bigbench_pins.py) is extracted in one streaming
+pass into `~/.cache/leantune/data/bigbench/` (~190 MB). Every file carries BIG-bench's canary asking that it
+never be used for training: a model trained on these sets has a contaminated BIG-bench score, so never
+report BIG-bench numbers for it.
+
+vitaminc: VitaminC fact verification (Schuster et al., 2021; Wikipedia evidence). Each example's input is
+"<Wikipedia page>: <evidence sentence>\\nClaim: <claim>", label = argmax of target_scores over True / False /
+Neither: 54,668 examples = 27,242 True / 20,169 False / 7,257 Neither. We keep the binary task (BoolQ
+stand-in: passage + yes/no): True -> "supports", False -> "refutes", Neither dropped -> 47,411 pairs
+(27,242 supports / 20,169 refutes; majority share 0.575). Columns: `text` = claim, `text_pair` = evidence
+(with its page-title prefix, as BIG-bench presents it) -> set `data.text_pair_column: text_pair`. No
+official splits (carved by `data.split_seed`). For distribution-shift studies: `page` = the Wikipedia page
+title (3,067 distinct pages; VitaminC is contrastive, so near-identical evidence of one page lands on both
+sides of a random split — split on `page` for a clean test set), `domain` = "covid" when the page is about
+the 2019-20 coronavirus pandemic (5,451 pairs: 3,342 supports / 2,109 refutes) else "other" (41,960),
+`evidence_words` = whitespace word count of the evidence (median 29).
+
+natural_instructions: Natural Instructions v1 (Mishra et al., 2022), our Alpaca stand-in for instruction
+SFT. 61 subtasks (193,250 examples) each with an instruction (`task_prefix`) and input/target examples.
+To keep runs modest we take a fixed subset: from each subtask at most NI_PER_SUBTASK (100) examples,
+drawn with random.Random("natural_instructions:<subtask>"), first listed target as the response; 6,058
+rows (subtask053 has only 58). Columns: `text` = Alpaca-style prompt (instruction, input, "### Response:"),
+`label` = response (causal_lm masks the prompt out of the loss), `subtask`.
+
+hhh_preferences: BIG-bench HHH alignment (Askell et al., 2021), 221 human-written preference pairs for
+reward-model / DPO work: `prompt` = the human turn (some hold an earlier dialogue), `chosen` = the
+response scored 1, `rejected` = the one scored 0, `category` = harmless 58 / helpful 59 / honest 61 /
+other 43. Too small to train a reward model well; it exercises the code and evaluates one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from leantune.data.builtin.bigbench_pins import TASK_SHA256
+from leantune.data.cache import cache_dir, fetch_from_sdist
+
+Record = dict
+REQUIREMENT = "bigbench==1.0.0"
+ROOT = "bigbench/benchmark_tasks/"
+VITAMINC_LABELS = {"True": "supports", "False": "refutes"}  # "Neither" is dropped
+NI_PER_SUBTASK = 100
+PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def task_files(*tasks: str) -> list[Path]:
+    """The cached task.json of each BIG-bench task folder, fetching all pinned ones on first use."""
+    pins = {f"{ROOT}{task}/task.json": sha for task, sha in TASK_SHA256.items()}
+    need = [f"{ROOT}{task}/task.json" for task in tasks]
+    dest = fetch_from_sdist(REQUIREMENT, pins, cache_dir() / "data" / "bigbench", need=need)
+    return [dest / member for member in need]
+
+
+def _examples(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["examples"]
+
+
+def _best(scores: dict[str, float]) -> str:
+    return max(scores, key=scores.__getitem__)
+
+
+def parse_vitaminc(examples: list[dict]) -> list[Record]:
+    rows: list[Record] = []
+    for i, example in enumerate(examples):
+        verdict = VITAMINC_LABELS.get(_best(example["target_scores"]))
+        if verdict is None:
+            continue
+        evidence, claim = example["input"].split("\nClaim: ", 1)
+        page = evidence.split(": ", 1)[0] if ": " in evidence else ""
+        rows.append(
+            {
+                "text": claim.strip(),
+                "text_pair": evidence.strip(),
+                "label": verdict,
+                "page": page,
+                "domain": "covid" if "coronavirus" in page.lower() else "other",
+                "evidence_words": len(evidence.split()),
+                "_line": i,
+            }
+        )
+    return rows
+
+
+def vitaminc() -> dict[str, list[Record]]:
+    (path,) = task_files("vitaminc_fact_verification")
+    return {"train": parse_vitaminc(_examples(path))}
+
+
+def _first_target(example: dict) -> str:
+    target = example["target"]
+    if isinstance(target, list):
+        target = target[0] if target else ""
+    return str(target).strip()
+
+
+def parse_natural_instructions(subtask: str, task: dict, limit: int = NI_PER_SUBTASK) -> list[Record]:
+    """A seeded sample of `limit` examples of one subtask (fixed by the subtask's name, not by the run)."""
+    instruction = task["task_prefix"].strip()
+    usable = [(i, e) for i, e in enumerate(task["examples"]) if e["input"].strip() and _first_target(e)]
+    picked = random.Random(f"natural_instructions:{subtask}").sample(usable, min(limit, len(usable)))
+    return [
+        {
+            "text": PROMPT.format(instruction=instruction, input=example["input"].strip()),
+            "label": _first_target(example),
+            "subtask": subtask,
+            "_line": i,
+        }
+        for i, example in sorted(picked, key=lambda pair: pair[0])
+    ]
+
+
+def natural_instructions() -> dict[str, list[Record]]:
+    subtasks = sorted(t for t in TASK_SHA256 if t.startswith("natural_instructions/"))
+    rows: list[Record] = []
+    for task, path in zip(subtasks, task_files(*subtasks), strict=True):
+        name = task.split("/", 1)[1]
+        rows += parse_natural_instructions(name, json.loads(path.read_text(encoding="utf-8")))
+    return {"train": rows}
+
+
+HHH_CATEGORIES = ("harmless", "helpful", "honest", "other")
+
+
+def parse_hhh(category: str, examples: list[dict]) -> list[Record]:
+    rows: list[Record] = []
+    for i, example in enumerate(examples):
+        scores = example["target_scores"]
+        chosen, rejected = _best(scores), min(scores, key=scores.__getitem__)
+        if scores[chosen] == scores[rejected]:
+            continue  # a tie states no preference
+        rows.append(
+            {
+                "prompt": example["input"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "category": category,
+                "_line": i,
+            }
+        )
+    return rows
+
+
+def hhh_preferences() -> dict[str, list[Record]]:
+    paths = task_files(*(f"hhh_alignment/{c}" for c in HHH_CATEGORIES))
+    return {
+        "train": [
+            row for c, p in zip(HHH_CATEGORIES, paths, strict=True) for row in parse_hhh(c, _examples(p))
+        ]
+    }
