@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from leantune.config import load_config
@@ -145,3 +146,24 @@ def test_resume_gives_the_same_sampling_and_weights(base_overrides, tmp_path):
 def test_gamma_above_block_count_is_one_line(capsys, base_overrides):
     line = cli_err(capsys, "train", *base_overrides, "methods=[{name: lisa, gamma: 5}]")
     assert "gamma=5" in line and "3 blocks" in line
+
+
+def test_several_processes_are_refused(monkeypatch):
+    from leantune.errors import UserError
+    from leantune.methods.lisa import LisaConfig, apply
+    from leantune.methods.registry import MethodContext
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="single process"):
+        apply(None, LisaConfig(), MethodContext(task="classification", seed=0))
+
+
+def test_report_table_shows_the_active_share():
+    from leantune.bench.report import Table
+    from tests.test_bench import _fake
+
+    lisa = _fake("lisa", 1, 8.0, 12.0, 0.8, methods=("lisa",))
+    lisa["params"] = {"trainable_pct": 100.0, "trainable_active_pct": 12.5}
+    header, rows = Table([_fake("full", 1, 10.0, 10.0, 0.8, methods=("full",)), lisa]).rows()
+    by = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert by["lisa"]["trainable %"] == "12.500" and by["full"]["trainable %"] == "100.000"

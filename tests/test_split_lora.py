@@ -147,3 +147,13 @@ def test_resume_mid_round_is_exact(base_overrides, tmp_path):
 def test_bad_split_settings_are_one_line(capsys, base_overrides, fields, expected):
     line = cli_err(capsys, "train", *base_overrides, _method(**fields))
     assert expected in line
+
+
+def test_several_processes_are_refused(monkeypatch):
+    from leantune.errors import UserError
+    from leantune.methods.registry import MethodContext
+    from leantune.methods.split_lora import SplitLoraConfig, apply
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one process"):
+        apply(None, SplitLoraConfig(), MethodContext(task="classification", seed=0))
