@@ -167,3 +167,22 @@ def test_report_table_shows_the_active_share():
     header, rows = Table([_fake("full", 1, 10.0, 10.0, 0.8, methods=("full",)), lisa]).rows()
     by = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
     assert by["lisa"]["trainable %"] == "12.500" and by["full"]["trainable %"] == "100.000"
+
+
+@pytest.mark.parametrize(
+    ("arch", "task", "blocks"), [("gpt2", "causal_lm", 3), ("llama", "causal_lm", 3), ("t5", "seq2seq", 4)]
+)
+def test_groups_partition_every_architecture(tiny_models, arch, task, blocks):
+    """Blocks (both stacks of an encoder-decoder) and the always-trained rest cover every parameter once."""
+    from leantune.methods.lisa import LayerGroups, LisaConfig
+    from leantune.models.loader import load_model
+
+    model = load_model(str(tiny_models[arch]), task)
+    groups = LayerGroups(model, LisaConfig())
+    ids = [id(p) for params in groups.blocks for p in params] + [id(p) for p in groups.always]
+    assert len(groups.blocks) == blocks and not groups.never
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    words = model.get_input_embeddings().weight
+    assert any(p is words for p in groups.always)
+    no_emb = LayerGroups(model, LisaConfig(train_embeddings=False))
+    assert any(p is words for p in no_emb.never)

@@ -106,7 +106,10 @@ def embedding_params(model_name: str, task: str) -> int | None:
 
 
 def embeddings_trained(methods: list[dict]) -> bool:
-    """Whether a run trains the embedding tables: not under (split) LoRA (peft freezes the base) nor `freeze`."""
+    """Whether a run trains the embedding tables: not under (split) LoRA (peft freezes the base) or `freeze`.
+
+    Only the methods that freeze them are named; any other trains them (as full fine-tuning and LISA do).
+    """
     for m in methods:
         name = m.get("name")
         if name in ("lora", "split_lora") or (name == "freeze" and m.get("embeddings", True)):

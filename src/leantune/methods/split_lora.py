@@ -9,6 +9,7 @@ is peft's (through `leantune.methods.lora`), and the saved adapter is a plain pe
 averaged lower part.
 
 Simulation, and where it is simpler than the paper:
+- the split cuts the model's (first, for an encoder-decoder the encoder's) stack of blocks;
 - clients run one after another in one process; there is no communication, its cost is not modelled,
   and the activations ("smashed data") cross the split uncompressed and exactly;
 - optimizer step s is client s mod N's local step (with `grad_accum` 1 that is the micro-batch index mod
