@@ -9,9 +9,9 @@ How it maps onto a plain AdamW without rebuilding it (nothing in a library does 
 - before each step the runtime narrows `requires_grad` to the always-trained part plus the sampled
   blocks. Inactive parameters then get no `.grad` (the trainer zeroes with `set_to_none`), and
   torch's AdamW skips a parameter whose grad is None entirely: no update, no weight decay, no state.
-  On a re-sample the AdamW state of blocks that went inactive is dropped (`optimizer.state.pop`); a block
-  that comes back starts with fresh moments, as in the paper's implementation (LMFlow re-creates the
-  optimizer each period).
+  On a re-sample the AdamW state of blocks that went inactive is dropped (`optimizer.state.pop`), so
+  optimizer memory stays at the active share; a block drawn again later starts with fresh moments, and
+  one drawn in two consecutive periods keeps its moments.
 - after each step every parameter is marked trainable again, so what the trainer saves between steps
   (checkpoints, the best weights, the final model, the weight digest) covers every tensor LISA trained.
 - the sample of period p = step // K is a pure function of (train seed, p): `--resume` is exact with
