@@ -65,6 +65,22 @@ def time_per_epoch(summary: dict) -> float:
     return train["train_time_s"] * steps_per_epoch / max(train["steps"], 1)
 
 
+def params_with_active_share(summary: dict) -> dict:
+    """The run's parameter counts, plus the mean share that really trained where a method reports one.
+
+    A method that trains a changing subset (LISA) leaves every parameter trainable over the run, so the
+    count taken at the start says 100%; its runtime reports `trainable_params_active`, the mean over steps
+    of the parameters that had gradients and optimizer state, and tables show that share instead.
+    """
+    params = dict(summary["params"])
+    reports = (summary.get("method_reports") or {}).values()
+    active = [r["trainable_params_active"] for r in reports if "trainable_params_active" in r]
+    if active:
+        params["trainable_active"] = min(active)
+        params["trainable_active_pct"] = 100.0 * min(active) / max(params["total"], 1)
+    return params
+
+
 def build_artefact(
     *,
     suite: str,
@@ -114,7 +130,7 @@ def build_artefact(
         "peak_memory_bytes": summary["memory"].get(
             "cuda_max_allocated_bytes", summary["memory"]["peak_rss_bytes"]
         ),
-        "params": summary["params"],
+        "params": params_with_active_share(summary),
         "model_size_bytes": dir_size(run_dir / "model"),  # the adapter / model folder, tokenizer included
         "weights_size_bytes": weights_size(run_dir / "model"),
         # test: the weights the run kept (leantune restores the best by validation); validation: its last

@@ -32,6 +32,8 @@ import statistics
 import time
 from functools import lru_cache
 
+from leantune.bench.artefact import params_with_active_share
+
 FP32, BF16 = "fp32", "bf16"
 
 
@@ -104,9 +106,15 @@ def embedding_params(model_name: str, task: str) -> int | None:
 
 
 def embeddings_trained(methods: list[dict]) -> bool:
-    """Whether a run trains the embedding tables: not under LoRA (peft freezes the base) nor `freeze`."""
+    """Whether a run trains the embedding tables: not under (split) LoRA (peft freezes the base) or `freeze`.
+
+    Only the methods that freeze them are named; any other trains them (as full fine-tuning and LISA do).
+    """
     for m in methods:
-        if m.get("name") == "lora" or (m.get("name") == "freeze" and m.get("embeddings", True)):
+        name = m.get("name")
+        if name in ("lora", "split_lora") or (name == "freeze" and m.get("embeddings", True)):
+            return False
+        if name == "lisa" and not m.get("train_embeddings", True):
             return False
     return True
 
@@ -120,7 +128,9 @@ def flops_report(summary: dict, peak: dict | None) -> dict:
     emb = embedding_params(cfg["model"]["name"], cfg["task"])
     n_total = params["total"] - (emb or 0)
     trained_emb = (emb or 0) if embeddings_trained(cfg["methods"]) else 0
-    n_trainable = max(params["trainable"] - trained_emb, 0)
+    # a method that trains a changing subset (LISA) computes weight gradients only for its active share
+    active = params_with_active_share(summary).get("trainable_active", params["trainable"])
+    n_trainable = max(active - trained_emb, 0)
     flops = training_flops(tokens, n_total, n_trainable)
     achieved = flops / max(train["train_time_s"], 1e-9)
     out = {

@@ -57,6 +57,11 @@ def _cell(values: list[float], fmt: str | None = None, suffix: str = "") -> str:
     return f"{format(med, fmt)}{suffix} ({lo}–{hi})"
 
 
+def _trainable_pct(a: dict) -> float:
+    """The mean active share for methods that train changing subsets (see `params_with_active_share`)."""
+    return a["params"].get("trainable_active_pct", a["params"]["trainable_pct"])
+
+
 def _test(key: str) -> Callable[[dict], float | None]:
     return lambda a: a["metrics"]["test"].get(key)
 
@@ -122,7 +127,7 @@ class Table:
                 [
                     i,
                     _method_label(self.first(i)),
-                    _cell(self.values(i, lambda a: a["params"]["trainable_pct"]), ".3f"),
+                    _cell(self.values(i, _trainable_pct), ".3f"),
                     _cell(self.values(i, lambda a: a["train_time_s"])),
                     self._ratio_cell(i, self.full, lambda a: a["train_time_s"]),
                     _cell(self.values(i, lambda a: a["samples_per_s"])),
@@ -169,6 +174,11 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
         "split; peak memory is the process RSS (CUDA: max allocated); % of fp32 peak counts "
         "(4·N_total + 2·N_trainable)·tokens model FLOPs, embeddings excluded.",
     ]
+    if any("trainable_active_pct" in x["params"] for x in artefacts):
+        lines.append(
+            "Trainable % of a method that trains a changing subset (LISA) is the mean share that had "
+            "gradients and optimizer state per step; over the run every parameter can change."
+        )
     return lines
 
 
