@@ -84,7 +84,7 @@ def draw_shots(records: list[dict], index: int, k: int, seed: int, by_subject: d
     return [records[j] for j in rng.sample(pool, min(k, len(pool)))]
 
 
-class _Encoder:
+class PromptEncoder:
     """Prompt -> ids as the tokenizer's model expects (its BOS, but no trailing EOS/SEP), + letter ids."""
 
     def __init__(self, tok) -> None:
@@ -126,10 +126,8 @@ def mmlu_accuracy(
     world: int = 1,
 ) -> dict:
     """Accuracy overall and per subject; each rank scores its share of the questions, all get the result."""
-    import torch
-
     check_records(records)
-    encode = _Encoder(tok)
+    encode = PromptEncoder(tok)
     by_subject: dict[str, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
         by_subject[rec["subject"]].append(i)
@@ -146,31 +144,51 @@ def mmlu_accuracy(
             ids = encode(format_prompt(records[i], examples))
         prompts.append((i, ids[-limit:] if limit else ids, len(examples)))
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    letters = torch.tensor(encode.letter_ids, device=device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j][1]))
-    picked: list[tuple[int, str, int]] = []
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = [prompts[j] for j in order[start : start + batch_size]]
-            width = max(len(ids) for _, ids, _ in chunk)
-            # left padding puts every prompt's last token in the last column; positions count real tokens
-            ids = torch.tensor([[pad] * (width - len(x)) + x for _, x, _ in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x, _ in chunk], device=device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-            scores = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, letters]
-            for (i, _, used), best in zip(chunk, scores.argmax(-1).tolist(), strict=True):
-                picked.append((i, LETTERS[best], used))
-    model.train(was_training)
+    scores = letter_logprobs(
+        model, [ids for _, ids, _ in prompts], encode.letter_ids, tok.pad_token_id, batch_size
+    )
+    picked = [
+        (i, LETTERS[max(range(4), key=row.__getitem__)], used)
+        for (i, _, used), row in zip(prompts, scores, strict=True)
+    ]
     if world > 1:
         from accelerate.utils import gather_object
 
         picked = gather_object(picked)
     return _summarise(records, picked, shots)
+
+
+def letter_logprobs(
+    model, prompts: list[list[int]], letter_ids: list[int], pad_id: int | None, batch_size: int = 8
+) -> list[list[float]]:
+    """log p(letter | prompt) for each prompt and letter, from one forward pass per batch."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    letters = torch.tensor(letter_ids, device=device)
+    pad = pad_id if pad_id is not None else 0
+    order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))  # similar lengths share a batch
+    out: list[list[float]] = [[] for _ in prompts]
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(prompts[j]) for j in idx)
+            # left padding puts every prompt's last token in the last column; positions count real tokens
+            ids = torch.tensor([[pad] * (width - len(prompts[j])) + prompts[j] for j in idx], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(prompts[j])) + [1] * len(prompts[j]) for j in idx], device=device
+            )
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits
+            scores = torch.log_softmax(logits[:, -1].float(), dim=-1)[:, letters]
+            for j, row in zip(idx, scores.tolist(), strict=True):
+                out[j] = row
+    model.train(was_training)
+    return out
 
 
 def _summarise(records: list[dict], picked: list[tuple[int, str, int]], shots: int) -> dict:
