@@ -55,7 +55,9 @@ def test_causal_generation_is_the_continuation_of_each_prompt_alone(tiny_models,
     batched = generate_texts(model, tok, prompts, "causal_lm", 32, 6, batch_size=3)
     for prompt, text in zip(prompts, batched, strict=True):
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        alone = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        alone = model.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         assert text == tok.decode(alone[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert any(batched), "a random model still emits some text"
 
