@@ -182,6 +182,8 @@ def test_eval_mmlu_on_a_base_model(fake_mmlu, tiny_models, tmp_path, capsys):
         (["eval", "--mmlu", "1"], "exactly one"),
         (["eval", "--model", "m"], "--model is for --mmlu"),
         (["eval", "--model", "m", "--mmlu", "-1"], "0 or more"),
+        (["eval", "--model", "m", "--mmlu", "0", "--data", "x.csv"], "drop --data"),
+        (["eval", "run", "--mmlu-questions", "5"], "need --mmlu K"),
         (["eval", "--model", "m", "--mmlu", "1", "--mmlu-subjects", "astronmy"], "did you mean 'astronomy'"),
     ],
 )

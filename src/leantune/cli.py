@@ -116,6 +116,10 @@ def dispatch(ns: argparse.Namespace) -> None:
     elif ns.command == "eval":
         from leantune.recipes.evaluate import run_eval, run_mmlu_eval
 
+        if ns.mmlu is not None and (ns.data or ns.generate):
+            raise UserError("--mmlu scores MMLU only; drop --data/--generate or run them separately")
+        if ns.mmlu is None and (ns.mmlu_questions or ns.mmlu_subjects):
+            raise UserError("--mmlu-questions/--mmlu-subjects need --mmlu K")
         if ns.mmlu is not None:
             run_mmlu_eval(ns.run_dir, ns.model, ns.mmlu, ns.mmlu_questions, ns.mmlu_subjects, ns.out)
         elif ns.model is not None or ns.run_dir is None:
