@@ -168,3 +168,35 @@ def test_bad_generation_settings_are_one_line_errors(capsys, tmp_path, overrides
     err = cli_err(capsys, "train", *overrides, f"output.dir={tmp_path / 'run'}")
     assert expected in err
     assert not (tmp_path / "run").exists()
+
+
+def test_causal_lm_run_scores_generations_of_its_prompts(tiny_models, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _copy_rows(40)))
+    cfg = load_config(
+        None,
+        [
+            "task=causal_lm",
+            f"model.name={tiny_models['llama']}",
+            f"data.source={data}",
+            "model.max_length=16",
+            "train.max_steps=2",
+            "train.num_threads=1",
+            "methods=[full]",
+            "eval.generate=true",
+            "eval.max_new_tokens=5",
+            "eval.max_generate_samples=3",
+            "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
+    summary = run_train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    test_rows = load_raw_splits(cfg.data).test[:3]
+    assert [x["source"] for x in lines] == [r["text"] for r in test_rows]
+    tok = load_tokenizer(str(tmp_path / "run" / "model"))
+    model = load_model(str(tmp_path / "run" / "model"), "causal_lm")
+    again = generate_texts(model, tok, [r["text"] for r in test_rows], "causal_lm", 16, 5)
+    assert [x["prediction"] for x in lines] == again  # the saved model's continuations, prompts cut off
+    rescored = text_metrics(again, [r["label"] for r in test_rows])
+    assert rescored == {k: summary["test"][k] for k in rescored}
