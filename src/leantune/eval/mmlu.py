@@ -145,7 +145,7 @@ def mmlu_accuracy(
         prompts.append((i, ids[-limit:] if limit else ids, len(examples)))
 
     scores = letter_logprobs(
-        model, [ids for _, ids, _ in prompts], encode.letter_ids, tok.pad_token_id, batch_size
+        model, [ids for _, ids, _ in prompts], encode.letter_ids, tok.pad_token_id, batch_size, rank == 0
     )
     picked = [
         (i, LETTERS[max(range(4), key=row.__getitem__)], used)
@@ -159,10 +159,16 @@ def mmlu_accuracy(
 
 
 def letter_logprobs(
-    model, prompts: list[list[int]], letter_ids: list[int], pad_id: int | None, batch_size: int = 8
+    model,
+    prompts: list[list[int]],
+    letter_ids: list[int],
+    pad_id: int | None,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> list[list[float]]:
     """log p(letter | prompt) for each prompt and letter, from one forward pass per batch."""
     import torch
+    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
@@ -171,6 +177,7 @@ def letter_logprobs(
     pad = pad_id if pad_id is not None else 0
     order = sorted(range(len(prompts)), key=lambda j: -len(prompts[j]))  # similar lengths share a batch
     out: list[list[float]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc="mmlu", unit="question", disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -187,6 +194,8 @@ def letter_logprobs(
             scores = torch.log_softmax(logits[:, -1].float(), dim=-1)[:, letters]
             for j, row in zip(idx, scores.tolist(), strict=True):
                 out[j] = row
+            bar.update(len(idx))
+    bar.close()
     model.train(was_training)
     return out
 
