@@ -38,8 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its checkpoint")
 
-    e = sub.add_parser("eval", help="evaluate a finished run on a dataset")
-    e.add_argument("run_dir", type=Path)
+    e = sub.add_parser("eval", help="evaluate a finished run on a dataset, or a run / base model on MMLU")
+    e.add_argument("run_dir", type=Path, nargs="?", help="a run folder (or give --model with --mmlu)")
+    e.add_argument("--model", help="with --mmlu: score this untrained model (e.g. embedded:smollm2) instead")
+    e.add_argument(
+        "--mmlu", type=int, metavar="K", help="MMLU K-shot accuracy (causal LMs) instead of --data"
+    )
+    e.add_argument("--mmlu-questions", type=_positive_int, metavar="N", help="a seeded subset of N questions")
+    e.add_argument("--mmlu-subjects", nargs="+", metavar="SUBJECT", help="only these MMLU subjects")
+    e.add_argument(
+        "--generate", action="store_true", help="seq2seq/causal LM: also score generations (BLEU, ROUGE...)"
+    )
     e.add_argument(
         "--data", help="builtin:<name>, a .csv/.tsv/.jsonl file, or hf:<name> (default: the run's)"
     )
@@ -105,9 +114,18 @@ def dispatch(ns: argparse.Namespace) -> None:
             raise UserError(f"'{bad[0]}' is not key=value; only the first argument may be a config file")
         run_train(load_config(path, overrides), resume=ns.resume)
     elif ns.command == "eval":
-        from leantune.recipes.evaluate import run_eval
+        from leantune.recipes.evaluate import run_eval, run_mmlu_eval
 
-        run_eval(ns.run_dir, ns.data, ns.split, ns.out)
+        if ns.mmlu is not None and (ns.data or ns.generate):
+            raise UserError("--mmlu scores MMLU only; drop --data/--generate or run them separately")
+        if ns.mmlu is None and (ns.mmlu_questions or ns.mmlu_subjects):
+            raise UserError("--mmlu-questions/--mmlu-subjects need --mmlu K")
+        if ns.mmlu is not None:
+            run_mmlu_eval(ns.run_dir, ns.model, ns.mmlu, ns.mmlu_questions, ns.mmlu_subjects, ns.out)
+        elif ns.model is not None or ns.run_dir is None:
+            raise UserError("give a run folder (leantune eval RUN_DIR); --model is for --mmlu K only")
+        else:
+            run_eval(ns.run_dir, ns.data, ns.split, ns.out, ns.generate)
     elif ns.command == "export":
         from leantune.recipes.export import run_export
 

@@ -28,6 +28,8 @@ from leantune.methods.registry import MethodConfig, method_config_class
 Task = Literal["classification", "causal_lm", "seq2seq"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
 LM_METRICS = ("loss", "perplexity")
+#: scored on generated text (eval/generation.py); need eval.generate=true
+GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 class Strict(BaseModel):
@@ -94,6 +96,22 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0)
     metric: str | None = Field(None, description="Selects the best checkpoint; default accuracy or loss.")
+    generate: bool = Field(
+        False,
+        description="seq2seq / causal LM with a response column: also generate on validation and test and "
+        "score BLEU, chrF, ROUGE-1/2/L, exact match (slow; test generations go to predictions.jsonl).",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
+    num_beams: int = Field(1, gt=0, description="1 = greedy decoding.")
+    max_generate_samples: int | None = Field(
+        None, gt=0, description="Generate for at most this many rows of each split (speed)."
+    )
+    mmlu_shots: int | None = Field(
+        None, ge=0, description="causal LM: after training, MMLU k-shot accuracy with k shots (e.g. 0 or 5)."
+    )
+    mmlu_questions: int | None = Field(
+        None, gt=0, description="MMLU: a seeded subset of this many questions (default: all 14,042)."
+    )
 
 
 class OutputConfig(Strict):
@@ -137,13 +155,19 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        known = CLASSIFICATION_METRICS if self.task == "classification" else LM_METRICS
+        known = CLASSIFICATION_METRICS if self.task == "classification" else LM_METRICS + GENERATION_METRICS
         if self.eval.metric is not None and self.eval.metric not in known:
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
             raise ValueError(f"eval.metric '{self.eval.metric}' is not a {self.task} metric; {fix}")
         if self.task != "causal_lm" and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
+        if self.eval.generate and (self.task == "classification" or self.data.label_column is None):
+            raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
+        if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
+            raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
+        if self.eval.mmlu_shots is not None and self.task != "causal_lm":
+            raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
         return self
 
     @property

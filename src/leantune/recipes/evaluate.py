@@ -1,8 +1,10 @@
-"""`leantune eval RUN_DIR --data SOURCE`: score a finished run on another dataset.
+"""`leantune eval RUN_DIR --data SOURCE`: score a finished run on another dataset; `--mmlu K`: MMLU.
 
 A file passed with --data is used whole; a built-in or `hf:` source gives its `--split` (test by default,
 carved with the run's split seed exactly as in training). Labels map through the run's label names, so a
 label the model was not trained on is an error with its line number, not a silent wrong answer.
+`--generate` (or the run's eval.generate) adds BLEU/ROUGE of generated text for seq2seq and causal-LM
+runs. `--mmlu K` scores a causal-LM run, or with `--model NAME` an untrained base model, on MMLU.
 """
 
 from __future__ import annotations
@@ -13,12 +15,21 @@ from leantune.errors import UserError
 from leantune.recipes.common import format_table, load_run_config, load_trained_model, setup_torch
 
 
-def run_eval(run_dir: Path, source: str | None, split: str = "test", out_json: Path | None = None) -> dict:
+def run_eval(
+    run_dir: Path,
+    source: str | None,
+    split: str = "test",
+    out_json: Path | None = None,
+    generate: bool = False,
+) -> dict:
     from leantune.data.tasks import encode, load_raw_splits
 
     cfg = load_run_config(run_dir)
     if out_json is not None and out_json.exists():
         raise UserError(f"{out_json} already exists; choose another --out")
+    generate = generate or cfg.eval.generate
+    if generate and (cfg.task == "classification" or cfg.data.label_column is None):
+        raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
     is_file = (
         source is not None
         and not source.startswith(("builtin:", "hf:"))
@@ -59,15 +70,86 @@ def run_eval(run_dir: Path, source: str | None, split: str = "test", out_json: P
         tok.pad_token_id,
         num_labels=len(cfg.data.label_names or []),
     )
+    predictions = None
+    if generate:
+        from leantune.eval.generation import generation_eval
+
+        ec = cfg.eval
+        generated, predictions = generation_eval(
+            model,
+            tok,
+            rows[: ec.max_generate_samples] if ec.max_generate_samples else rows,
+            data_cfg.text_column,
+            data_cfg.label_column,
+            cfg.task,
+            cfg.model.max_length,
+            ec.max_new_tokens,
+            ec.num_beams,
+            ec.batch_size,
+        )
+        metrics = {**metrics, **generated}
     result = {"run_dir": str(run_dir), "data": data_cfg.source, "split": split, "n": len(features), **metrics}
     if out_json is not None:
         from leantune.atomic import write_json_atomic
 
         out_json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_json, result)
+        if predictions is not None:
+            from leantune.eval.generation import write_predictions
+
+            write_predictions(out_json.with_suffix(".predictions.jsonl"), predictions)
     print(
         format_table(
             [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()], "leantune eval"
         )
     )
+    return result
+
+
+def run_mmlu_eval(
+    run_dir: Path | None,
+    model_name: str | None,
+    shots: int,
+    questions: int | None = None,
+    subjects: list[str] | None = None,
+    out_json: Path | None = None,
+    records: list[dict] | None = None,
+) -> dict:
+    """MMLU k-shot accuracy of a finished causal-LM run, or of the base model `model_name`."""
+    if (run_dir is None) == (model_name is None):
+        raise UserError("--mmlu scores either a run folder or --model NAME; give exactly one")
+    if shots < 0:
+        raise UserError(f"--mmlu takes the number of shots (0 or more), not {shots}")
+    if out_json is not None and out_json.exists():
+        raise UserError(f"{out_json} already exists; choose another --out")
+    from leantune.eval.mmlu import load_mmlu_records, mmlu_accuracy, select_questions
+
+    records = records if records is not None else load_mmlu_records()
+    seed, threads = 0, None
+    if run_dir is not None:
+        cfg = load_run_config(run_dir)
+        if cfg.task != "causal_lm":
+            raise UserError(f"MMLU scores a causal LM; {run_dir} is a {cfg.task} run")
+        seed, threads = cfg.train.seed, cfg.train.num_threads
+    select_questions(records, questions, subjects, seed)  # a wrong subject fails before the model loads
+    setup_torch(seed, threads)
+    from leantune.models.loader import load_model, load_tokenizer
+
+    if run_dir is not None:
+        tok, model = load_tokenizer(str(run_dir / "model")), load_trained_model(run_dir, cfg)
+    else:
+        tok = load_tokenizer(model_name)
+        model = load_model(model_name, "causal_lm", pad_token_id=tok.pad_token_id)
+    scores = mmlu_accuracy(model, tok, records, shots, questions, subjects, seed)
+    result = {"model": str(run_dir or model_name), "seed": seed, **scores}
+    if out_json is not None:
+        from leantune.atomic import write_json_atomic
+
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_json, result)
+    rows = [
+        (k, f"{result[k]:.4f}" if isinstance(result[k], float) else str(result[k]))
+        for k in ("model", "shots", "n", "accuracy", "chance", "questions_with_fewer_shots")
+    ]
+    print(format_table(rows, f"leantune eval: MMLU {shots}-shot"))
     return result

@@ -101,8 +101,11 @@ class Prepared:
     model: Any
     params: dict[str, float]
     specs: list[MethodSpec]
+    generation_rows: dict[str, list] | None = None  # raw validation/test rows when eval.generate is on
+    mmlu_records: list[dict] | None = None  # when eval.mmlu_shots is set
 
     def trainer(self):
+        from leantune.eval.generation import generation_evaluator
         from leantune.methods import MethodContext
         from leantune.train.loop import Trainer
 
@@ -122,6 +125,15 @@ class Prepared:
             len(self.cfg.data.label_names or []),
             self.out,
             runtimes,
+            extra_eval=generation_evaluator(
+                self.cfg,
+                self.tokenizer,
+                self.generation_rows["validation"],
+                self.accelerator.process_index,
+                self.accelerator.num_processes,
+            )
+            if self.generation_rows
+            else None,
         )
 
 
@@ -151,6 +163,7 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
+    gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
@@ -160,7 +173,23 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
         raise UserError(
             "the configured methods leave no trainable parameter; loosen `freeze` or add a method"
         )
-    return Prepared(cfg, out, acc, tok, data, model, params, [get_method(m.name) for m in cfg.methods])
+    specs = [get_method(m.name) for m in cfg.methods]
+    return Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu)
+
+
+def _final_eval_data(cfg: Config) -> tuple[dict[str, list] | None, list[dict] | None]:
+    """Rows for generation metrics and MMLU questions, loaded before anything is written."""
+    gen_rows = mmlu = None
+    if cfg.eval.generate:
+        from leantune.eval.generation import generation_rows
+
+        gen_rows = generation_rows(cfg)
+    if cfg.eval.mmlu_shots is not None:
+        from leantune.eval.mmlu import check_records, load_mmlu_records
+
+        mmlu = load_mmlu_records()
+        check_records(mmlu)
+    return gen_rows, mmlu
 
 
 def run_train(cfg: Config, resume: bool = False) -> dict:
@@ -196,6 +225,41 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
             acc.num_processes,
             trainer.num_labels,
         )
+    predictions = None
+    if prep.generation_rows and prep.generation_rows["test"]:
+        from leantune.eval.generation import generation_eval
+
+        ec = cfg.eval
+        generated, predictions = generation_eval(
+            trainer.module,
+            tok,
+            prep.generation_rows["test"],
+            cfg.data.text_column,
+            cfg.data.label_column,
+            cfg.task,
+            cfg.model.max_length,
+            ec.max_new_tokens,
+            ec.num_beams,
+            ec.batch_size,
+            acc.process_index,
+            acc.num_processes,
+        )
+        test.update(generated)
+    mmlu = None
+    if prep.mmlu_records is not None:
+        from leantune.eval.mmlu import mmlu_accuracy
+
+        mmlu = mmlu_accuracy(
+            trainer.module,
+            tok,
+            prep.mmlu_records,
+            cfg.eval.mmlu_shots,
+            cfg.eval.mmlu_questions,
+            seed=cfg.train.seed,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
+        mmlu.pop("predictions")
     digests = trainer.weights_digest()
     summary = {
         "run_dir": str(out),
@@ -219,6 +283,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         },
         "validation": state.last_eval,
         "test": test,
+        **({"mmlu": mmlu} if mmlu is not None else {}),
         "memory": peak_memory(),
         "world_size": acc.num_processes,
         "weights_sha256_per_rank": digests,
@@ -228,6 +293,10 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
     }
     if acc.is_main_process:
         _save_model(trainer.module, tok, out / "model")
+        if predictions is not None:
+            from leantune.eval.generation import write_predictions
+
+            write_predictions(out / "predictions.jsonl", predictions)
         summary["wall_time_s"] = time.perf_counter() - t_start
         write_json_atomic(out / "summary.json", summary)
         print(format_summary(summary))
@@ -291,9 +360,18 @@ def format_summary(s: dict) -> str:
                 "majority_accuracy",
                 "loss",
                 "perplexity",
+                "bleu",
+                "chrf",
+                "rouge1",
+                "rouge2",
+                "rougeL",
+                "exact_match",
             )
             if k in metrics
         ]
         rows += [(f"{split} {k}", f"{metrics[k]:.4f}") for k in shown]
+    if "mmlu" in s:
+        mmlu = s["mmlu"]
+        rows.append((f"MMLU {mmlu['shots']}-shot accuracy", f"{mmlu['accuracy']:.4f} (n={mmlu['n']})"))
     rows.append(("run folder", s["run_dir"]))
     return format_table(rows, "leantune summary")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +64,13 @@ class Trainer:
         num_labels: int,
         run_dir: Path,
         runtimes: list[MethodRuntime] | None = None,
+        extra_eval: Callable[[torch.nn.Module], dict] | None = None,
     ) -> None:
         self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
         self.train_data, self.val_data = train_data, val_data
         self.pad_id, self.num_labels = pad_id, num_labels
         self.runtimes = runtimes or []
+        self.extra_eval = extra_eval  # more validation metrics (e.g. BLEU of generations), merged in
         # The last method that brings its own step wins (a list like [freeze, mezo] means "mezo's step").
         self.step_fn = next((rt.step for rt in reversed(self.runtimes) if rt.step is not None), backprop_step)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
@@ -159,6 +162,8 @@ class Trainer:
             self.world,
             self.num_labels,
         )
+        if self.extra_eval is not None:
+            metrics = {**metrics, **self.extra_eval(self.module)}
         st = self.state
         st.eval_time_s += time.perf_counter() - t0
         st.last_eval = {"step": st.step, **metrics}
