@@ -106,7 +106,7 @@ def embedding_params(model_name: str, task: str) -> int | None:
 def embeddings_trained(methods: list[dict]) -> bool:
     """Whether a run trains the embedding tables: not under LoRA (peft freezes the base) nor `freeze`."""
     for m in methods:
-        if m.get("name") == "lora" or (m.get("name") == "freeze" and m.get("embeddings", True)):
+        if m.get("name") in ("lora", "lora_sp") or (m.get("name") == "freeze" and m.get("embeddings", True)):
             return False
     return True
 
