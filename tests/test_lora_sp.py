@@ -155,9 +155,9 @@ def test_saved_adapter_is_plain_lora_that_peft_loads(sp_run):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from leantune.methods.lora_sp import mask_index
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.recipes.common import load_run_config, load_trained_model
+    from leantune.train.checkpoint import load_trainable_state
 
     run_dir, _ = sp_run
     folder = run_dir / "model"
@@ -167,25 +167,30 @@ def test_saved_adapter_is_plain_lora_that_peft_loads(sp_run):
     assert sidecar["mask_seed"] == 0 and sidecar["density"] == 0.5
     lora_keys = [k for k in saved if "lora_" in k]
     assert sorted(lora_keys) == sorted(sidecar["entries"]) and len(lora_keys) == 38
-    for key in lora_keys:  # the sidecar reproduces the mask: every entry outside it is init (B: zero)
-        frozen = torch.ones(saved[key].numel(), dtype=torch.bool)
-        frozen[mask_index(0, key, saved[key].numel(), 0.5)] = False
-        if "lora_B" in key:
-            assert not saved[key].reshape(-1)[frozen].any() and saved[key].reshape(-1)[~frozen].any(), key
-
     cfg = load_run_config(run_dir)
     tok = load_tokenizer(str(folder))
-    adapter = PeftModel.from_pretrained(
-        load_model(cfg.model.name, cfg.task, "float32", cfg.data.label_names), str(folder)
-    )
-    # the trained model itself: rebuild the run, load the best weights it restored before saving
+    # the trained model itself: the run rebuilt (same seed, so the same init) with the best weights it
+    # restored before saving
     prep = prepare(
         cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run_dir / "x")})})
     )
-    from leantune.train.checkpoint import load_trainable_state
+    init = {
+        m.parametrizations.weight[0].key: m.weight.detach().clone()
+        for m in sparse_layers(prep.model).values()
+    }
+    for key in lora_keys:  # the sidecar's seed reproduces the mask: outside it A is its init, B is zero
+        frozen = torch.ones(saved[key].numel(), dtype=torch.bool)
+        frozen[mask_index(sidecar["mask_seed"], key, saved[key].numel(), sidecar["density"])] = False
+        assert torch.equal(saved[key].reshape(-1)[frozen], init[key].reshape(-1)[frozen]), key
+        assert not torch.equal(saved[key].reshape(-1)[~frozen], init[key].reshape(-1)[~frozen]), key
+        if "lora_B" in key:
+            assert not saved[key].reshape(-1)[frozen].any(), key
 
     load_trainable_state(prep.model, load_file(str(run_dir / "best.safetensors")))
     want = _logits(prep.model, tok)
+    adapter = PeftModel.from_pretrained(
+        load_model(cfg.model.name, cfg.task, "float32", cfg.data.label_names), str(folder)
+    )
     assert (_logits(adapter, tok) - want).abs().max().item() <= 1e-5
     assert (_logits(load_trained_model(run_dir, cfg), tok) - want).abs().max().item() <= 1e-5
     untrained = load_model(cfg.model.name, cfg.task, "float32", cfg.data.label_names)
