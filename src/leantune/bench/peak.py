@@ -112,7 +112,7 @@ def embeddings_trained(methods: list[dict]) -> bool:
     """
     for m in methods:
         name = m.get("name")
-        if name in ("lora", "split_lora") or (name == "freeze" and m.get("embeddings", True)):
+        if name in ("lora", "lora_sp", "split_lora") or (name == "freeze" and m.get("embeddings", True)):
             return False
         if name == "lisa" and not m.get("train_embeddings", True):
             return False

@@ -25,8 +25,8 @@ MiB = 2**20
 def _method_label(a: dict) -> str:
     parts = []
     for m in a["config"]["methods"]:
-        if m["name"] == "lora":
-            parts.append(f"lora r{m.get('r')}")
+        if m["name"] in ("lora", "lora_sp"):
+            parts.append(f"{m['name']} r{m.get('r')}")
         elif m["name"] == "freeze" and m.get("layers") is not None:
             parts.append(f"freeze {m['layers']}")
         else:
