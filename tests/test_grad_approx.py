@@ -90,7 +90,7 @@ def test_approximator_converges_to_the_true_gradient_on_a_fixed_batch(base_overr
     rt = GradApproxRuntime(prep.model, cfg.methods[0], MethodContext("classification", 0))
     batch = collate(prep.data["train"][:16], prep.tokenizer.pad_token_id)
     first, last = None, None
-    for _ in range(120):
+    for _ in range(100):
         rt._micro_cos = []
         rt._calibration_step(prep.model, batch, _PlainBackward(), 1.0)
         prep.model.zero_grad(set_to_none=True)
