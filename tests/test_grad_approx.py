@@ -194,3 +194,18 @@ def test_bad_settings_are_one_line_errors(capsys, base_overrides):
         capsys, "train", *base_overrides, "methods=[{name: grad_approx, calib_start: 0.1, calib_end: 0.5}]"
     )
     assert "calib_end" in err
+
+
+def test_calibration_schedule_follows_the_decaying_fraction():
+    from leantune.methods.grad_approx import calibration_fraction
+
+    cfg = load_config(
+        None, ["methods=[{name: grad_approx, calib_start: 0.5, calib_end: 0.1, calib_decay_steps: 40}]"]
+    )
+    ga = cfg.methods[0]
+    flags = [is_calibration_step(ga, s) for s in range(200)]
+    assert flags[0]
+    for n in (10, 40, 77, 200):
+        expected = sum(calibration_fraction(ga, s) for s in range(n))
+        assert abs(sum(flags[:n]) - expected) < 1.0  # the count tracks sum(p) to within one step
+    assert sum(flags[:40]) == 13 and sum(flags[40:]) == 16  # ceil(12.2), then 0.1 of the 160 steps

@@ -71,11 +71,22 @@ def calibration_fraction(cfg: GradApproxConfig, step: int) -> float:
     return cfg.calib_start + (cfg.calib_end - cfg.calib_start) * frac
 
 
+def _cumulative_fraction(cfg: GradApproxConfig, n: int) -> float:
+    """sum of p(i) for i < n, in closed form (O(1) per step however long the run)."""
+    if cfg.mode == "exact":
+        return float(n)
+    m = min(n, cfg.calib_decay_steps)
+    decaying = m * cfg.calib_start + (cfg.calib_end - cfg.calib_start) * m * (m - 1) / (
+        2 * max(cfg.calib_decay_steps, 1)
+    )
+    return decaying + (n - m) * cfg.calib_end
+
+
 def is_calibration_step(cfg: GradApproxConfig, step: int) -> bool:
-    """Deterministic in the step (no RNG, so --resume needs nothing): spread ceil(sum p) evenly; step 0
-    always calibrates."""
-    total = sum(calibration_fraction(cfg, i) for i in range(step))
-    return math.ceil(total + calibration_fraction(cfg, step) - 1e-9) > math.ceil(total - 1e-9)
+    """Deterministic in the step (no RNG, so --resume needs nothing): ceil(sum p) grows by one on exactly
+    the calibration steps, which spreads them evenly; step 0 always calibrates."""
+    before, after = _cumulative_fraction(cfg, step), _cumulative_fraction(cfg, step + 1)
+    return math.ceil(after - 1e-9) > math.ceil(before - 1e-9)
 
 
 def _find_head(model):
