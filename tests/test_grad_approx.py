@@ -131,15 +131,26 @@ def test_exact_mode_is_plain_lora_on_the_upper_blocks(base_overrides, tmp_path):
 
 @pytest.mark.skipif(
     "cache_frozen_prefix" not in type(Config().train).model_fields,
-    reason="TODO: train.cache_frozen_prefix lands with branch prefix-cache; then exact mode with the cache "
-    "on must give the same losses as without it (within 1e-5)",
+    reason="train.cache_frozen_prefix lands with branch prefix-cache; this test runs once it is merged",
 )
-def test_exact_mode_with_the_frozen_prefix_cache_gives_the_same_losses(base_overrides, tmp_path):
-    common = [*base_overrides, "train.epochs=2", "train.log_every=1", "model.max_length=16"]
-    method = "methods=[{name: grad_approx, mode: exact, split_layer: 1}]"
-    _run(common, method)
-    _run([*common, f"output.dir={tmp_path / 'cached'}", "train.cache_frozen_prefix=true"], method)
-    a, b = _losses(tmp_path / "run"), _losses(tmp_path / "cached")
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_frozen_prefix_cache_serves_the_encoder_without_changing_the_losses(
+    base_overrides, tmp_path, monkeypatch, mode
+):
+    """The encoder (blocks below the split) is a frozen prefix: the cache serves it from epoch 2 on, and
+    the losses equal those of the same run computing the (eval-mode) prefix every time."""
+    from leantune.train import prefix_cache
+
+    method = f"methods=[{{name: grad_approx, mode: {mode}, split_layer: 2, guard_cosine: -1.0}}]"
+    common = [*base_overrides, method, "train.log_every=1", "train.cache_frozen_prefix=true"]
+    cached = _run(common)
+    assert cached["train"]["prefix_cache"]["frozen_blocks"] == 2
+    assert cached["train"]["prefix_cache"]["micro_batches_from_cache"] > 0
+    monkeypatch.setattr(prefix_cache, "SERVE_FROM_CACHE", False)
+    computed = _run([*common, f"output.dir={tmp_path / 'computed'}"])
+    assert computed["train"]["prefix_cache"]["micro_batches_from_cache"] == 0
+    a, b = _losses(tmp_path / "run"), _losses(tmp_path / "computed")
+    assert len(a) == len(b) == cached["train"]["steps"]
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
 
 
