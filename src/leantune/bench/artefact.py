@@ -145,6 +145,7 @@ def build_artefact(
             },
         },
         "baseline": summary.get("baseline"),
+        "method_reports": summary.get("method_reports") or {},  # e.g. grad_approx's cosines and step times
         "matmul_peak": peak,
         "flops": flops,
     }
