@@ -176,7 +176,35 @@ def markdown(table: Table, suite: str, context: list[str]) -> str:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _epoch_times(table)) + "\n"
+
+
+def _epoch_times(table: Table) -> list[str]:
+    """Training seconds per epoch (runs of more than one epoch), e.g. to show what a cache saves later."""
+    ids = [i for i in table.ids if len(table.first(i).get("epoch_train_time_s") or []) > 1]
+    if not ids:
+        return []
+    epochs = max(len(table.first(i)["epoch_train_time_s"]) for i in ids)
+    out = [
+        "",
+        "Training time per epoch (s); the last column: speed-up over the first run in each later epoch.",
+        "",
+        "| run | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | speed-up vs " + ids[0] + " |",
+        "|" + "---|" * (epochs + 2),
+    ]
+    for i in ids:
+        cells = [_cell(table.values(i, lambda a, e=e: _epoch(a, e))) for e in range(epochs)]
+        later = [
+            _cell(table.ratios(ids[0], i, lambda a, e=e: _epoch(a, e) or 0.0)[0], ".2f", "x")
+            for e in range(1, epochs)
+        ]
+        out.append(f"| {i} | " + " | ".join(cells) + " | " + ", ".join(later) + " |")
+    return out
+
+
+def _epoch(artefact: dict, epoch: int) -> float | None:
+    times = artefact.get("epoch_train_time_s") or []
+    return times[epoch] if epoch < len(times) else None
 
 
 # -- plots -----------------------------------------------------------------------------------------
