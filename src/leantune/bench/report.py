@@ -187,18 +187,20 @@ def _epoch_times(table: Table) -> list[str]:
     epochs = max(len(table.first(i)["epoch_train_time_s"]) for i in ids)
     out = [
         "",
-        "Training time per epoch (s); the last column: speed-up over the first run in each later epoch.",
+        "Training time per epoch (s); last column: the first epoch's time over the mean of the later ones "
+        "(without a cache it shows how much the machine's load drifted).",
         "",
-        "| run | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | speed-up vs " + ids[0] + " |",
+        "| run | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | epoch 1 / later |",
         "|" + "---|" * (epochs + 2),
     ]
     for i in ids:
         cells = [_cell(table.values(i, lambda a, e=e: _epoch(a, e))) for e in range(epochs)]
-        later = [
-            _cell(table.ratios(ids[0], i, lambda a, e=e: _epoch(a, e) or 0.0)[0], ".2f", "x")
-            for e in range(1, epochs)
+        ratio = [
+            t[0] / (sum(t[1:]) / len(t[1:]))
+            for a in table.by_id[i].values()
+            if len(t := a["epoch_train_time_s"]) > 1
         ]
-        out.append(f"| {i} | " + " | ".join(cells) + " | " + ", ".join(later) + " |")
+        out.append(f"| {i} | " + " | ".join(cells) + " | " + _cell(ratio, ".2f", "x") + " |")
     return out
 
 
