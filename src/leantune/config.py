@@ -91,6 +91,11 @@ class TrainConfig(Strict):
     save_every: int | None = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without improvement.")
+    cache_frozen_prefix: bool = Field(
+        False,
+        description="Keep the hidden states after the frozen embeddings + lowest blocks in RAM after an "
+        "example's first pass and skip that prefix later; dropout in it is off (train/prefix_cache.py).",
+    )
 
 
 class EvalConfig(Strict):
@@ -160,6 +165,11 @@ class Config(Strict):
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
             raise ValueError(f"eval.metric '{self.eval.metric}' is not a {self.task} metric; {fix}")
+        if self.task == "seq2seq" and self.train.cache_frozen_prefix:
+            raise ValueError(
+                "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "
+                "set it false"
+            )
         if self.task != "causal_lm" and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
         if self.eval.generate and (self.task == "classification" or self.data.label_column is None):

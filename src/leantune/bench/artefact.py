@@ -122,6 +122,8 @@ def build_artefact(
         "train_time_s": train["train_time_s"],
         "eval_time_s": train.get("eval_time_s"),
         "time_per_epoch_s": time_per_epoch(summary),
+        "epoch_train_time_s": train.get("epoch_train_time_s"),  # measured, per epoch (leantune runs)
+        "prefix_cache": train.get("prefix_cache"),
         "steps": train["steps"],
         "epochs_completed": train["epochs_completed"],
         "samples_per_s": train["samples_per_s"],

@@ -193,7 +193,37 @@ def markdown(table: Table, suite: str, context: list[str]) -> str:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _epoch_times(table)) + "\n"
+
+
+def _epoch_times(table: Table) -> list[str]:
+    """Training seconds per epoch (runs of more than one epoch), e.g. to show what a cache saves later."""
+    ids = [i for i in table.ids if len(table.first(i).get("epoch_train_time_s") or []) > 1]
+    if not ids:
+        return []
+    epochs = max(len(table.first(i)["epoch_train_time_s"]) for i in ids)
+    out = [
+        "",
+        "Training time per epoch (s); last column: the first epoch's time over the mean of the later ones "
+        "(without a cache it shows how much the machine's load drifted).",
+        "",
+        "| run | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | epoch 1 / later |",
+        "|" + "---|" * (epochs + 2),
+    ]
+    for i in ids:
+        cells = [_cell(table.values(i, lambda a, e=e: _epoch(a, e))) for e in range(epochs)]
+        ratio = [
+            t[0] / (sum(t[1:]) / len(t[1:]))
+            for a in table.by_id[i].values()
+            if len(t := a["epoch_train_time_s"]) > 1
+        ]
+        out.append(f"| {i} | " + " | ".join(cells) + " | " + _cell(ratio, ".2f", "x") + " |")
+    return out
+
+
+def _epoch(artefact: dict, epoch: int) -> float | None:
+    times = artefact.get("epoch_train_time_s") or []
+    return times[epoch] if epoch < len(times) else None
 
 
 # -- plots -----------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from leantune.train import checkpoint as ckpt
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
 from leantune.train.optim import build_optimizer, linear_schedule
+from leantune.train.prefix_cache import PrefixCache
 from leantune.train.step import backprop_step
 
 
@@ -44,6 +45,7 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     train_time_s: float = 0.0
+    epoch_train_time_s: list[float] = field(default_factory=list)  # training seconds of each epoch
     eval_time_s: float = 0.0
     samples: int = 0
     tokens: int = 0
@@ -87,6 +89,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.scheduler = linear_schedule(raw_opt, round(tc.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
+        verbose = accelerator.is_main_process
+        self.prefix_cache = PrefixCache(self.module, verbose) if tc.cache_frozen_prefix else None
         self.log = RunLogger(run_dir, accelerator.is_main_process, cfg.output.tensorboard)
         self._running = torch.zeros((), device=accelerator.device)  # no host sync per step
         self._running_n = 0
@@ -190,7 +194,10 @@ class Trainer:
             st.tokens += int(batch["attention_mask"].sum()) * self.world
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             sync = j == len(group) - 1  # DDP all-reduces on the last micro-batch only
-            with nullcontext() if sync else self.acc.no_sync(self.model):
+            cached = nullcontext()
+            if self.prefix_cache:  # training micro-batches only: evaluation always runs the whole model
+                cached = self.prefix_cache.micro_batch(idx, batch["attention_mask"])
+            with nullcontext() if sync else self.acc.no_sync(self.model), cached:
                 self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
             self._running_n += 1
         grad_norm = None
@@ -229,7 +236,10 @@ class Trainer:
                 rt.on_step_end(self)
             st.step += 1
             st.group += 1
-            st.train_time_s += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            st.train_time_s += spent
+            st.epoch_train_time_s += [0.0] * (st.epoch + 1 - len(st.epoch_train_time_s))
+            st.epoch_train_time_s[st.epoch] += spent
             bar.update(1)
             if st.step % tc.log_every == 0 or st.step == self.total_steps:
                 loss = float(self.acc.reduce(self._running, reduction="mean")) / max(self._running_n, 1)
