@@ -144,11 +144,7 @@ def quantizable_layers(model, skip: tuple[str, ...]) -> list[str]:
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    return [
-        n
-        for n, m in model.named_modules()
-        if type(m) in (nn.Linear, Conv1D) and not _skipped(n, skip)
-    ]
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and not _skipped(n, skip)]
 
 
 def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
@@ -157,7 +153,7 @@ def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
     if hasattr(model, "peft_config") or "lora" in names[:here]:
         raise UserError("quant must come before the adapter it carries: write methods: [quant, lora]")
     if "full" in names[here + 1 :]:
-        raise UserError("quant freezes the base as 4/8-bit codes, which `full` cannot train: drop one of them")
+        raise UserError("quant freezes the base as 4/8-bit codes, which `full` cannot train: drop one")
     if names and here == len(names) - 1:
         raise UserError(
             "quant only freezes the base; put an adapter after it to train, e.g. methods: [quant, lora]"

@@ -39,9 +39,8 @@ NF4_CODEBOOK = (
     0.7229568362236023,
     1.0,
 )
-FP4_CODEBOOK = tuple(
-    v / 12.0 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-)
+_FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+FP4_CODEBOOK = tuple(v / 12.0 for v in _FP4)
 CODEBOOKS = {"nf4": NF4_CODEBOOK, "fp4": FP4_CODEBOOK}
 
 
@@ -138,5 +137,5 @@ class BlockwiseQuantLinear(nn.Linear):
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:
-        kind = f"{self.quant_type}" if self.bits == 4 else "int8"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, blocksize={self.blocksize}"
+        kind = self.quant_type if self.bits == 4 else "int8"
+        return f"in={self.in_features}, out={self.out_features}, {kind}, blocksize={self.blocksize}"
