@@ -147,3 +147,53 @@ def test_heads_pooler_and_embeddings_stay_full_precision(tiny_models):
     names = [n for n, m in model.named_modules() if hasattr(m, "leantune_source_dtype")]
     assert not any(s in n for n in names for s in ("classifier", "pooler", "embeddings", "output"))
     assert len(names) == 3 * 4  # query, key, value, intermediate.dense of 3 blocks; both `output`s skipped
+
+
+def test_qlora_run_reports_bytes_and_its_adapter_loads_and_merges_onto_the_unquantised_base(
+    base_overrides, tiny_models, tmp_path
+):
+    from leantune.recipes.common import load_run_config, load_trained_model
+    from leantune.recipes.train import run_train
+
+    methods = "methods=[{name: quant, backend: bitsandbytes}, {name: lora, dropout: 0.0}]"
+    overrides = [*base_overrides, methods, "train.max_steps=6", "train.eval_every=2", "train.log_every=1"]
+    summary = run_train(load_config(None, overrides))  # train -> eval -> train through the real trainer
+    unquantized = count_params(_model(tiny_models, "bert", "[{name: lora, dropout: 0.0}]"))
+    assert summary["params"]["total"] == unquantized["total"]
+    report = summary["method_reports"]["quant"]
+    assert report["quantized_layers"] == 18 and report["backend"] == "bitsandbytes"
+    assert report["weight_bytes_unquantized"] == 4 * report["quantized_weights"]
+    assert 0 < report["weight_bytes_quantized"] < report["weight_bytes_unquantized"] / 2
+    before, after = report["weight_bytes_unquantized"], report["weight_bytes_quantized"]
+    assert report["weight_bytes_saved"] == before - after
+
+    out = tmp_path / "run"
+    loaded = load_trained_model(out, load_run_config(out))
+    assert not quantized_layers(loaded)
+    assert all(type(m).__name__ != "Params4bit" for m in loaded.parameters())
+    saved = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert saved["r"] == 8
+    lora_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)
+    batch = _batch("bert")
+    loaded.eval()
+    with torch.no_grad():
+        unmerged = loaded(**batch).logits
+        merged = loaded.merge_and_unload()(**batch).logits
+    assert torch.allclose(unmerged, merged, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "methods,expected",
+    [
+        ("[lora, quant]", "must come before"),
+        ("[quant]", "put an adapter after it"),
+        ("[quant, full]", "cannot train"),
+        ("[{name: quant, bits: 8, quant_type: fp4}, lora]", "quant_type applies to bits: 4"),
+        ("[{name: quant, blocksize: 48}, lora]", "blocksize"),
+    ],
+)
+def test_bad_quant_configs_are_one_line_user_errors(capsys, base_overrides, tmp_path, methods, expected):
+    line = cli_err(capsys, "train", *base_overrides, f"methods={methods}")
+    assert expected in line
+    assert not (tmp_path / "run").exists()
