@@ -197,3 +197,18 @@ def test_bad_quant_configs_are_one_line_user_errors(capsys, base_overrides, tmp_
     line = cli_err(capsys, "train", *base_overrides, f"methods={methods}")
     assert expected in line
     assert not (tmp_path / "run").exists()
+
+
+def test_qlora_resumes_exactly(base_overrides, tmp_path):
+    """Only the adapter is checkpointed: the base is quantised again, identically, on --resume."""
+    from leantune.recipes.train import run_train
+
+    overrides = [*base_overrides, "methods=[quant, lora]", "train.max_steps=8", "train.save_every=4"]
+    whole = run_train(load_config(None, overrides))
+    root = tmp_path / "run" / "checkpoints"
+    (root / "latest").write_text("step-00000004")  # as if the run had been killed after step 4
+    (tmp_path / "run" / "summary.json").unlink()
+    resumed = run_train(load_config(None, overrides), resume=True)
+    assert resumed["train"]["resumed"]
+    assert resumed["weights_sha256_per_rank"] == whole["weights_sha256_per_rank"]
+    assert resumed["test"] == whole["test"]

@@ -150,7 +150,7 @@ def quantizable_layers(model, skip: tuple[str, ...]) -> list[str]:
 def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
     names = list(ctx.methods)
     here = names.index("quant") if "quant" in names else 0
-    if hasattr(model, "peft_config") or "lora" in names[:here]:
+    if hasattr(model, "peft_config") or any(n.startswith("lora") for n in names[:here]):
         raise UserError("quant must come before the adapter it carries: write methods: [quant, lora]")
     if "full" in names[here + 1 :]:
         raise UserError("quant freezes the base as 4/8-bit codes, which `full` cannot train: drop one")
