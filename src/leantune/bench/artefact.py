@@ -115,6 +115,7 @@ def build_artefact(
             "cuda_max_allocated_bytes", summary["memory"]["peak_rss_bytes"]
         ),
         "params": summary["params"],
+        "method_reports": summary.get("method_reports") or {},  # e.g. quant's weight bytes saved
         "model_size_bytes": dir_size(run_dir / "model"),  # the adapter / model folder, tokenizer included
         "weights_size_bytes": weights_size(run_dir / "model"),
         # test: the weights the run kept (leantune restores the best by validation); validation: its last
