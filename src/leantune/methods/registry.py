@@ -39,6 +39,7 @@ class MethodContext:
 
     task: str
     seed: int
+    methods: tuple[str, ...] = ()  # every configured method's name, in order (for order checks)
 
 
 class MethodRuntime:

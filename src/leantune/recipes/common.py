@@ -51,8 +51,11 @@ def machine() -> dict:
 
 
 def count_params(model) -> dict[str, float]:
+    """In logical weights: a packed 4-bit parameter counts the weights it holds, not its bytes."""
+    from leantune.models.quantized import logical_numel
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
 
 

@@ -1,0 +1,230 @@
+"""Quantised frozen base (QLoRA's half): 8-bit or 4-bit (NF4/FP4) linear layers, replaced in place.
+
+Why a method that only replaces layers: the adapter on top stays whatever the next method in the list
+is (`methods: [quant, lora]` is QLoRA), so quantisation composes instead of being a LoRA option.
+bitsandbytes does the work where it is installed (it has a CPU backend: LLM.int8 8-bit, NF4/FP4
+4-bit, forward and backward, and peft wraps its layers); otherwise, or with `backend: torch`, our
+pure-PyTorch block-wise layers (`leantune.models.quantized`) do the same job.
+
+Never quantised: the task head (classifier/score/classification_head), the pooler and the LM head,
+which stay trainable or tied to the embeddings; embeddings are not linear layers. The report gives
+the weight bytes of the replaced layers before and after, so the memory saved is measured, not assumed.
+The quantised base cannot be merged with an adapter or saved as a model: the saved adapter loads onto
+the *unquantised* base (`PeftModel.from_pretrained`), and merging needs that full-precision base.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from leantune.errors import UserError
+from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
+
+NEVER_QUANTIZED = ("classifier", "score", "classification_head", "pooler", "lm_head")
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Harmless on every call or import here: 8-bit casts inputs to fp16 internally, and the optional
+# `kernels` hub package (which we must not install offline) only speeds up 4-bit inference on CPU.
+_NOISE = ("inputs will be cast", "kernels-community", "pip install kernels")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(s in record.getMessage() for s in _NOISE)
+
+
+for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+    logging.getLogger(_name).addFilter(_DropNoise())
+
+
+class QuantConfig(MethodConfig):
+    name: Literal["quant"] = "quant"
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit code: NF4 (QLoRA) or FP4.")
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="Weights per absmax scale (4-bit, and 8-bit with backend torch)."
+    )
+    double_quant: bool = Field(True, description="bitsandbytes 4-bit: also quantise the block scales.")
+    backend: Literal["auto", "bitsandbytes", "torch"] = Field(
+        "auto", description="auto = bitsandbytes when installed, else pure PyTorch."
+    )
+    skip_modules: list[str] = Field(
+        default_factory=list,
+        description="More layer names (suffix match) to keep in full precision; heads are always kept.",
+    )
+
+    @model_validator(mode="after")
+    def _bits_and_type(self) -> QuantConfig:
+        if self.bits == 8 and "quant_type" in self.model_fields_set:
+            raise ValueError("quant_type applies to bits: 4 only; drop it or set bits: 4")
+        return self
+
+
+def resolve_backend(cfg: QuantConfig) -> str:
+    import importlib.util
+
+    installed = importlib.util.find_spec("bitsandbytes") is not None
+    if cfg.backend == "bitsandbytes" and not installed:
+        raise UserError(
+            "quant: backend bitsandbytes is not installed; `pip install 'leantune[quant]'` "
+            "or set methods.N.backend=torch"
+        )
+    if cfg.backend == "auto":
+        return "bitsandbytes" if installed else "torch"
+    return cfg.backend
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    return any(s in parts or name == s or name.endswith("." + s) for s in skip)
+
+
+def _as_linear(module) -> Any:
+    """GPT-2's Conv1D is a linear layer with a transposed weight: turn it into an nn.Linear first."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], device=module.weight.device)
+        linear.weight = nn.Parameter(module.weight.detach().t().contiguous())
+        linear.bias = module.bias
+        return linear
+    return module
+
+
+def _bnb_layer(linear, cfg: QuantConfig):
+    import bitsandbytes as bnb
+    from torch import nn
+
+    device = linear.weight.device
+    weight = linear.weight.detach()
+    if cfg.bits == 8:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,  # LLM.int8's outlier threshold, as transformers' `load_in_8bit` uses
+        )
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=weight.dtype,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight,
+            requires_grad=False,
+            blocksize=cfg.blocksize,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+            module=layer,
+        )
+        # On CPUs with AVX512-BF16, an eval pass repacks the weight into an inference-only layout and
+        # the next training forward fails (bitsandbytes 0.50); the plain layout works for both.
+        layer.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return layer.to(device if device.type != "meta" else "cpu")  # `.to` is where bitsandbytes quantises
+
+
+def _torch_layer(linear, cfg: QuantConfig):
+    from leantune.models.quantized import BlockwiseQuantLinear
+
+    return BlockwiseQuantLinear(linear, cfg.bits, cfg.quant_type, cfg.blocksize)
+
+
+def quantizable_layers(model, skip: tuple[str, ...]) -> list[str]:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and not _skipped(n, skip)]
+
+
+def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
+    names = list(ctx.methods)
+    here = names.index("quant") if "quant" in names else 0
+    if hasattr(model, "peft_config") or any(n.startswith("lora") for n in names[:here]):
+        raise UserError("quant must come before the adapter it carries: write methods: [quant, lora]")
+    if "full" in names[here + 1 :]:
+        raise UserError("quant freezes the base as 4/8-bit codes, which `full` cannot train: drop one")
+    if names and here == len(names) - 1:
+        raise UserError(
+            "quant only freezes the base; put an adapter after it to train, e.g. methods: [quant, lora]"
+        )
+
+
+def apply(model, cfg: QuantConfig, ctx: MethodContext):
+    check_order(cfg, ctx, model)
+    backend = resolve_backend(cfg)
+    skip = NEVER_QUANTIZED + tuple(cfg.skip_modules)
+    names = quantizable_layers(model, skip)
+    if not names:
+        raise UserError(
+            f"quant: no linear layer left to quantise after skipping {', '.join(skip)}; "
+            "shorten methods.N.skip_modules"
+        )
+    build = _bnb_layer if backend == "bitsandbytes" else _torch_layer
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, child)
+        source_dtype = original.weight.dtype
+        layer = build(_as_linear(original), cfg)
+        layer.leantune_source_dtype = source_dtype
+        setattr(parent, child, layer)
+    if backend == "bitsandbytes":
+        # peft wraps bitsandbytes layers with its own LoRA layers only on models flagged like this.
+        setattr(model, f"is_loaded_in_{cfg.bits}bit", True)
+    return model
+
+
+def quantized_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "leantune_source_dtype")]
+
+
+def layer_bytes(layer) -> int:
+    """Bytes of a quantised layer's weight: codes plus every scale and codebook it needs."""
+    import torch
+
+    weight = layer.weight
+    total = weight.numel() * weight.element_size()
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit
+        total += sum(v.numel() * v.element_size() for v in quant_state.as_dict(packed=True).values())
+    elif hasattr(layer, "absmax"):  # ours
+        total += layer.absmax.numel() * 4 + (layer.codebook.numel() * 4 if layer.codebook is not None else 0)
+    else:  # bitsandbytes 8-bit: one fp32 scale per row, on the weight or (after a forward) on the state
+        scale = getattr(weight, "SCB", None)
+        scale = scale if scale is not None else layer.state.SCB
+        total += scale.numel() * scale.element_size() if isinstance(scale, torch.Tensor) else 0
+    return total
+
+
+def report(model, cfg: QuantConfig) -> dict[str, Any]:
+    from leantune.models.quantized import logical_numel
+
+    layers = quantized_layers(model)
+    before = sum(logical_numel(m.weight) * m.leantune_source_dtype.itemsize for m in layers)
+    after = sum(layer_bytes(m) for m in layers)
+    backend = "torch" if any(hasattr(m, "absmax") for m in layers) else "bitsandbytes"
+    return {
+        "bits": cfg.bits,
+        "quant_type": cfg.quant_type if cfg.bits == 4 else "int8",
+        "backend": backend,
+        "quantized_layers": len(layers),
+        "quantized_weights": sum(logical_numel(m.weight) for m in layers),
+        "weight_bytes_unquantized": before,
+        "weight_bytes_quantized": after,
+        "weight_bytes_saved": before - after,
+        "bits_per_weight": 8.0 * after / max(sum(logical_numel(m.weight) for m in layers), 1),
+    }
+
+
+SPEC = register(MethodSpec("quant", QuantConfig, apply, report=report))
