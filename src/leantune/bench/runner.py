@@ -133,7 +133,7 @@ def _run_one(
         peak=peak,
         flops=flops_report(summary, peak),
     )
-    folder.mkdir(parents=True, exist_ok=True)  # a run takes minutes: the folder may have been removed meanwhile
+    folder.mkdir(parents=True, exist_ok=True)  # a run takes minutes: the folder may be gone meanwhile
     if (run_dir / "metrics.jsonl").is_file():
         copy_atomic(run_dir / "metrics.jsonl", metrics_path(folder, run.key))
     write_json_atomic(artefact_path(folder, run.key), artefact)  # last: its presence means "finished"
