@@ -1,0 +1,224 @@
+"""Check the memory model against measured peaks over a grid of settings, one fresh process each.
+
+What is compared: the model's *step* bytes (gradients + optimizer state + saved activations + transient
+buffers) against the growth of the process's peak resident set over two optimizer steps: VmHWM after
+resetting it (`echo 5 > /proc/self/clear_refs`) minus VmRSS at that moment. Before that baseline the
+model is loaded, methods applied, the optimizer built, and one forward and backward pass at the full
+size has run without the optimizer: libraries keep per-shape workspace from their first call, which is
+recorded apart as `rss_first_fwd_bwd_delta` and not counted in the step. The weights are compared
+separately (RSS growth while loading vs the model's parameter bytes). On CUDA the same step bytes are
+compared with `torch.cuda.max_memory_allocated` growth.
+
+    python -m leantune.memory.validate --out benchmarks/results/memory-model/validation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRID_METHODS = {
+    "lora_r8_qv": [{"name": "lora", "r": 8}],
+    "lora_r64_all": [{"name": "lora", "r": 64, "target_modules": "all-linear"}],
+    "full": [{"name": "full"}],
+}
+GRID = [
+    {"method": m, "batch_size": b, "seq_len": s, "recompute": False}
+    for m in GRID_METHODS
+    for b in (4, 16)
+    for s in (64, 128)
+] + [
+    {"method": "lora_r8_qv", "batch_size": 16, "seq_len": 128, "recompute": True},
+    {"method": "full", "batch_size": 16, "seq_len": 128, "recompute": True},
+]
+# glibc keeps freed heap memory and raises its mmap threshold after frees, so by default RSS holds on to
+# the forward pass's freed temporaries; with a fixed threshold every large tensor is its own mapping and
+# is returned when freed, and RSS follows live tensors. Each setting is measured both ways.
+ALLOCATORS = {"glibc-default": {}, "glibc-mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def _status_kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_one(setting: dict, model_name: str, threads: int) -> dict:
+    import gc
+
+    import torch
+
+    from leantune.memory.estimate import estimate_memory, gradient_checkpointing, probe_batch
+    from leantune.methods import MethodContext, apply_methods
+    from leantune.methods.registry import method_config_class
+    from leantune.models.loader import load_model
+    from leantune.train.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    rss0 = _status_kib("VmRSS") * 1024
+    model = load_model(model_name, "classification", "float32", ["neg", "pos"])
+    rss_loaded = _status_kib("VmRSS") * 1024
+    configs = [method_config_class(m["name"])(**m) for m in GRID_METHODS[setting["method"]]]
+    model = apply_methods(model, configs, MethodContext(task="classification", seed=0))
+    if cuda:
+        model = model.cuda()
+    model.train()
+    optimizer = build_optimizer(model, 1e-4, 0.0)
+    b, s = setting["batch_size"], setting["seq_len"]
+    with gradient_checkpointing(model, setting["recompute"]):
+        batch = probe_batch(model, "classification", b, s)
+        # Warm-up at the full size, without the optimizer: libraries (oneDNN, MKL) keep per-shape workspace
+        # from their first call; it is measured here, apart from the steady-state step.
+        gc.collect()
+        warm_base = _status_kib("VmRSS") * 1024
+        _reset_peak()
+        model(**batch).loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        first_step = _status_kib("VmHWM") * 1024 - warm_base
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            cuda_base = torch.cuda.memory_allocated()
+        baseline = _status_kib("VmRSS") * 1024
+        reset = _reset_peak()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_s = (time.perf_counter() - t0) / 2
+        peak = _status_kib("VmHWM") * 1024
+        measured = {
+            "rss_step_delta": peak - baseline,
+            "hwm_reset": reset,
+            "rss_first_fwd_bwd_delta": first_step,
+        }
+        if cuda:
+            measured["cuda_step_delta"] = torch.cuda.max_memory_allocated() - cuda_base
+    est = estimate_memory(model, "classification", b, s, "adamw", setting["recompute"])
+    return {
+        **setting,
+        "estimate": est.totals(),
+        "measured": measured,
+        "weights_rss_delta": rss_loaded - rss0,
+        "step_s": step_s,
+    }
+
+
+def _error(est: int, measured: int) -> float:
+    return (est - measured) / measured if measured else float("nan")
+
+
+def run_grid(out: Path, model_name: str, threads: int, only: list[int] | None) -> dict:
+    rows = []
+    for i, setting in enumerate(GRID):
+        if only and i not in only:
+            continue
+        for allocator, env in ALLOCATORS.items():
+            cmd = [sys.executable, "-m", "leantune.memory.validate", "--one", json.dumps(setting)]
+            cmd += ["--model", model_name, "--threads", str(threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **env})
+            if done.returncode != 0:
+                raise RuntimeError(f"setting {setting} failed:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["allocator"] = allocator
+            row["error_step"] = _error(row["estimate"]["step"], row["measured"]["rss_step_delta"])
+            row["error_weights"] = _error(row["estimate"]["weights"], row["weights_rss_delta"])
+            if "cuda_step_delta" in row["measured"]:
+                row["error_step_cuda"] = _error(row["estimate"]["step"], row["measured"]["cuda_step_delta"])
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    result = {
+        "what": "estimated step bytes (grads + optimizer + activations + transient) vs measured RSS "
+        "peak growth over 2 steps (VmHWM after clear_refs reset minus VmRSS before), fresh process each",
+        "model": model_name,
+        "threads": threads,
+        "rows": rows,
+        "errors": {
+            a: {
+                "max_abs_error_step": max(abs(r["error_step"]) for r in rows if r["allocator"] == a),
+                "mean_abs_error_step": sum(abs(r["error_step"]) for r in rows if r["allocator"] == a)
+                / max(1, sum(r["allocator"] == a for r in rows)),
+            }
+            for a in ALLOCATORS
+        },
+        "command": "python -m leantune.memory.validate --out " + str(out),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    (out.with_suffix(".md")).write_text(error_table(result))
+    return result
+
+
+def _format_row(r: dict) -> str:
+    mib = 2**20
+    return (
+        f"{r['allocator']:<15} {r['method']:<13} b={r['batch_size']:<3} L={r['seq_len']:<4} "
+        f"recompute={str(r['recompute']):<5} est {r['estimate']['step'] / mib:8.1f} MiB  "
+        f"measured {r['measured']['rss_step_delta'] / mib:8.1f} MiB"
+        f"  error {100 * r['error_step']:+6.1f}%"
+    )
+
+
+def error_table(result: dict) -> str:
+    mib = 2**20
+    lines = [
+        f"# Memory model vs measured ({result['model']}, {result['threads']} threads)",
+        "",
+        result["what"] + ".",
+        "",
+        "| allocator | method | batch | seq | recompute | grads+opt MiB | activations MiB | transient MiB | "
+        "estimate MiB | measured MiB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        e = r["estimate"]
+        lines.append(
+            f"| {r['allocator']} | {r['method']} | {r['batch_size']} | {r['seq_len']} | {r['recompute']} | "
+            f"{(e['gradients'] + e['optimizer_state']) / mib:.1f} | {e['activations'] / mib:.1f} | "
+            f"{e['transient'] / mib:.1f} | {e['step'] / mib:.1f} | "
+            f"{r['measured']['rss_step_delta'] / mib:.1f} | {100 * r['error_step']:+.1f}% |"
+        )
+    lines.append("")
+    for allocator, e in result["errors"].items():
+        lines.append(
+            f"- {allocator}: max |error| {100 * e['max_abs_error_step']:.1f}%, "
+            f"mean |error| {100 * e['mean_abs_error_step']:.1f}%"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory-model/validation.json"))
+    p.add_argument("--model", default="embedded:minilm")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", type=int, nargs="+", help="indices into the grid")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if ns.one:
+        print(json.dumps(measure_one(json.loads(ns.one), ns.model, ns.threads)))
+        return
+    run_grid(ns.out, ns.model, ns.threads, ns.only)
+
+
+if __name__ == "__main__":
+    main()
