@@ -129,6 +129,7 @@ def build_artefact(
             },
         },
         "baseline": summary.get("baseline"),
+        "method_reports": summary.get("method_reports"),
         "matmul_peak": peak,
         "flops": flops,
     }

@@ -347,6 +347,7 @@ class DynamicRankRuntime(MethodRuntime):
             "reallocations": len(self.events) - 1 if self.events else 0,
             "events": self.events,
             "measured_peak_bytes": self.measured_peak,
+            "trainable_params_final": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
         if self.run_dir is not None and self.history:
             out["rank_plot"] = str(plot_history(self.history, self.run_dir / "rank_history.png"))
