@@ -127,3 +127,12 @@ def test_resume_continues_exactly_across_a_reallocation(base_overrides, tmp_path
         second["method_reports"]["dynamic_rank"]["ranks"] == first["method_reports"]["dynamic_rank"]["ranks"]
     )
     assert second["weights_sha256_per_rank"] == first["weights_sha256_per_rank"]
+
+
+def test_adalora_baseline_prunes_to_its_target_rank(base_overrides):
+    method = "{name: adalora, init_r: 6, target_r: 2, delta_t: 2}"
+    summary = run_train(load_config(None, [*base_overrides, f"methods=[{method}]", "train.max_steps=20"]))
+    report = summary["method_reports"]["adalora"]
+    assert len(report["ranks"]) == 6  # query and value of 3 blocks
+    assert report["total_rank"] == 2 * 6  # peft's budget ends at target_r per layer on average
+    assert max(report["ranks"].values()) <= 6

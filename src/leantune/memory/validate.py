@@ -42,12 +42,11 @@ GRID = (
         for s in (64, 128)
     ]
     + [
-        {"method": m, "batch_size": 16, "seq_len": 128, "recompute": True, "allocator": "glibc-mmap128k"}
-        for m in ("lora_r8_qv", "full")
+        {"method": "full", "batch_size": 16, "seq_len": 128, "recompute": True, "allocator": "glibc-mmap128k"}
     ]
     + [
         {"method": m, "batch_size": 16, "seq_len": 128, "recompute": False, "allocator": "glibc-default"}
-        for m in GRID_METHODS
+        for m in ("lora_r8_qv", "full")
     ]
 )
 
