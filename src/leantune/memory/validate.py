@@ -41,9 +41,7 @@ GRID = (
         for b in (4, 16)
         for s in (64, 128)
     ]
-    + [
-        {"method": "full", "batch_size": 16, "seq_len": 128, "recompute": True, "allocator": "glibc-mmap128k"}
-    ]
+    + [{"method": "full", "batch_size": 16, "seq_len": 128, "recompute": True, "allocator": "glibc-mmap128k"}]
     + [
         {"method": m, "batch_size": 16, "seq_len": 128, "recompute": False, "allocator": "glibc-default"}
         for m in ("lora_r8_qv", "full")
