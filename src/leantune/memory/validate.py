@@ -34,17 +34,25 @@ GRID_METHODS = {
 # tensors: that is the setting the model is held to (15%). Under the default allocator the first full
 # forward + backward pass (before any reuse) is compared instead, with the optimizer state left out.
 ALLOCATORS = {"glibc-default": {}, "glibc-mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+MMAP, DEFAULT = "glibc-mmap128k", "glibc-default"
 GRID = (
     [
-        {"method": m, "batch_size": b, "seq_len": s, "recompute": False, "allocator": "glibc-mmap128k"}
-        for m in GRID_METHODS
+        {"method": "lora_r8_qv", "batch_size": b, "seq_len": s, "recompute": False, "allocator": MMAP}
         for b in (4, 16)
         for s in (64, 128)
     ]
-    + [{"method": "full", "batch_size": 16, "seq_len": 128, "recompute": True, "allocator": "glibc-mmap128k"}]
     + [
-        {"method": m, "batch_size": 16, "seq_len": 128, "recompute": False, "allocator": "glibc-default"}
-        for m in ("lora_r8_qv", "full")
+        {"method": "lora_r64_all", "batch_size": 4, "seq_len": s, "recompute": False, "allocator": MMAP}
+        for s in (64, 128)
+    ]
+    + [
+        {"method": "full", "batch_size": b, "seq_len": s, "recompute": False, "allocator": MMAP}
+        for b, s in ((4, 64), (4, 128), (16, 64))
+    ]
+    + [{"method": "full", "batch_size": 4, "seq_len": 128, "recompute": True, "allocator": MMAP}]
+    + [
+        {"method": "lora_r8_qv", "batch_size": 16, "seq_len": 128, "recompute": False, "allocator": DEFAULT},
+        {"method": "full", "batch_size": 4, "seq_len": 128, "recompute": False, "allocator": DEFAULT},
     ]
 )
 
