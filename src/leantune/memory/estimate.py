@@ -10,8 +10,10 @@ excluded) are what a step holds at the start of backward, and they scale linearl
 That captures what formulas miss: a frozen lower stack saves nothing, dropout masks, the quadratic
 attention scores, LoRA's own inputs. On top of the saved tensors a step needs short-lived buffers
 (the gradient of the largest activation while backward runs through it, and the forward's temporary
-of the same size); `TRANSIENT_FACTOR` largest saved tensors stand for them (checked against measured
-peaks in benchmarks/results/memory-model/).
+of the same size); `TRANSIENT_FACTOR` largest saved tensors stand for them. The optimizer update is a
+second peak, after the activations are freed: AdamW's per-tensor temporaries (`OPTIMIZER_TRANSIENT_FACTOR`
+times the largest trainable tensor), which matters for full fine-tuning (the word embeddings). Both were
+checked against measured peaks in benchmarks/results/memory-model/.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 
 # Short-lived buffers at the peak, in units of the largest saved activation (see the module docstring).
 TRANSIENT_FACTOR = 2.0
+# torch's AdamW on CPU updates one tensor at a time and builds its denominator as sqrt(v) / c: two
+# temporaries the size of the tensor being updated, so the update peaks at twice the largest one.
+OPTIMIZER_TRANSIENT_FACTOR = {"adamw": 2.0, "sgd": 0.0}
 OPTIMIZER_SLOTS = {"adamw": 2, "sgd": 0}  # state tensors per trainable tensor, each of its size
 ADAM_STEP_BYTES = 4  # torch AdamW keeps a float32 `step` tensor per parameter
 
@@ -50,6 +55,7 @@ class MemoryEstimate:
     recompute: bool
     layers: list[LayerMemory] = field(default_factory=list)
     transient_bytes: int = 0
+    optimizer_transient_bytes: int = 0
 
     def _sum(self, key: str) -> int:
         return sum(getattr(layer, key) for layer in self.layers)
@@ -76,8 +82,13 @@ class MemoryEstimate:
 
     @property
     def step_bytes(self) -> int:
-        """What a training step adds on top of the loaded model (what an RSS delta measures)."""
-        return self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.transient_bytes
+        """What a training step adds on top of the loaded model (what an RSS delta measures).
+
+        Two phases peak: backward (saved activations and their transient buffers) and the optimizer
+        update (activations freed, the update's temporaries allocated); gradients and state span both.
+        """
+        backward = self.activation_bytes + self.transient_bytes
+        return self.grad_bytes + self.optimizer_bytes + max(backward, self.optimizer_transient_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -91,6 +102,7 @@ class MemoryEstimate:
             "optimizer_state": self.optimizer_bytes,
             "activations": self.activation_bytes,
             "transient": self.transient_bytes,
+            "optimizer_transient": self.optimizer_transient_bytes,
             "step": self.step_bytes,
             "total": self.total_bytes,
         }
@@ -278,6 +290,13 @@ def estimate_memory(
         tail = row.name.rsplit(".", 1)[-1]
         return (row.name == "other", row.name == "recomputed block", int(tail) if tail.isdigit() else 0)
 
+    largest = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
     return MemoryEstimate(
-        batch_size, seq_len, optimizer, recompute, sorted(rows.values(), key=order), transient
+        batch_size,
+        seq_len,
+        optimizer,
+        recompute,
+        sorted(rows.values(), key=order),
+        transient,
+        int(OPTIMIZER_TRANSIENT_FACTOR[optimizer] * largest),
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 from leantune.memory.estimate import (
     ADAM_STEP_BYTES,
+    OPTIMIZER_TRANSIENT_FACTOR,
     TRANSIENT_FACTOR,
     blocks_prefix,
     gradient_checkpointing,
@@ -108,6 +109,7 @@ class RankCost:
         self.weight_bytes = 0
         self.other_trainable_bytes = 0
         self.other_trainable_tensors = 0
+        self.largest_other = 0
         for p in model.parameters():
             if id(p) in lora_ids:
                 continue
@@ -115,6 +117,7 @@ class RankCost:
             if p.requires_grad:
                 self.other_trainable_bytes += p.numel() * p.element_size()
                 self.other_trainable_tensors += 1
+                self.largest_other = max(self.largest_other, p.numel() * p.element_size())
         self._traces: dict[tuple[frozenset[str], bool], tuple[int, int]] = {}
         self.prefix = blocks_prefix(model)
 
@@ -155,7 +158,15 @@ class RankCost:
             "activations": activations,
             "transient": int(TRANSIENT_FACTOR * largest * batch),
         }
-        out["total"] = sum(out.values())
+        largest_lora = max((r * max(self.shape[n]) * 4 for n, r in ranks.items()), default=0)
+        update = int(OPTIMIZER_TRANSIENT_FACTOR["adamw"] * max(self.largest_other, largest_lora))
+        # the optimizer update peaks after backward has freed the activations (see MemoryEstimate)
+        out["total"] = (
+            out["weights"]
+            + out["gradients"]
+            + out["optimizer_state"]
+            + max(out["activations"] + out["transient"], update)
+        )
         return out
 
     def total(self, ranks: dict[str, int], batch: int, recompute: bool) -> int:
