@@ -84,11 +84,15 @@ class MemoryEstimate:
     def step_bytes(self) -> int:
         """What a training step adds on top of the loaded model (what an RSS delta measures).
 
-        Two phases peak: backward (saved activations and their transient buffers) and the optimizer
-        update (activations freed, the update's temporaries allocated); gradients and state span both.
+        The optimizer state persists; on top of it two moments peak. At the start of backward all saved
+        activations (and their transient buffers) are alive and no gradient yet; as backward runs it
+        frees activations while it creates gradients, and then the update adds its temporaries with
+        every gradient alive. Between the two the sum moves roughly linearly, so the larger end is
+        the peak.
         """
         backward = self.activation_bytes + self.transient_bytes
-        return self.grad_bytes + self.optimizer_bytes + max(backward, self.optimizer_transient_bytes)
+        update = self.grad_bytes + self.optimizer_transient_bytes
+        return self.optimizer_bytes + max(backward, update)
 
     @property
     def total_bytes(self) -> int:

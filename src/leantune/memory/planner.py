@@ -160,12 +160,11 @@ class RankCost:
         }
         largest_lora = max((r * max(self.shape[n]) * 4 for n, r in ranks.items()), default=0)
         update = int(OPTIMIZER_TRANSIENT_FACTOR["adamw"] * max(self.largest_other, largest_lora))
-        # the optimizer update peaks after backward has freed the activations (see MemoryEstimate)
+        # backward frees activations as it creates gradients; the update peaks later (see MemoryEstimate)
         out["total"] = (
             out["weights"]
-            + out["gradients"]
             + out["optimizer_state"]
-            + max(out["activations"] + out["transient"], update)
+            + max(out["activations"] + out["transient"], out["gradients"] + update)
         )
         return out
 

@@ -141,6 +141,12 @@ def _error(est: int, measured: int) -> float:
 
 def _with_errors(row: dict) -> dict:
     est, measured = row["estimate"], row["measured"]
+    # The step estimate from its parts, as MemoryEstimate.step_bytes combines them (rows measured before
+    # the update temporaries were modelled lack them: LoRA rows, where they are < 2 MiB and never the max).
+    first_formula = est["gradients"] + est["optimizer_state"] + est["activations"] + est["transient"]
+    update = est["gradients"] + est.get("optimizer_transient", 0)
+    est["step"] = est["optimizer_state"] + max(est["activations"] + est["transient"], update)
+    row["error_first_formula"] = _error(first_formula, measured["rss_step_delta"])
     if row["allocator"] == "glibc-mmap128k":
         row["compared"] = "step vs rss_step_delta"
         row["error"] = _error(est["step"], measured["rss_step_delta"])
