@@ -151,8 +151,9 @@ def _with_errors(row: dict) -> dict:
         row["compared"] = "step vs rss_step_delta"
         row["error"] = _error(est["step"], measured["rss_step_delta"])
     else:
-        row["compared"] = "step - optimizer_state vs rss_first_fwd_bwd_delta"
-        row["error"] = _error(est["step"] - est["optimizer_state"], measured["rss_first_fwd_bwd_delta"])
+        row["compared"] = "max(activations + transient, gradients) vs rss_first_fwd_bwd_delta"
+        first_pass = max(est["activations"] + est["transient"], est["gradients"])  # no optimizer yet
+        row["error"] = _error(first_pass, measured["rss_first_fwd_bwd_delta"])
     row["error_weights"] = _error(est["weights"], row["weights_rss_delta"])
     if "cuda_step_delta" in measured:
         row["error_step_cuda"] = _error(est["step"], measured["cuda_step_delta"])
