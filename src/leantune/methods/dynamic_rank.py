@@ -123,6 +123,7 @@ class DynamicRankRuntime(MethodRuntime):
         self.events: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []  # {"step", "ranks"} after every (re)allocation
         self.measured_peak = 0
+        self.last_step = 0
         self.run_dir = None
         self._base_rss: int | None = None
         self._step_peak = 0
@@ -259,6 +260,7 @@ class DynamicRankRuntime(MethodRuntime):
             self._step_peak = max(self._step_peak, measured)
             self.measured_peak = max(self.measured_peak, measured)
         done = trainer.state.step + 1
+        self.last_step = done
         every = self.cfg.realloc_every
         if not every or done % every or done >= trainer.total_steps:
             return
@@ -350,7 +352,9 @@ class DynamicRankRuntime(MethodRuntime):
             "trainable_params_final": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
         if self.run_dir is not None and self.history:
-            out["rank_plot"] = str(plot_history(self.history, self.run_dir / "rank_history.png"))
+            out["rank_plot"] = str(
+                plot_history(self.history, self.run_dir / "rank_history.png", self.last_step)
+            )
         return out
 
 
@@ -371,7 +375,7 @@ def _pad(value, shape, dim: int):
     return torch.cat([value, torch.zeros(pad, dtype=value.dtype, device=value.device)], dim)
 
 
-def plot_history(history: list[dict[str, Any]], path):
+def plot_history(history: list[dict[str, Any]], path, last_step: int = 0):
     """Rank per layer over training steps (a step line per layer), as a PNG in the run folder."""
     import matplotlib
 
@@ -381,7 +385,7 @@ def plot_history(history: list[dict[str, Any]], path):
     names = list(history[0]["ranks"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [h["step"] for h in history]
-    end = steps[-1] + max(1, math.ceil(0.05 * (steps[-1] or 1)))
+    end = max(last_step, steps[-1] + max(1, math.ceil(0.05 * (steps[-1] or 1))))
     for name in names:
         ranks = [h["ranks"].get(name, 0) for h in history]
         ax.step(steps + [end], ranks + ranks[-1:], where="post", label=name.replace("base_model.model.", ""))
