@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--dry-run", action="store_true", help="validate the suite and list its runs; run nothing")
 
+    pl = sub.add_parser("plan", help="print the per-layer LoRA rank plan for a memory budget (no training)")
+    pl.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for `train`")
+    pl.add_argument(
+        "--memory-budget", help="bytes (2GiB, 512MiB, 3e9) or a fraction of available memory (0.5)"
+    )
+    pl.add_argument("--allow-recompute", action="store_true", help="may switch on recomputation to fit")
+    pl.add_argument("--allow-batch-reduce", action="store_true", help="may halve the batch size to fit")
+    pl.add_argument("--json", type=Path, help="also write the plan to this JSON file (must not exist)")
+
     r = sub.add_parser("report", help="write report.md and report.html from a suite's artefacts")
     r.add_argument("suite", help="a suite name or YAML path")
     r.add_argument("--results", type=Path, metavar="DIR", help="results root (default: benchmarks/results)")
@@ -152,6 +161,13 @@ def dispatch(ns: argparse.Namespace) -> None:
             dry_run=ns.dry_run,
             work=ns.work,
         )
+    elif ns.command == "plan":
+        from leantune.config import load_config
+        from leantune.recipes.plan import run_plan
+
+        path, overrides = _split_train_args(ns.args)
+        cfg = load_config(path, overrides)
+        run_plan(cfg, ns.memory_budget, ns.allow_recompute, ns.allow_batch_reduce, ns.json)
     elif ns.command == "report":
         from leantune.bench.report import run_report
 

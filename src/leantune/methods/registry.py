@@ -58,6 +58,10 @@ class MethodRuntime:
     """
 
     step: Callable[..., Any] | None = None
+    # True for a method that replaces trainable parameters while training runs (e.g. resizes them): on
+    # --resume its `load` then runs *before* the checkpoint's weights are loaded, so it can re-shape the
+    # model to the checkpoint's shapes, and the trainer re-reads the parameters (`sync_parameters`).
+    reshapes_parameters: bool = False
 
     def on_train_start(self, trainer: Any) -> None:
         """After the optimizer exists, before the first step (also after a resume has loaded state)."""

@@ -12,6 +12,7 @@ state travel in the checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from leantune.methods.registry import MethodRuntime
 from leantune.train import checkpoint as ckpt
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
-from leantune.train.optim import build_optimizer, linear_schedule
+from leantune.train.optim import NO_DECAY, build_optimizer, linear_schedule
 from leantune.train.prefix_cache import PrefixCache
 from leantune.train.step import backprop_step
 
@@ -114,17 +115,48 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
+        reshaping = any(rt.reshapes_parameters for rt in self.runtimes)
+        if reshaping:  # such a method re-shapes the model to the checkpoint's before the weights load
+            self._load_methods(path, json.loads((path / "trainer_state.json").read_text()).get("methods", []))
+            self.sync_parameters()
         saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank, self.world)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         method_states = saved.pop("methods", [])
-        method_tensors = ckpt.load_method_tensors(path, len(self.runtimes))
-        for rt, state, tensors in zip(self.runtimes, method_states, method_tensors, strict=True):
-            rt.load(state, tensors)
+        if not reshaping:
+            self._load_methods(path, method_states)
         self.state = TrainState(**saved)
         self._running = torch.tensor(self.state.running_loss, device=self.acc.device)
         self._running_n = self.state.running_n
         self.log.truncate_after(self.state.step)
         return True
+
+    def _load_methods(self, path: Path, method_states: list) -> None:
+        method_tensors = ckpt.load_method_tensors(path, len(self.runtimes))
+        for rt, state, tensors in zip(self.runtimes, method_states, method_tensors, strict=True):
+            rt.load(state, tensors)
+
+    def sync_parameters(self) -> None:
+        """Re-read the trainable parameters after a method replaced some (e.g. resized LoRA factors).
+
+        The optimizer's groups are rebuilt in `named_parameters` order, as `build_optimizer` built them,
+        so checkpoints map optimizer state to parameters the same way; state stays with the parameters
+        that still exist (a method may then put state of its own for new ones in `optimizer.state`).
+        """
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        decay, no_decay = [], []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
+        if len(opt.param_groups) == 2:
+            opt.param_groups[0]["params"], opt.param_groups[1]["params"] = decay, no_decay
+        elif not decay or not no_decay:
+            opt.param_groups[0]["params"] = decay + no_decay
+        else:
+            raise RuntimeError("cannot add a weight-decay group the optimizer was built without")
+        keep = {id(p) for p in decay + no_decay}
+        for p in [p for p in opt.state if id(p) not in keep]:
+            del opt.state[p]
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
 
     def _save(self) -> None:
         from accelerate.utils import gather_object

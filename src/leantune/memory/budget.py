@@ -1,0 +1,78 @@
+"""Memory budgets as users write them ("2GiB", "512MB", 3e9, or 0.5 of what is available) and the
+process's own peak memory as Linux reports it (resettable, so a step's peak can be read alone)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from leantune.errors import UserError
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def check_budget(value: str | float | int) -> str | float | int:
+    """Validate the syntax only (cheap, in the config validator); the bytes are resolved later."""
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError("must be positive: bytes (e.g. 2GiB) or a fraction of available memory (0.5)")
+        return value
+    m = _BUDGET.match(str(value))
+    if not m or m.group(2).lower() not in UNITS or float(m.group(1)) <= 0:
+        raise ValueError(
+            f"'{value}' is not a memory size; write e.g. 2GiB, 512MiB, 3e9 or a fraction such as 0.5"
+        )
+    return value
+
+
+def available_bytes() -> int:
+    """Memory the run could still use: free CUDA memory on a GPU, else the OS's available memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def parse_budget(value: str | float | int) -> int:
+    """Bytes for a budget; a number <= 1 is a fraction of the memory available now."""
+    try:
+        check_budget(value)
+    except ValueError as exc:
+        raise UserError(f"memory budget: {exc}") from None
+    if isinstance(value, (int, float)) or not _BUDGET.match(str(value)).group(2):
+        number = float(value)
+        return int(number * available_bytes()) if number <= 1 else int(number)
+    m = _BUDGET.match(str(value))
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def current_rss() -> int | None:
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_since_reset() -> int | None:
+    return _status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Linux resets the process's peak RSS on `5` written to clear_refs; False where that is missing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,275 @@
+"""Choose a LoRA rank per layer (0 allowed) so that the memory model's estimate fits a budget.
+
+No library plans ranks against memory: peft's AdaLoRA redistributes a fixed rank budget by sensitivity
+and never looks at bytes. Here each layer gets a *target* rank from its importance share and the task's
+complexity, then ranks grow by doubling, most important layer first, for as long as the whole step
+still fits the budget; every decision keeps its reason. If even the smallest useful configuration
+(rank 1 on the most important layer) does not fit, the planner may switch on recomputation and halve
+the batch, where allowed, and otherwise reports the smallest budget that would fit.
+
+Activation memory depends on *which* layers train (backward starts at the lowest one) and linearly on
+each rank (the saved L x r input of B): the model is traced once per distinct set of active layers and
+the rank term added per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from leantune.memory.estimate import (
+    ADAM_STEP_BYTES,
+    OPTIMIZER_TRANSIENT_FACTOR,
+    TRANSIENT_FACTOR,
+    blocks_prefix,
+    gradient_checkpointing,
+    trace_activations,
+)
+from leantune.methods._lora_ranks import lora_layers, rank_of
+
+LORA_BYTES_PER_PARAM = 4 * (1 + 1 + 2)  # fp32 weight, gradient, AdamW's two moments
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    importance: float
+    target: int
+    rank: int
+    bytes: int  # LoRA weights + gradients + optimizer state + the rank's saved activations
+    reason: str
+
+
+@dataclass
+class Plan:
+    budget_bytes: int
+    batch_size: int
+    recompute: bool
+    complexity: float
+    max_rank: int
+    estimate: dict[str, int]
+    layers: list[LayerPlan] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ranks": self.ranks}
+
+
+def pow2_round(x: float) -> int:
+    """The nearest power of two in log scale (0 below 0.5): ranks move in doublings."""
+    return 0 if x < 0.5 else 2 ** max(0, round(math.log2(x)))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@contextmanager
+def only_active(layers: dict[str, Any], active: frozenset[str]) -> Iterator[None]:
+    """Switch peft's adapters off (per layer) outside `active`, as rank 0 would leave them."""
+    saved = {n: layer._disable_adapters for n, layer in layers.items()}
+    try:
+        for n, layer in layers.items():
+            layer._disable_adapters = n not in active
+        yield
+    finally:
+        for n, layer in layers.items():
+            layer._disable_adapters = saved[n]
+
+
+class RankCost:
+    """The memory model as a function of per-layer ranks, batch size and recomputation."""
+
+    def __init__(self, model, task: str, seq_len: int) -> None:
+        self.model, self.task, self.seq_len = model, task, seq_len
+        self.layers = lora_layers(model)
+        self.trace_ranks = {n: rank_of(layer) for n, layer in self.layers.items()}
+        if any(r == 0 for r in self.trace_ranks.values()):
+            raise ValueError("trace the model with every candidate layer at rank >= 1")
+        self.shape = {
+            n: (layer.get_base_layer().in_features, layer.get_base_layer().out_features)
+            for n, layer in self.layers.items()
+        }
+        lora_ids = {
+            id(p)
+            for layer in self.layers.values()
+            for mod in (layer.lora_A, layer.lora_B)
+            for p in mod.parameters()
+        }
+        self.weight_bytes = 0
+        self.other_trainable_bytes = 0
+        self.other_trainable_tensors = 0
+        self.largest_other = 0
+        for p in model.parameters():
+            if id(p) in lora_ids:
+                continue
+            self.weight_bytes += p.numel() * p.element_size()
+            if p.requires_grad:
+                self.other_trainable_bytes += p.numel() * p.element_size()
+                self.other_trainable_tensors += 1
+                self.largest_other = max(self.largest_other, p.numel() * p.element_size())
+        self._traces: dict[tuple[frozenset[str], bool], tuple[int, int]] = {}
+        self.prefix = blocks_prefix(model)
+
+    def _trace(self, active: frozenset[str], recompute: bool) -> tuple[int, int]:
+        key = (active, recompute)
+        if key not in self._traces:
+            with only_active(self.layers, active):
+                plain = trace_activations(self.model, self.task, self.seq_len)
+                saved = plain.total
+                if recompute:
+                    with gradient_checkpointing(self.model, True):
+                        ckpt = trace_activations(self.model, self.task, self.seq_len)
+                    blocks = [v for k, v in plain.per_layer.items() if k != "other"]
+                    saved = ckpt.total + max(blocks, default=0)
+            self._traces[key] = (saved, plain.largest)
+        return self._traces[key]
+
+    def lora_param_bytes(self, name: str, rank: int) -> int:
+        d_in, d_out = self.shape[name]
+        return rank * (d_in + d_out) * LORA_BYTES_PER_PARAM + (2 * ADAM_STEP_BYTES if rank else 0)
+
+    def rank_activation_bytes(self, name: str, rank: int, batch: int) -> int:
+        return (rank - self.trace_ranks[name]) * self.seq_len * 4 * batch if rank else 0
+
+    def breakdown(self, ranks: dict[str, int], batch: int, recompute: bool) -> dict[str, int]:
+        active = frozenset(n for n, r in ranks.items() if r > 0)
+        saved, largest = self._trace(active, recompute)
+        lora = sum(self.lora_param_bytes(n, r) for n, r in ranks.items())
+        lora_weights = sum(r * sum(self.shape[n]) * 4 for n, r in ranks.items())
+        activations = saved * batch + sum(self.rank_activation_bytes(n, r, batch) for n, r in ranks.items())
+        other = self.other_trainable_bytes
+        out = {
+            "weights": self.weight_bytes + lora_weights,
+            "gradients": other + lora_weights,
+            "optimizer_state": 2 * other
+            + self.other_trainable_tensors * ADAM_STEP_BYTES
+            + (lora - 2 * lora_weights),
+            "activations": activations,
+            "transient": int(TRANSIENT_FACTOR * largest * batch),
+        }
+        largest_lora = max((r * max(self.shape[n]) * 4 for n, r in ranks.items()), default=0)
+        update = int(OPTIMIZER_TRANSIENT_FACTOR["adamw"] * max(self.largest_other, largest_lora))
+        # backward frees activations as it creates gradients; the update peaks later (see MemoryEstimate)
+        out["total"] = (
+            out["weights"]
+            + out["optimizer_state"]
+            + max(out["activations"] + out["transient"], out["gradients"] + update)
+        )
+        return out
+
+    def total(self, ranks: dict[str, int], batch: int, recompute: bool) -> int:
+        return self.breakdown(ranks, batch, recompute)["total"]
+
+
+def targets_from_importance(
+    importance: dict[str, float], complexity: float, max_rank: int, min_share: float
+) -> tuple[int, dict[str, int]]:
+    """The complexity-scaled rank cap, and each layer's target: cap x importance / top importance."""
+    cap = max(1, pow2_round(max_rank * (0.25 + 0.75 * complexity)))
+    top = max(importance.values()) or 1.0
+    n = len(importance)
+    targets = {
+        name: 0 if share < min_share / n else max(1, pow2_round(cap * share / top))
+        for name, share in importance.items()
+    }
+    return cap, targets
+
+
+def plan_ranks(
+    cost: RankCost,
+    importance: dict[str, float],
+    complexity: float,
+    budget: int,
+    batch_size: int,
+    max_rank: int = 16,
+    min_share: float = 0.1,
+    recompute: bool = False,
+    allow_recompute: bool = False,
+    allow_batch_reduce: bool = False,
+) -> Plan:
+    """Greedy doubling in importance order under the budget; raises UserError naming the minimum."""
+    from leantune.errors import UserError
+
+    order = sorted(importance, key=lambda n: (-importance[n], n))
+    cap, targets = targets_from_importance(importance, complexity, max_rank, min_share)
+    minimal = {n: 0 for n in order}
+    minimal[order[0]] = 1  # a PEFT adapter needs at least one LoRA layer
+    targets[order[0]] = max(targets[order[0]], 1)
+    changes: list[str] = []
+    batch = batch_size
+    if cost.total(minimal, batch, recompute) > budget and allow_recompute and not recompute:
+        before = cost.breakdown(minimal, batch, False)["activations"]
+        recompute = True
+        after = cost.breakdown(minimal, batch, True)["activations"]
+        changes.append(f"recomputation on: activations {fmt_bytes(before)} -> {fmt_bytes(after)}")
+    while cost.total(minimal, batch, recompute) > budget and allow_batch_reduce and batch > 1:
+        changes.append(f"batch size {batch} -> {batch // 2}")
+        batch //= 2
+    if cost.total(minimal, batch, recompute) > budget:
+        need = cost.total(minimal, batch, recompute)
+        what = f"rank 1 on {order[0]} only, batch {batch}" + (", recomputation on" if recompute else "")
+        allowed = [
+            what
+            for what, off in (
+                ("recomputation", not allow_recompute),
+                ("a smaller batch", not allow_batch_reduce),
+            )
+            if off
+        ]
+        more = f", or allow {' and '.join(allowed)}" if allowed else ""
+        raise UserError(
+            f"memory budget {fmt_bytes(budget)} is too small: the smallest plan ({what}) needs "
+            f"{fmt_bytes(need)} ({need} bytes): raise the budget to at least that{more}"
+        )
+    ranks = dict(minimal)
+    blocked: dict[str, str] = {}
+    grew = True
+    while grew:
+        grew = False
+        for name in order:
+            if ranks[name] >= targets[name] or name in blocked:
+                continue
+            nxt = 1 if ranks[name] == 0 else min(2 * ranks[name], targets[name])
+            trial = {**ranks, name: nxt}
+            need = cost.total(trial, batch, recompute)
+            if need <= budget:
+                ranks, grew = trial, True
+            else:
+                blocked[name] = (
+                    f"{ranks[name]}->{nxt} would need {fmt_bytes(need)} > budget {fmt_bytes(budget)}"
+                )
+    position = {n: i + 1 for i, n in enumerate(order)}
+    layers = []
+    for name in cost.layers:
+        imp, r, t = importance[name], ranks[name], targets[name]
+        head = f"importance #{position[name]} of {len(order)} (share {imp:.3f})"
+        if t == 0:
+            why = f"rank 0: {head} below the cutoff {min_share:.2f}/{len(order)}"
+        elif name in blocked:
+            why = f"rank {r} (target {t}): {head}; {blocked[name]}"
+        else:
+            why = f"rank {r}: {head}; target {t} = cap {cap} x share / top share, fits in budget"
+        layers.append(
+            LayerPlan(
+                name,
+                imp,
+                t,
+                r,
+                cost.lora_param_bytes(name, r) + cost.rank_activation_bytes(name, r, batch),
+                why,
+            )
+        )
+    return Plan(
+        budget, batch, recompute, complexity, cap, cost.breakdown(ranks, batch, recompute), layers, changes
+    )

@@ -1,0 +1,91 @@
+"""Layer importance and task complexity from a few probe batches.
+
+Importance of a candidate layer is the first-order sensitivity of the loss to its frozen weight,
+sum |W * dL/dW| (Molchanov et al. 2019; AdaLoRA scores its triplets the same way): it needs one backward
+pass with the candidate weights' gradients switched on, and it scores layers that have no adapter yet
+(rank 0), which LoRA's own gradients cannot. Task complexity combines the label entropy (how many
+classes really occur) with the probe loss relative to chance: an easy, skewed task gets a lower rank cap.
+Probes run in eval mode under a forked RNG so they change neither the weights, nor the gradients, nor
+the random stream of the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+from leantune.methods._lora_ranks import lora_layers
+
+
+def probe_batches(features: list[dict], batch_size: int, count: int, pad_id: int, offset: int = 0):
+    """`count` consecutive batches from a deterministic position (`offset` varies it per re-probe)."""
+    from leantune.data.tasks import collate
+
+    n = len(features)
+    if n == 0:
+        return []
+    out = []
+    for i in range(count):
+        start = ((offset + i) * batch_size) % n
+        idx = [(start + j) % n for j in range(min(batch_size, n))]
+        out.append(collate([features[k] for k in idx], pad_id))
+    return out
+
+
+def layer_importance(model, batches: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
+    """Normalised sum |W * dL/dW| per LoRA layer (shares summing to 1), and the mean probe loss."""
+    import torch
+
+    layers = lora_layers(model)
+    weights = {n: layer.get_base_layer().weight for n, layer in layers.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads_before = [p.grad for p in trainable]
+    flags = {n: w.requires_grad for n, w in weights.items()}
+    scores = dict.fromkeys(layers, 0.0)
+    loss_sum = 0.0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for w in weights.values():
+                w.requires_grad_(True)
+                w.grad = None
+            for batch in batches:
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+                out.loss.backward()
+                loss_sum += float(out.loss.detach())
+                for n, w in weights.items():
+                    scores[n] += float((w.detach() * w.grad).abs().sum())
+                    w.grad = None
+    finally:
+        for n, w in weights.items():
+            w.grad = None
+            w.requires_grad_(flags[n])
+        for p, g in zip(trainable, grads_before, strict=True):
+            p.grad = g
+        model.train(was_training)
+    total = sum(scores.values()) or 1.0
+    return {n: s / total for n, s in scores.items()}, loss_sum / max(len(batches), 1)
+
+
+def task_complexity(labels: list[Any], num_classes: int, probe_loss: float) -> dict[str, float]:
+    """In [0, 1]: the mean of normalised label entropy and probe loss over chance loss (log K)."""
+    k = max(num_classes, 2)
+    counts = Counter(labels)
+    n = sum(counts.values()) or 1
+    entropy = -sum(c / n * math.log(c / n) for c in counts.values() if c)
+    entropy_norm = entropy / math.log(k)
+    loss_norm = min(1.0, probe_loss / math.log(k))
+    return {
+        "label_entropy": entropy_norm,
+        "probe_loss": probe_loss,
+        "loss_vs_chance": loss_norm,
+        "complexity": 0.5 * (entropy_norm + loss_norm),
+    }
+
+
+def drift(old: dict[str, float], new: dict[str, float]) -> float:
+    """Total-variation distance between two importance distributions (0: same, 1: disjoint)."""
+    return 0.5 * sum(abs(old.get(n, 0.0) - new.get(n, 0.0)) for n in set(old) | set(new))

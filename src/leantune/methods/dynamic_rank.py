@@ -1,0 +1,407 @@
+"""LoRA whose rank per layer (0 allowed) is planned against a memory budget and re-allocated while
+training runs, with the reason for every decision.
+
+`apply` wraps every candidate layer with a rank-1 peft LoRA (the probe state). When training starts,
+the runtime scores the layers on a few probe batches (`_importance`), measures task complexity, and
+lets the planner (`leantune.memory.planner`) choose ranks that fit the budget under the memory model;
+the layers are resized in place (`_lora_ranks`) and the trainer's optimizer re-reads its parameters.
+Every `realloc_every` steps it re-scores the layers and re-plans when the importance has drifted or
+the measured peak of the process nears the budget; shrinking truncates B A by SVD (the output moves by
+at most the discarded singular values), growing appends zero columns to B (the output is unchanged).
+Resized factors keep their AdamW moments where the basis is kept (grow) and restart them where it
+rotates (shrink). The result is a plain peft LoRA adapter with `rank_pattern`.
+
+What "memory" means here: the memory model's total (weights, trainable parameters, gradients, AdamW
+state, saved activations and transient buffers of the longest batch); it excludes the Python/torch
+runtime, lazily imported libraries and the dataset. The measured counterpart is the persistent part
+(weights and AdamW state, counted exactly) plus the growth of the process's peak RSS within a step
+(VmHWM, reset at each step start, minus RSS at the step start). A measured peak above
+(1 - memory_margin) x budget re-plans against a budget scaled down by estimate / measured. Caveat: glibc
+keeps freed memory, so after the first steps a step reuses cached pages and its RSS growth under-reads
+what it uses; the memory model (validated in benchmarks/results/memory-model/) is what keeps the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from leantune.errors import UserError
+from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
+
+
+class DynamicRankConfig(MethodConfig):
+    name: Literal["dynamic_rank"] = "dynamic_rank"
+    budget: str | float = Field(
+        "2GiB",
+        description="Memory for the model and one training step: 2GiB, 512MiB, 3e9, or a fraction"
+        " (<= 1) of the memory available when training starts.",
+    )
+    max_rank: int = Field(16, gt=0, description="Highest rank a layer may get (before the complexity cap).")
+    scaling: float = Field(2.0, gt=0, description="LoRA scaling alpha/r, fixed per layer across resizes.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Candidate layers (suffix match), 'all-linear', or null for peft's default."
+    )
+    modules_to_save: list[str] | None = None
+    probe_batches: int = Field(4, gt=0, description="Batches scored for importance at each (re)planning.")
+    min_share: float = Field(
+        0.1, ge=0, description="A layer whose importance share is below min_share / #layers gets rank 0."
+    )
+    realloc_every: int | None = Field(
+        50, gt=0, description="Steps between re-allocation checks; null: never."
+    )
+    drift_threshold: float = Field(
+        0.1, ge=0, le=1, description="Re-plan when the importance moved this far (total variation)."
+    )
+    memory_margin: float = Field(
+        0.05, ge=0, lt=1, description="Re-plan when the measured peak exceeds (1 - margin) x budget."
+    )
+    allow_recompute: bool = Field(False, description="May switch on activation recomputation to fit.")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_syntax(cls, value):
+        from leantune.memory.budget import check_budget
+
+        return check_budget(value)
+
+
+def _peft_task(task: str) -> str:
+    from leantune.methods.lora import PEFT_TASK
+
+    return PEFT_TASK[task]
+
+
+def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
+    """Rank 1 on every candidate: the state the probes and the planner's trace start from."""
+    import peft
+
+    from leantune.memory.budget import parse_budget
+    from leantune.methods.lora import CLASSIFICATION_HEADS, check_targets
+
+    parse_budget(cfg.budget)  # a bad budget fails before anything is written
+    if isinstance(cfg.target_modules, list):
+        check_targets(model, cfg.target_modules)
+    modules_to_save = cfg.modules_to_save
+    if ctx.task == "classification" and modules_to_save is None:
+        children = {n for n, _ in model.named_children()}
+        modules_to_save = [h for h in CLASSIFICATION_HEADS if h in children] or None
+    lora = peft.LoraConfig(
+        task_type=_peft_task(ctx.task),
+        r=1,
+        lora_alpha=cfg.scaling,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        modules_to_save=modules_to_save,
+    )
+    try:
+        return peft.get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UserError(f"dynamic_rank: {exc}; set methods.N.target_modules explicitly") from None
+
+
+def _labels(features: list[dict]) -> list[Any]:
+    return [f["labels"] for f in features if isinstance(f.get("labels"), int)]
+
+
+class DynamicRankRuntime(MethodRuntime):
+    reshapes_parameters = True
+
+    def __init__(self, model, cfg: DynamicRankConfig, ctx: MethodContext) -> None:
+        from leantune.memory.budget import parse_budget
+
+        self.model, self.cfg, self.ctx = model, cfg, ctx
+        self.budget = parse_budget(cfg.budget)
+        self.planned = False
+        self.recompute = False
+        self.importance: dict[str, float] = {}
+        self.complexity: dict[str, float] = {}
+        self.plan: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # {"step", "ranks"} after every (re)allocation
+        self.measured_peak = 0
+        self.last_step = 0
+        self.run_dir = None
+        self._base_rss: int | None = None
+        self._step_peak = 0
+
+    # -- planning ------------------------------------------------------------------------------------
+    def _seq_len(self, trainer) -> int:
+        longest = max((len(f["input_ids"]) for f in trainer.train_data), default=1)
+        return min(longest, trainer.cfg.model.max_length)
+
+    def _probe(self, trainer, offset: int):
+        from leantune.methods._importance import layer_importance, probe_batches
+
+        batches = probe_batches(
+            trainer.train_data, trainer.cfg.train.batch_size, self.cfg.probe_batches, trainer.pad_id, offset
+        )
+        return layer_importance(self.model, batches)
+
+    def _plan(self, trainer, importance: dict[str, float], budget: int):
+        import torch
+
+        from leantune.memory.planner import RankCost, plan_ranks
+        from leantune.methods._lora_ranks import lora_layers, rank_of, resize
+
+        gen = torch.Generator().manual_seed(0)  # values are irrelevant: rank-1 factors with B = 0
+        for layer in lora_layers(self.model).values():
+            if rank_of(layer) == 0:  # trace every candidate as active; B = 0 keeps outputs unchanged
+                resize(layer, 1, gen)
+        cost = RankCost(self.model, trainer.cfg.task, self._seq_len(trainer))
+        return plan_ranks(
+            cost,
+            importance,
+            self.complexity["complexity"],
+            budget,
+            trainer.cfg.train.batch_size,
+            self.cfg.max_rank,
+            self.cfg.min_share,
+            recompute=self.recompute,
+            allow_recompute=self.cfg.allow_recompute,
+        )
+
+    def _apply_plan(self, trainer, plan, reason: str) -> None:
+        import torch
+
+        from leantune.memory.estimate import gradient_checkpointing
+        from leantune.methods._lora_ranks import lora_factors, lora_layers, rank_of, resize, sync_peft_config
+
+        if plan.batch_size != trainer.cfg.train.batch_size:
+            raise UserError(f"dynamic_rank: the budget needs train.batch_size={plan.batch_size}; set it")
+        if plan.recompute and not self.recompute:
+            gradient_checkpointing(self.model, True).__enter__()  # stays on for the rest of the run
+            self.recompute = True
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        step = trainer.state.step
+        kept_state: dict[str, tuple[int, dict, dict]] = {}
+        changes = []
+        layers = lora_layers(self.model)
+        before = {n: rank_of(layer) for n, layer in layers.items()}
+        shown_before = self.history[-1]["ranks"] if self.history else before
+        for i, (name, layer) in enumerate(layers.items()):
+            new = plan.ranks[name]
+            old = rank_of(layer)
+            factors = lora_factors(layer)
+            if factors is not None and new > old:
+                a, b = factors
+                kept_state[name] = (old, dict(opt.state.get(a, {})), dict(opt.state.get(b, {})))
+            gen = torch.Generator().manual_seed(hash((self.ctx.seed, step, i)) % (2**63))
+            done = resize(layer, new, gen)
+            if shown_before.get(name, old) != new:
+                changes.append({"layer": name, **done, "from": shown_before.get(name, old)})
+        sync_peft_config(self.model)
+        trainer.sync_parameters()
+        for name, (_old, state_a, state_b) in kept_state.items():
+            a, b = lora_factors(layers[name])
+            for param, state, dim in ((a, state_a, 0), (b, state_b, 1)):
+                if state:
+                    opt.state[param] = {
+                        k: _pad(v, param.shape, dim) if k in ("exp_avg", "exp_avg_sq") else v
+                        for k, v in state.items()
+                    }
+        if self.planned:  # the best checkpoint has the old shapes: track the best from here on
+            trainer.state.best_metric, trainer.state.best_step, trainer.state.bad_evals = None, None, 0
+        self.planned = True
+        self.plan = plan.to_dict()
+        ranks = {n: rank_of(layer) for n, layer in layers.items()}
+        self.history.append({"step": step, "ranks": ranks})
+        event = {
+            "step": step,
+            "event": "rank_allocation",
+            "reason": reason,
+            "budget_bytes": plan.budget_bytes,
+            "estimate_bytes": plan.estimate["total"],
+            "changes": [
+                {k: v for k, v in c.items() if k != "discarded"}
+                | ({"max_discarded_sv": max(c["discarded"], default=0.0)} if "discarded" in c else {})
+                for c in changes
+            ],
+            "trainable_lora_params": sum(p.numel() for lyr in layers.values() for p in _lora_params(lyr)),
+        }
+        self.events.append(event)
+        trainer.log.log(event)
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def on_train_start(self, trainer) -> None:
+        from leantune.memory.estimate import gradient_checkpointing
+
+        if trainer.world > 1:
+            raise UserError(
+                "dynamic_rank re-shapes parameters, which DDP cannot follow; run it in one process"
+            )
+        self.run_dir = trainer.run_dir
+        if self.planned:  # resumed: the checkpoint's ranks are in place already
+            if self.recompute:
+                gradient_checkpointing(self.model, True).__enter__()
+            return
+        from leantune.methods._importance import task_complexity
+
+        self.importance, probe_loss = self._probe(trainer, 0)
+        self.complexity = task_complexity(_labels(trainer.train_data), trainer.num_labels, probe_loss)
+        plan = self._plan(trainer, self.importance, self.budget)
+        self._apply_plan(trainer, plan, "initial plan from probe importance and task complexity")
+
+    def on_step_start(self, trainer) -> None:
+        from leantune.memory.budget import current_rss, reset_peak_rss
+
+        self._base_rss = current_rss() if reset_peak_rss() else None
+
+    def on_step_end(self, trainer) -> None:
+        from leantune.memory.budget import peak_rss_since_reset
+
+        peak = peak_rss_since_reset()
+        if peak is not None and self._base_rss is not None:
+            est = self.plan["estimate"]
+            measured = est["weights"] + est["optimizer_state"] + peak - self._base_rss
+            self._step_peak = max(self._step_peak, measured)
+            self.measured_peak = max(self.measured_peak, measured)
+        done = trainer.state.step + 1
+        self.last_step = done
+        every = self.cfg.realloc_every
+        if not every or done % every or done >= trainer.total_steps:
+            return
+        self._reconsider(trainer, done)
+
+    def _reconsider(self, trainer, done: int) -> None:
+        from leantune.memory.planner import fmt_bytes
+        from leantune.methods._importance import drift
+
+        importance, _ = self._probe(trainer, done)
+        moved = drift(self.importance, importance)
+        measured, self._step_peak = self._step_peak, 0
+        estimate = self.plan["estimate"]["total"]
+        reasons, budget = [], self.budget
+        if moved > self.cfg.drift_threshold:
+            reasons.append(f"importance drifted by {moved:.3f} > {self.cfg.drift_threshold}")
+        if measured > (1 - self.cfg.memory_margin) * self.budget:
+            budget = int(self.budget * min(1.0, estimate / measured))
+            reasons.append(
+                f"measured peak {fmt_bytes(measured)} > {1 - self.cfg.memory_margin:.2f} x budget "
+                f"{fmt_bytes(self.budget)}; planning against {fmt_bytes(budget)} (estimate/measured)"
+            )
+        check = {
+            "step": trainer.state.step,
+            "event": "rank_check",
+            "drift": moved,
+            "measured_peak_bytes": measured,
+        }
+        trainer.log.log(check)
+        if not reasons:
+            return
+        self.importance = importance
+        try:
+            plan = self._plan(trainer, importance, budget)
+        except UserError as exc:  # the scaled budget is below the minimum: keep the current ranks
+            self._restore_ranks()
+            trainer.log.log({"step": trainer.state.step, "event": "rank_check", "error": str(exc)})
+            return
+        self._apply_plan(trainer, plan, "; ".join(reasons))
+
+    def _restore_ranks(self) -> None:
+        """Undo the planner's temporary rank-1 layers (their B is zero: nothing learned is lost)."""
+        import torch
+
+        from leantune.methods._lora_ranks import lora_layers, rank_of, resize
+
+        gen = torch.Generator().manual_seed(0)
+        for name, layer in lora_layers(self.model).items():
+            if self.history[-1]["ranks"][name] == 0 and rank_of(layer) > 0:
+                resize(layer, 0, gen)
+
+    # -- checkpoints and report ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "planned": self.planned,
+            "recompute": self.recompute,
+            "importance": self.importance,
+            "complexity": self.complexity,
+            "plan": self.plan,
+            "events": self.events,
+            "history": self.history,
+            "measured_peak": self.measured_peak,
+        }
+
+    def load(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Re-shape every layer to the checkpoint's ranks before the trainer loads its weights."""
+        import torch
+
+        from leantune.methods._lora_ranks import lora_layers, resize, sync_peft_config
+
+        for key in ("planned", "recompute", "importance", "complexity", "plan", "events", "history"):
+            setattr(self, key, state[key])
+        self.measured_peak = state.get("measured_peak", 0)
+        if self.history:
+            gen = torch.Generator().manual_seed(0)  # the checkpoint overwrites these values
+            for name, layer in lora_layers(self.model).items():
+                resize(layer, self.history[-1]["ranks"][name], gen)
+            sync_peft_config(self.model)
+
+    def report(self) -> dict[str, Any]:
+        out = {
+            "budget_bytes": self.budget,
+            "ranks": self.history[-1]["ranks"] if self.history else {},
+            "complexity": self.complexity,
+            "plan": self.plan,
+            "reallocations": len(self.events) - 1 if self.events else 0,
+            "events": self.events,
+            "measured_peak_bytes": self.measured_peak,
+            "trainable_params_final": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+        }
+        if self.run_dir is not None and self.history:
+            out["rank_plot"] = str(
+                plot_history(self.history, self.run_dir / "rank_history.png", self.last_step)
+            )
+        return out
+
+
+def _lora_params(layer):
+    from leantune.methods._lora_ranks import lora_factors
+
+    return lora_factors(layer) or ()
+
+
+def _pad(value, shape, dim: int):
+    """An AdamW moment of the old, smaller factor, zero-padded to the grown factor's shape."""
+    import torch
+
+    if not torch.is_tensor(value) or value.shape == shape:
+        return value
+    pad = list(shape)
+    pad[dim] = shape[dim] - value.shape[dim]
+    return torch.cat([value, torch.zeros(pad, dtype=value.dtype, device=value.device)], dim)
+
+
+def plot_history(history: list[dict[str, Any]], path, last_step: int = 0):
+    """Rank per layer over training steps (a step line per layer), as a PNG in the run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(history[0]["ranks"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [h["step"] for h in history]
+    end = max(last_step, steps[-1] + max(1, math.ceil(0.05 * (steps[-1] or 1))))
+    for name in names:
+        ranks = [h["ranks"].get(name, 0) for h in history]
+        ax.step(steps + [end], ranks + ranks[-1:], where="post", label=name.replace("base_model.model.", ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("LoRA rank")
+    ax.set_title("dynamic_rank: rank per layer over training")
+    if len(names) <= 16:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _runtime(model, cfg: DynamicRankConfig, ctx: MethodContext) -> DynamicRankRuntime:
+    return DynamicRankRuntime(model, cfg, ctx)
+
+
+SPEC = register(MethodSpec("dynamic_rank", DynamicRankConfig, apply, runtime=_runtime))

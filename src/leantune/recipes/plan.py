@@ -1,0 +1,122 @@
+"""`leantune plan`: the per-layer rank plan for a memory budget, printed without training.
+
+It runs exactly what `dynamic_rank` runs when training starts (probe importance, task complexity, the
+planner under the memory model), on the config's data and model, and writes nothing unless `--json`
+is given. Configs without a `dynamic_rank` method are planned with its defaults over the LoRA method's
+targets, so `leantune plan configs/default.yaml --memory-budget 1GiB` works too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from leantune.config import Config
+from leantune.errors import UserError
+
+
+def _method_config(cfg: Config, budget: str | None):
+    from leantune.memory.budget import check_budget
+    from leantune.methods.dynamic_rank import DynamicRankConfig
+
+    if budget is not None:
+        try:
+            check_budget(budget)
+        except ValueError as exc:
+            raise UserError(f"--memory-budget: {exc}") from None
+    for i, method in enumerate(cfg.methods):
+        if method.name == "dynamic_rank":
+            if budget is not None:
+                method = method.model_copy(update={"budget": budget})
+            return i, method
+    lora = next((m for m in cfg.methods if m.name == "lora"), None)
+    targets = getattr(lora, "target_modules", None)
+    if budget is None:
+        raise UserError("no dynamic_rank method in the config; pass --memory-budget (e.g. 2GiB or 0.5)")
+    method = DynamicRankConfig(budget=budget, target_modules=targets)
+    others = [j for j, m in enumerate(cfg.methods) if m.name != "lora"]
+    return (others[-1] + 1 if others else 0), method
+
+
+def make_plan(
+    cfg: Config, budget: str | None, allow_recompute: bool = False, allow_batch_reduce: bool = False
+) -> dict:
+    from leantune.memory.budget import parse_budget
+    from leantune.memory.planner import RankCost, plan_ranks
+    from leantune.methods import MethodContext, apply_methods
+    from leantune.methods._importance import layer_importance, probe_batches, task_complexity
+    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.recipes.common import setup_torch
+    from leantune.recipes.train import build_features
+
+    index, method = _method_config(cfg, budget)
+    budget_bytes = parse_budget(method.budget)
+    setup_torch(cfg.train.seed, cfg.train.num_threads)
+    tok = load_tokenizer(cfg.model.name)
+    data = build_features(cfg, tok)
+    if not data["train"]:
+        raise UserError(f"the training split of {cfg.data.source} is empty; the planner needs probe batches")
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
+    methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
+    methods.insert(min(index, len(methods)), method)
+    model = apply_methods(model, methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    batches = probe_batches(data["train"], cfg.train.batch_size, method.probe_batches, tok.pad_token_id)
+    importance, probe_loss = layer_importance(model, batches)
+    labels = [f["labels"] for f in data["train"] if isinstance(f.get("labels"), int)]
+    complexity = task_complexity(labels, len(cfg.data.label_names or []), probe_loss)
+    seq_len = min(max(len(f["input_ids"]) for f in data["train"]), cfg.model.max_length)
+    cost = RankCost(model, cfg.task, seq_len)
+    plan = plan_ranks(
+        cost,
+        importance,
+        complexity["complexity"],
+        budget_bytes,
+        cfg.train.batch_size,
+        method.max_rank,
+        method.min_share,
+        allow_recompute=allow_recompute or method.allow_recompute,
+        allow_batch_reduce=allow_batch_reduce,
+    )
+    return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
+
+
+def format_plan(plan: dict) -> str:
+    from leantune.memory.planner import fmt_bytes
+
+    c, est = plan["task_complexity"], plan["estimate"]
+    lines = [
+        f"memory budget {plan['budget']} = {fmt_bytes(plan['budget_bytes'])}; estimate "
+        f"{fmt_bytes(est['total'])} (weights {fmt_bytes(est['weights'])}, gradients "
+        f"{fmt_bytes(est['gradients'])}, optimizer {fmt_bytes(est['optimizer_state'])}, activations "
+        f"{fmt_bytes(est['activations'])}, transient {fmt_bytes(est['transient'])})",
+        f"batch {plan['batch_size']} x {plan['seq_len']} tokens (longest training example), recomputation "
+        f"{'on' if plan['recompute'] else 'off'}; task complexity {c['complexity']:.2f} (label entropy "
+        f"{c['label_entropy']:.2f}, probe loss {c['probe_loss']:.3f} = {c['loss_vs_chance']:.2f} of chance)"
+        f" -> rank cap {plan['max_rank']}",
+        "changed to fit: " + ("; ".join(plan["changes"]) if plan["changes"] else "nothing"),
+        "",
+    ]
+    width = max(len(layer["name"]) for layer in plan["layers"])
+    lines.append(f"{'layer':<{width}}  importance  rank  {'bytes':>10}  reason")
+    for layer in plan["layers"]:
+        lines.append(
+            f"{layer['name']:<{width}}  {layer['importance']:10.4f}  {layer['rank']:4d}  "
+            f"{fmt_bytes(layer['bytes']):>10}  {layer['reason']}"
+        )
+    return "\n".join(lines)
+
+
+def run_plan(
+    cfg: Config,
+    budget: str | None,
+    allow_recompute: bool = False,
+    allow_batch_reduce: bool = False,
+    json_out: Path | None = None,
+) -> dict:
+    if json_out is not None and json_out.exists():
+        raise UserError(f"{json_out} exists; choose another --json path")
+    plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce)
+    print(format_plan(plan))
+    if json_out is not None:
+        json_out.write_text(json.dumps(plan, indent=2) + "\n")
+    return plan

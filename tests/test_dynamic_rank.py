@@ -1,0 +1,138 @@
+"""dynamic_rank: resizing keeps the output continuous (SVD shrink within the discarded singular values,
+zero-column growth bit-identical), training re-allocates with logged reasons, the adapter loads in peft
+with the same outputs, and --resume continues exactly across a re-allocation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leantune.config import load_config
+from leantune.recipes.train import run_train
+
+
+def _lora_linear(r: int, seed: int = 0):
+    import peft
+
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential()
+    base.add_module("proj", torch.nn.Linear(24, 20))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():  # a trained-looking adapter: B is no longer zero
+        layer.lora_B["default"].weight.normal_()
+    return model.eval(), layer
+
+
+def test_svd_shrink_changes_outputs_by_at_most_the_discarded_singular_values():
+    from leantune.methods._lora_ranks import rank_of, resize
+
+    model, layer = _lora_linear(8)
+    x = torch.randn(64, 24)
+    before = model(x).detach()
+    scaling = layer.scaling["default"]
+    done = resize(layer, 3, torch.Generator().manual_seed(0))
+    after = model(x).detach()
+    assert rank_of(layer) == 3 and done["kind"] == "shrink" and len(done["discarded"]) == 5
+    # ||scaling (BA - B'A') x|| <= scaling sigma_4 ||x|| for every input row (Eckart-Young, spectral norm)
+    bound = scaling * done["discarded"][0] * x.norm(dim=1)
+    change = (after - before).norm(dim=1)
+    assert torch.all(change <= bound * (1 + 1e-5) + 1e-6)
+    assert change.max() > 0.05 * bound.max()  # the bound is not vacuous: something was discarded
+    # the kept part is the best rank-3 approximation: its error equals the discarded spectrum exactly
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert delta.shape == (20, 24)
+
+
+def test_growing_with_zero_columns_leaves_outputs_bit_identical():
+    from leantune.methods._lora_ranks import rank_of, resize
+
+    model, layer = _lora_linear(4)
+    x = torch.randn(32, 24)
+    before = model(x).detach()
+    resize(layer, 8, torch.Generator().manual_seed(1))
+    assert rank_of(layer) == 8
+    assert torch.equal(model(x).detach(), before)
+    resize(layer, 0, None)  # rank 0: the adapter is gone, the layer is its base again
+    assert torch.equal(model(x).detach(), model.base_model.model.proj.base_layer(x).detach())
+
+
+def _overrides(base_overrides, **extra) -> list[str]:
+    method = {
+        "name": "dynamic_rank",
+        "budget": "64MiB",
+        "target_modules": ["query", "value", "intermediate.dense"],
+        "realloc_every": 8,
+        "drift_threshold": 0.0,
+        "probe_batches": 2,
+        **extra,
+    }
+    return [*base_overrides, f"methods=[{json.dumps(method)}]", "train.max_steps=24", "train.save_every=4"]
+
+
+def test_training_reallocates_logs_reasons_and_saves_a_peft_adapter(base_overrides, tmp_path):
+    from leantune.eval.loop import evaluate
+    from leantune.methods._lora_ranks import lora_layers, rank_of
+    from leantune.models.loader import load_tokenizer
+    from leantune.recipes.common import load_trained_model
+    from leantune.recipes.train import build_features
+
+    cfg = load_config(None, _overrides(base_overrides))
+    summary = run_train(cfg)
+    report = summary["method_reports"]["dynamic_rank"]
+    run = tmp_path / "run"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    allocations = [e for e in events if e.get("event") == "rank_allocation"]
+    assert len(allocations) == 3 and report["reallocations"] == 2  # steps 0, 8 and 16
+    assert all(e["reason"] for e in allocations) and "drifted" in allocations[1]["reason"]
+    assert report["plan"]["estimate"]["total"] <= report["budget_bytes"]
+    assert (run / "rank_history.png").stat().st_size > 1000
+    ranks = report["ranks"]
+    assert 0 in ranks.values() or len(set(ranks.values())) > 1  # a per-layer choice, not uniform LoRA
+    adapter = json.loads((run / "model" / "adapter_config.json").read_text())
+    assert adapter["rank_pattern"] == {n: r for n, r in ranks.items() if r > 0}
+    # peft loads the adapter with the same ranks and gives the same test loss as the trained model
+    loaded = load_trained_model(run, load_config(run / "config.yaml"))
+    assert {n: rank_of(layer) for n, layer in lora_layers(loaded).items()} == {
+        n: r for n, r in ranks.items() if r > 0
+    }
+    tok = load_tokenizer(cfg.model.name)
+    test = build_features(load_config(run / "config.yaml"), tok)["test"]
+    metrics = evaluate(loaded, test, "classification", 64, tok.pad_token_id, 0, 1, 2)
+    assert metrics["loss"] == pytest.approx(summary["test"]["loss"], abs=1e-6)
+
+
+def test_a_smaller_budget_gives_smaller_ranks(base_overrides, tmp_path):
+    from leantune.recipes.plan import make_plan
+
+    big = make_plan(load_config(None, _overrides(base_overrides)), "64MiB")
+    floor = big["estimate"]["total"] - sum(layer["bytes"] for layer in big["layers"])
+    small = make_plan(load_config(None, _overrides(base_overrides)), str(floor + 40_000))
+    assert sum(small["ranks"].values()) < sum(big["ranks"].values())
+    assert small["estimate"]["total"] <= floor + 40_000
+
+
+def test_resume_continues_exactly_across_a_reallocation(base_overrides, tmp_path):
+    overrides = [*_overrides(base_overrides), "train.keep_checkpoints=10"]
+    first = run_train(load_config(None, overrides))
+    root = tmp_path / "run" / "checkpoints"
+    # Go back to step 12 (after the re-allocation at step 8: shapes differ from a fresh model) and resume.
+    (root / "latest").write_text("step-00000012")
+    (tmp_path / "run" / "summary.json").unlink()
+    second = run_train(load_config(None, overrides), resume=True)
+    assert second["train"]["resumed"]
+    assert (
+        second["method_reports"]["dynamic_rank"]["ranks"] == first["method_reports"]["dynamic_rank"]["ranks"]
+    )
+    assert second["weights_sha256_per_rank"] == first["weights_sha256_per_rank"]
+
+
+def test_adalora_baseline_prunes_to_its_target_rank(base_overrides):
+    method = "{name: adalora, init_r: 6, target_r: 2, delta_t: 2}"
+    summary = run_train(load_config(None, [*base_overrides, f"methods=[{method}]", "train.max_steps=20"]))
+    report = summary["method_reports"]["adalora"]
+    assert len(report["ranks"]) == 6  # query and value of 3 blocks
+    assert report["total_rank"] == 2 * 6  # peft's budget ends at target_r per layer on average
+    assert max(report["ranks"].values()) <= 6

@@ -1,0 +1,141 @@
+"""The memory model and the rank planner: exact parameter/gradient/optimizer bytes, traced activations
+that scale as claimed, plans that respect the budget, and one-line errors naming the minimum budget.
+
+Peak RSS of a whole step is compared with the model in benchmarks/results/memory-model/ (a grid on the
+real MiniLM, one process per setting): on tiny models the activations are kilobytes, below RSS noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leantune.errors import UserError
+from leantune.memory.budget import parse_budget
+from leantune.memory.estimate import estimate_memory, probe_batch, trace_activations
+from leantune.memory.planner import RankCost, plan_ranks
+from leantune.methods import MethodContext, apply_methods
+from leantune.methods.registry import method_config_class
+from leantune.models.loader import load_model
+from leantune.train.optim import build_optimizer
+from tests.conftest import cli_err
+
+
+def _model(path, task: str, methods: list[dict]):
+    torch.manual_seed(0)
+    model = load_model(str(path), task, "float32", ["neg", "pos"] if task == "classification" else None)
+    configs = [method_config_class(m["name"])(**m) for m in methods]
+    return apply_methods(model, configs, MethodContext(task=task, seed=0))
+
+
+@pytest.mark.parametrize(
+    ("arch", "task", "methods"),
+    [
+        ("bert", "classification", [{"name": "lora", "r": 4}]),
+        ("gpt2", "causal_lm", [{"name": "freeze", "layers": 1}]),
+    ],
+)
+def test_parameter_gradient_and_optimizer_bytes_are_exact(tiny_models, arch, task, methods):
+    torch.set_num_threads(1)
+    model = _model(tiny_models[arch], task, methods)
+    est = estimate_memory(model, task, batch_size=4, seq_len=12)
+    assert est.weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
+    opt = build_optimizer(model, 1e-3, 0.0)
+    model.train()
+    model(**probe_batch(model, task, 4, 12)).loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    assert est.grad_bytes == grads
+    assert est.optimizer_bytes == state
+
+
+@pytest.mark.parametrize(("arch", "task"), [("bert", "classification"), ("llama", "causal_lm")])
+def test_traced_activations_scale_with_batch_and_follow_the_trained_layers(tiny_models, arch, task):
+    torch.set_num_threads(1)
+    lora = _model(tiny_models[arch], task, [{"name": "lora", "r": 4, "target_modules": "all-linear"}])
+    est = estimate_memory(lora, task, batch_size=6, seq_len=16)
+    measured = trace_activations(lora, task, 16, batch_size=6).total  # saved tensors at the real batch
+    assert est.activation_bytes == pytest.approx(measured, rel=0.10)
+    # Freezing the lower two blocks: backward stops above them, so they save nothing at all.
+    frozen = _model(tiny_models[arch], task, [{"name": "freeze", "layers": 2}])
+    full = _model(tiny_models[arch], task, [{"name": "full"}])
+    rows_frozen = {r.name: r.activation_bytes for r in estimate_memory(frozen, task, 6, 16).layers}
+    rows_full = {r.name: r.activation_bytes for r in estimate_memory(full, task, 6, 16).layers}
+    lower = [name for name in rows_full if name.endswith((".0", ".1"))]
+    assert len(lower) == 2 and all(rows_full[n] > 0 and rows_frozen.get(n, 0) == 0 for n in lower)
+    top = next(name for name in rows_full if name.endswith(".2"))
+    assert rows_frozen[top] > 0
+
+
+def test_recompute_saves_activation_memory(tiny_models):
+    model = _model(tiny_models["bert"], "classification", [{"name": "full"}])
+    plain = estimate_memory(model, "classification", 8, 32)
+    ckpt = estimate_memory(model, "classification", 8, 32, recompute=True)
+    assert ckpt.activation_bytes < plain.activation_bytes
+    assert ckpt.grad_bytes == plain.grad_bytes
+
+
+def _cost(tiny_models) -> tuple[RankCost, dict[str, float]]:
+    model = _model(tiny_models["bert"], "classification", [{"name": "dynamic_rank", "budget": "1GiB"}])
+    cost = RankCost(model, "classification", 16)
+    names = sorted(cost.layers)
+    importance = {n: (i + 1) / sum(range(1, len(names) + 1)) for i, n in enumerate(names)}
+    return cost, importance
+
+
+def test_planner_respects_the_budget_and_ranks_shrink_with_it(tiny_models):
+    torch.set_num_threads(1)
+    cost, importance = _cost(tiny_models)
+    smallest = {n: 0 for n in importance} | {max(importance, key=importance.get): 1}
+    floor = cost.total(smallest, 16, False)
+    largest = cost.total(dict.fromkeys(importance, 16), 16, False)
+    budgets = [int(floor + f * (largest - floor)) for f in (1.0, 0.6, 0.3, 0.1, 0.0)]
+    totals = []
+    for budget in budgets:
+        plan = plan_ranks(cost, importance, 1.0, budget, 16, max_rank=16, min_share=0.0)
+        assert plan.estimate["total"] <= budget
+        assert plan.estimate["total"] == cost.total(plan.ranks, 16, False)
+        totals.append(sum(plan.ranks.values()))
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1] == 1
+    first = plan_ranks(cost, importance, 1.0, budgets[0], 16, max_rank=16, min_share=0.0)
+    top = max(importance, key=importance.get)
+    assert first.ranks[top] == 16 and all(layer.reason for layer in first.layers)
+
+
+def test_impossible_budget_names_the_minimum_that_fits(tiny_models):
+    cost, importance = _cost(tiny_models)
+    with pytest.raises(UserError, match=r"at least") as err:
+        plan_ranks(cost, importance, 1.0, 1000, 16)
+    need = int(str(err.value).split("(")[2].split(" bytes")[0])
+    plan = plan_ranks(cost, importance, 1.0, need, 16)  # the named minimum really fits
+    assert sum(plan.ranks.values()) == 1
+    with pytest.raises(UserError):
+        plan_ranks(cost, importance, 1.0, need - 1, 16)
+    shrunk = plan_ranks(cost, importance, 1.0, need, 64, allow_batch_reduce=True)
+    assert shrunk.batch_size < 64 and any("batch size" in c for c in shrunk.changes)
+
+
+def test_budget_parsing(monkeypatch):
+    import leantune.memory.budget as budget
+
+    assert parse_budget("2GiB") == 2 * 2**30
+    assert parse_budget("512 MB") == 512 * 10**6
+    assert parse_budget(3e9) == 3_000_000_000
+    monkeypatch.setattr(budget, "available_bytes", lambda: 10_000)
+    assert parse_budget("0.5") == 5_000
+    with pytest.raises(UserError, match="not a memory size"):
+        parse_budget("2 apples")
+
+
+def test_plan_cli_prints_the_plan_and_rejects_an_impossible_budget(base_overrides, capsys, tmp_path):
+    from leantune.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", *base_overrides, "--memory-budget", "64MiB", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "importance" in printed and "attention.self.value" in printed
+    assert out.is_file() and not (tmp_path / "run").exists()  # nothing of a run is written
+    line = cli_err(capsys, "plan", *base_overrides, "--memory-budget", "100KB")
+    assert "too small" in line and "at least" in line
+    assert "memory size" in cli_err(capsys, "plan", *base_overrides, "--memory-budget", "lots")
