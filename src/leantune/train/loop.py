@@ -31,7 +31,7 @@ from leantune.methods.registry import MethodRuntime
 from leantune.train import checkpoint as ckpt
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
-from leantune.train.optim import NO_DECAY, build_optimizer, linear_schedule
+from leantune.train.optim import build_optimizer, decay_split, linear_schedule
 from leantune.train.prefix_cache import PrefixCache
 from leantune.train.step import backprop_step
 
@@ -143,10 +143,7 @@ class Trainer:
         that still exist (a method may then put state of its own for new ones in `optimizer.state`).
         """
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
-        decay, no_decay = [], []
-        for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
+        decay, no_decay = decay_split(self.module)
         if len(opt.param_groups) == 2:
             opt.param_groups[0]["params"], opt.param_groups[1]["params"] = decay, no_decay
         elif not decay or not no_decay:

@@ -7,11 +7,17 @@ import torch
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_")
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def decay_split(model: torch.nn.Module) -> tuple[list, list]:
+    """The trainable parameters, in `named_parameters` order: (decayed, not decayed: biases and norms)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if any(k in name for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
+    return decay, no_decay
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = decay_split(model)
     if not decay and not no_decay:
         raise ValueError("no trainable parameters")
     groups = [
