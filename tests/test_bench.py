@@ -222,6 +222,18 @@ def test_seed000_suite_validates_and_lists_its_runs(capsys, tmp_path, monkeypatc
     assert "lora-r2" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "suite", sorted(p.stem for p in (ROOT / "benchmarks" / "suites").glob("*.yaml")), ids=str
+)
+def test_every_shipped_suite_validates(suite, capsys, tmp_path, monkeypatch):
+    """Every committed suite's runs are valid configs (a suite that breaks is found here, not after hours)."""
+    monkeypatch.chdir(ROOT)
+    code = main(["bench", suite, "--dry-run", "--results", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    assert "to do" in capsys.readouterr().out
+    assert not (tmp_path / suite).exists()
+
+
 def test_torn_artefact_counts_as_unfinished(tmp_path):
     path = tmp_path / "lora-r1.json"
     path.write_text('{"schema": 1, "run_id": "lo')
