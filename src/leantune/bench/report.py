@@ -158,7 +158,8 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
         )
     loads = [x["machine"]["load_avg_1m_5m_15m"][0] for x in artefacts if "load_avg_1m_5m_15m" in x["machine"]]
     busy = ""
-    if loads and max(loads) > (m.get("cpu_count") or 1) * 0.75:
+    # A run's own threads already load every core (load ~ cpu_count); more than that is other work.
+    if loads and max(loads) > (m.get("cpu_count") or 1) * 1.25:
         busy = (
             f" The machine was busy with other work during some runs (1-min load average up to "
             f"{max(loads):.1f} on {m.get('cpu_count')} CPUs): times are upper bounds and ratios are noisy."
