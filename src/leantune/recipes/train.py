@@ -109,7 +109,8 @@ class Prepared:
         from leantune.methods import MethodContext
         from leantune.train.loop import Trainer
 
-        ctx = MethodContext(task=self.cfg.task, seed=self.cfg.train.seed)
+        names = tuple(m.name for m in self.cfg.methods)
+        ctx = MethodContext(task=self.cfg.task, seed=self.cfg.train.seed, methods=names)
         runtimes = [
             spec.runtime(self.model, mcfg, ctx)
             for spec, mcfg in zip(self.specs, self.cfg.methods, strict=True)
