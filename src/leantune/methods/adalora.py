@@ -37,7 +37,7 @@ class AdaLoraMethodConfig(MethodConfig):
 def apply(model, cfg: AdaLoraMethodConfig, ctx: MethodContext):
     import peft
 
-    from leantune.methods.lora import CLASSIFICATION_HEADS, PEFT_TASK, check_targets
+    from leantune.methods.lora import PEFT_TASK, check_targets, heads_to_save
 
     if cfg.target_r > cfg.init_r:
         raise UserError(f"adalora: target_r={cfg.target_r} exceeds init_r={cfg.init_r}; lower target_r")
@@ -47,10 +47,7 @@ def apply(model, cfg: AdaLoraMethodConfig, ctx: MethodContext):
         )
     if isinstance(cfg.target_modules, list):
         check_targets(model, cfg.target_modules)
-    modules_to_save = None
-    if ctx.task == "classification":
-        children = {n for n, _ in model.named_children()}
-        modules_to_save = [h for h in CLASSIFICATION_HEADS if h in children] or None
+    modules_to_save = heads_to_save(model, ctx)
     config = peft.AdaLoraConfig(
         task_type=PEFT_TASK[ctx.task],
         init_r=cfg.init_r,

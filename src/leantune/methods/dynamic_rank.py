@@ -80,15 +80,12 @@ def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
     import peft
 
     from leantune.memory.budget import parse_budget
-    from leantune.methods.lora import CLASSIFICATION_HEADS, check_targets
+    from leantune.methods.lora import check_targets, heads_to_save
 
     parse_budget(cfg.budget)  # a bad budget fails before anything is written
     if isinstance(cfg.target_modules, list):
         check_targets(model, cfg.target_modules)
-    modules_to_save = cfg.modules_to_save
-    if ctx.task == "classification" and modules_to_save is None:
-        children = {n for n, _ in model.named_children()}
-        modules_to_save = [h for h in CLASSIFICATION_HEADS if h in children] or None
+    modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else heads_to_save(model, ctx)
     lora = peft.LoraConfig(
         task_type=_peft_task(ctx.task),
         r=1,

@@ -45,15 +45,20 @@ def check_targets(model, targets: list[str]) -> None:
             )
 
 
+def heads_to_save(model, ctx: MethodContext) -> list[str] | None:
+    """Classification heads peft does not train by itself (it only knows `classifier` and `score`)."""
+    if ctx.task != "classification":
+        return None
+    children = {n for n, _ in model.named_children()}
+    return [h for h in CLASSIFICATION_HEADS if h in children] or None
+
+
 def apply(model, cfg: LoraConfig, ctx: MethodContext):
     import peft
 
     if isinstance(cfg.target_modules, list):
         check_targets(model, cfg.target_modules)
-    modules_to_save = cfg.modules_to_save
-    if ctx.task == "classification" and modules_to_save is None:
-        children = {n for n, _ in model.named_children()}
-        modules_to_save = [h for h in CLASSIFICATION_HEADS if h in children] or None
+    modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else heads_to_save(model, ctx)
     lora = peft.LoraConfig(
         task_type=PEFT_TASK[ctx.task],
         r=cfg.r,
