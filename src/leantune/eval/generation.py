@@ -144,28 +144,30 @@ def generation_eval(
     return text_metrics(predictions, references), records
 
 
+def run_generation_eval(cfg, tok, model, rows: list[Record], rank: int, world: int):
+    """`generation_eval` over `rows` with the run's generation settings: (metrics, prediction records)."""
+    ec = cfg.eval
+    return generation_eval(
+        model,
+        tok,
+        rows,
+        cfg.data.text_column,
+        cfg.data.label_column,
+        cfg.task,
+        cfg.model.max_length,
+        ec.max_new_tokens,
+        ec.num_beams,
+        ec.batch_size,
+        rank,
+        world,
+    )
+
+
 def generation_evaluator(cfg, tok, rows: list[Record], rank: int, world: int) -> Callable[[object], dict]:
     """`model -> metrics` over `rows` with the run's generation settings (the trainer's validation hook)."""
-    ec = cfg.eval
 
     def run(model) -> dict:
-        if not rows:
-            return {}
-        metrics, _ = generation_eval(
-            model,
-            tok,
-            rows,
-            cfg.data.text_column,
-            cfg.data.label_column,
-            cfg.task,
-            cfg.model.max_length,
-            ec.max_new_tokens,
-            ec.num_beams,
-            ec.batch_size,
-            rank,
-            world,
-        )
-        return metrics
+        return run_generation_eval(cfg, tok, model, rows, rank, world)[0] if rows else {}
 
     return run
 

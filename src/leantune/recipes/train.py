@@ -228,22 +228,10 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         )
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
-        from leantune.eval.generation import generation_eval
+        from leantune.eval.generation import run_generation_eval
 
-        ec = cfg.eval
-        generated, predictions = generation_eval(
-            trainer.module,
-            tok,
-            prep.generation_rows["test"],
-            cfg.data.text_column,
-            cfg.data.label_column,
-            cfg.task,
-            cfg.model.max_length,
-            ec.max_new_tokens,
-            ec.num_beams,
-            ec.batch_size,
-            acc.process_index,
-            acc.num_processes,
+        generated, predictions = run_generation_eval(
+            cfg, tok, trainer.module, prep.generation_rows["test"], acc.process_index, acc.num_processes
         )
         test.update(generated)
     mmlu = None
