@@ -220,3 +220,78 @@ def test_calibration_schedule_follows_the_decaying_fraction():
         expected = sum(calibration_fraction(ga, s) for s in range(n))
         assert abs(sum(flags[:n]) - expected) < 1.0  # the count tracks sum(p) to within one step
     assert sum(flags[:40]) == 13 and sum(flags[40:]) == 16  # ceil(12.2), then 0.1 of the 160 steps
+
+
+def _fixed_batch_runtime(base_overrides, method: str):
+    cfg = load_config(None, [*base_overrides, f"methods=[{method}]"])
+    prep = prepare(cfg)
+    for m in prep.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    rt = GradApproxRuntime(prep.model, cfg.methods[0], MethodContext("classification", 0))
+    return rt, prep.model, collate(prep.data["train"][:16], prep.tokenizer.pad_token_id)
+
+
+def test_task_loss_alone_teaches_g_a_descent_direction(base_overrides):
+    """Cosine term off: G learns only from L(theta - lr * g_hat). The model stays fixed (one batch, no
+    optimizer step), so the look-ahead loss can only fall because G's update got better."""
+    method = "{name: grad_approx, split_layer: 1, match_weight: 0, task_loss_weight: 1, task_loss_lr: 100.0}"
+    rt, model, batch = _fixed_batch_runtime(base_overrides, method)
+    g_before = [p.detach().clone() for p in rt.g.parameters()]
+    rt._calibration_step(model, batch, _PlainBackward(), 1.0)
+    assert rt.task_grad_norm > 0  # the task term reaches G's parameters ...
+    model_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    for _ in range(29):
+        rt._calibration_step(model, batch, _PlainBackward(), 1.0)
+        model.zero_grad(set_to_none=True)
+    assert len(rt.lookahead) == 30
+    assert len({round(row[0], 6) for row in rt.lookahead}) == 1  # the model itself never moved
+    before, first_after, last_after = rt.lookahead[0][0], rt.lookahead[0][1], rt.lookahead[-1][1]
+    # The tiny random model sits near ln 2, so changes are small; G's step lowers the loss by 1e-4 or
+    # more at the end, at least 5x what the untrained G's step did.
+    assert before - last_after > max(1e-4, 5 * (before - first_after)), rt.lookahead
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, rt.g.parameters(), strict=True))
+    # Without the task term nothing of it is computed or reaches G.
+    rt0, model0, batch0 = _fixed_batch_runtime(base_overrides, "{name: grad_approx, split_layer: 1}")
+    rt0._calibration_step(model0, batch0, _PlainBackward(), 1.0)
+    assert rt0.task_grad_norm == 0.0 and rt0.lookahead == []
+    # ... but never the model's own gradients: those stay the exact backprop ones.
+    plain_grads = [p.grad for p in model0.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(model_grads, plain_grads, strict=True))
+
+
+def test_task_loss_run_reports_the_lookahead_and_resumes_exactly(base_overrides, tmp_path):
+    ga = "{name: grad_approx, split_layer: 1, guard_cosine: -1, task_loss_weight: 1, dropout: 0.1}"
+    method = f"methods=[{ga}]"
+    overrides = [*base_overrides, method, "train.max_steps=8", "train.save_every=4"]
+    first = run_train(load_config(None, overrides))
+    look = first["method_reports"]["grad_approx"]["lookahead"]
+    assert look["calibration_batches"] == first["method_reports"]["grad_approx"]["calibration_steps"]
+    assert look["inner_lr"] == load_config(None, overrides).train.lr
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000004")
+    (tmp_path / "run" / "summary.json").unlink()
+    again = run_train(load_config(None, overrides), resume=True)
+    assert again["weights_sha256_per_rank"] == first["weights_sha256_per_rank"]
+    assert again["method_reports"]["grad_approx"]["lookahead"] == look
+
+
+def test_eval_of_a_prompt_run_reattaches_the_prompt(base_overrides, tmp_path):
+    from leantune.models.loader import load_model
+    from leantune.recipes.common import load_run_config, load_trained_model
+    from leantune.recipes.evaluate import run_eval
+
+    method = "methods=[{name: grad_approx, target: prompt, split_layer: 1, mode: exact}]"
+    summary = _run(base_overrides, method, "train.lr=0.02", "train.max_steps=6")
+    run_dir = tmp_path / "run"
+    metrics = run_eval(run_dir, None)
+    assert metrics["loss"] == pytest.approx(summary["test"]["loss"], abs=1e-5)
+    assert metrics["accuracy"] == summary["test"]["accuracy"]
+    cfg = load_run_config(run_dir)
+    ids = torch.randint(5, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        with_prompt = load_trained_model(run_dir, cfg).eval()(**batch).logits
+        saved = load_model(str(run_dir / "model"), cfg.task, cfg.model.dtype, cfg.data.label_names)
+        plain = saved.eval()(**batch).logits  # what the loader returned before the reload hook
+    assert (with_prompt - plain).abs().max() > 1e-3  # without re-attaching, eval would score another model

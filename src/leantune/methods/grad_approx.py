@@ -18,8 +18,10 @@ straight into `.grad`, which DDP would not all-reduce.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -28,6 +30,8 @@ from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
 
 HEAD_NAMES = ("classifier", "score", "classification_head")
+PROMPT_TENSORS = "grad_approx_prompt.safetensors"  # prompt target: next to the saved model
+PROMPT_META = "grad_approx_prompt.json"
 
 
 class GradApproxConfig(MethodConfig):
@@ -54,11 +58,20 @@ class GradApproxConfig(MethodConfig):
     g_lr: float = Field(1e-3, gt=0)
     g_updates: int = Field(1, gt=0, description="G updates per calibration micro-batch.")
     mse_weight: float = Field(0.1, ge=0)
+    match_weight: float = Field(1.0, ge=0, description="Weight of G's gradient-matching loss.")
+    task_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of L(theta - task_loss_lr * g_hat) in G's loss."
+    )
+    task_loss_lr: float | None = Field(
+        None, gt=0, description="Inner step of the look-ahead; null: the trainer's peak lr (train.lr)."
+    )
 
     @model_validator(mode="after")
     def _decaying(self) -> GradApproxConfig:
         if self.calib_end > self.calib_start:
             raise ValueError("calib_end must be <= calib_start (p decays from start to end)")
+        if self.match_weight == 0 and self.task_loss_weight == 0:
+            raise ValueError("match_weight and task_loss_weight are both 0, so G learns nothing; set one > 0")
         return self
 
 
@@ -148,6 +161,14 @@ def _apply_prompt(model, cfg: GradApproxConfig, ctx: MethodContext, blocks):
         p.requires_grad_(True)
     hidden = model.config.hidden_size
     shift = PromptShift(cfg.num_prompt_tokens, cfg.prompt_dim, hidden, ctx.seed)
+    return _attach_prompt(model, shift, blocks[cfg.split_layer], cfg.split_layer)
+
+
+def _attach_prompt(model, shift, block, split_layer: int):
+    """Adds the prompt at the split point and makes `save_pretrained` also write it as a sidecar (the
+    saved model reloads through plain `from_pretrained`, which drops unknown modules), like lora_sp."""
+    import types
+
     model.add_module("grad_approx_prompt", shift)
 
     def shift_input(module, args, kwargs):
@@ -155,8 +176,53 @@ def _apply_prompt(model, cfg: GradApproxConfig, ctx: MethodContext, blocks):
             return (shift(args[0]), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": shift(kwargs["hidden_states"])}
 
-    blocks[cfg.split_layer].register_forward_pre_hook(shift_input, with_kwargs=True)
+    block.register_forward_pre_hook(shift_input, with_kwargs=True)
+    plain_save = type(model).save_pretrained
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        from safetensors.torch import save_file
+
+        plain_save(self, save_directory, **kwargs)
+        folder = Path(save_directory)
+        tensors = {"prompt": shift.prompt.detach().contiguous(), "projection": shift.projection.contiguous()}
+        save_file(tensors, str(folder / PROMPT_TENSORS))
+        meta = {
+            "split_layer": split_layer,
+            "num_prompt_tokens": shift.prompt.shape[0],
+            "prompt_dim": shift.prompt.shape[1],
+            "hidden_size": shift.projection.shape[0],
+            "how": "hidden states entering block split_layer get prompt @ projection.T added at the first "
+            "num_prompt_tokens positions (leantune.methods.grad_approx, target prompt)",
+        }
+        (folder / PROMPT_META).write_text(json.dumps(meta, indent=2))
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
     return model
+
+
+def reload(model, cfg: GradApproxConfig, run_dir: Path):
+    """`leantune eval`/`export`: re-attach the saved prompt to the reloaded model (LoRA needs nothing:
+    peft reloads the adapter)."""
+    if cfg.target != "prompt":
+        return model
+    from safetensors.torch import load_file
+
+    from leantune.methods._grad_approx_net import PromptShift
+    from leantune.models.structure import find_blocks
+
+    folder = Path(run_dir) / "model"
+    if not (folder / PROMPT_TENSORS).is_file():
+        raise UserError(
+            f"grad_approx: {folder} has no {PROMPT_TENSORS} (saved before prompts were saved); retrain it"
+        )
+    meta = json.loads((folder / PROMPT_META).read_text())
+    tensors = load_file(str(folder / PROMPT_TENSORS))
+    shift = PromptShift(meta["num_prompt_tokens"], meta["prompt_dim"], meta["hidden_size"], 0)
+    shift.load_state_dict(tensors)
+    dtype = next(model.parameters()).dtype
+    shift.to(dtype)
+    _, blocks = find_blocks(model)
+    return _attach_prompt(model, shift, blocks[meta["split_layer"]], meta["split_layer"])
 
 
 def _lora_sites(model) -> list:
@@ -201,11 +267,17 @@ class GradApproxRuntime(MethodRuntime):
         self.counts = {"exact": 0, "approx": 0, "skip": 0}
         self.seconds = {"exact": 0.0, "approx": 0.0, "skip": 0.0}
         self._micro_cos: list[list[float]] = []
+        self.inner_lr = cfg.task_loss_lr or 0.0  # null: set to train.lr in on_train_start
+        # per calibration micro-batch: [loss at theta, at theta', |task-term grad| / |matching grad| on G]
+        self.lookahead: list[list[float]] = []
+        self.task_grad_norm = 0.0  # norm of the task term's gradient on G's parameters, last update
 
     # -- which kind of step ----------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
         if trainer.world > 1:
             raise UserError("grad_approx: runs on one process (estimated gradients bypass DDP); launch one")
+        if self.cfg.task_loss_lr is None:
+            self.inner_lr = trainer.cfg.train.lr  # the peak rate: warmup would make step 0's look-ahead void
 
     def on_step_start(self, trainer) -> None:
         cfg, step = self.cfg, trainer.state.step
@@ -263,6 +335,9 @@ class GradApproxRuntime(MethodRuntime):
 
         from leantune.methods._grad_approx_net import approximator_loss, cosine
 
+        device = batch["input_ids"].device
+        on_cuda = device.type == "cuda"
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None, device)
         with self._capture(grads=True) as cap:
             out = model(**batch)
             accelerator.backward(out.loss * scale)
@@ -280,15 +355,50 @@ class GradApproxRuntime(MethodRuntime):
                     for i, (p, t) in enumerate(zip(preds, targets, strict=True))
                 ]
             )
-        for _ in range(self.cfg.g_updates):
+        cfg, params = self.cfg, list(self.g.parameters())
+        for update in range(cfg.g_updates):
             preds = self._predict(cap, top, error, batch["attention_mask"])
-            loss_g = sum(
-                approximator_loss(p, t, self.cfg.mse_weight) for p, t in zip(preds, targets, strict=True)
-            )
-            self.g_opt.zero_grad(set_to_none=True)
-            loss_g.backward()
+            grads = [torch.zeros_like(p) for p in params]
+            if cfg.match_weight > 0:
+                loss_g = cfg.match_weight * sum(
+                    approximator_loss(p, t, cfg.mse_weight) for p, t in zip(preds, targets, strict=True)
+                )
+                grads = _add(grads, torch.autograd.grad(loss_g, params, allow_unused=True, retain_graph=True))
+            if cfg.task_loss_weight > 0:
+                match_norm = float(torch.cat([g.flatten() for g in grads]).norm())
+                ahead = self._lookahead_loss(model, batch, cap, preds, rng)
+                task = torch.autograd.grad(cfg.task_loss_weight * ahead, params, allow_unused=True)
+                self.task_grad_norm = float(torch.cat([g.flatten() for g in task if g is not None]).norm())
+                if update == 0:  # G as it was when this batch arrived: an honest measure of its update
+                    ratio = self.task_grad_norm / match_norm if match_norm > 0 else math.inf
+                    self.lookahead.append([float(out.loss.detach()), float(ahead.detach()), ratio])
+                grads = _add(grads, task)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
             self.g_opt.step()
         return out.loss.detach()
+
+    def _lookahead_loss(self, model, batch, cap, preds, rng):
+        """L(theta') on the same batch, theta' = theta - inner_lr * g_hat for the lightweight parameters
+        (g_hat formed from G's site estimates, per mean loss), differentiable in G. The model runs again
+        through `functional_call` (the frozen prefix comes from the cache where it is on, so mostly the
+        upper blocks and head run), replaying the first forward's RNG state so dropout draws match and the
+        loss before the step is a fair comparison; the fork leaves the training RNG stream untouched."""
+        import torch
+        from torch.func import functional_call
+
+        names = {id(p): name for name, p in model.named_parameters()}
+        n = batch["labels"].shape[0]
+        theta = {}
+        for i, delta in enumerate(preds):
+            for param, grad in zip(self._site_params(i), self._param_grads(cap, i, delta), strict=True):
+                theta[names[id(param)]] = param.detach() - self.inner_lr * grad / n
+        cpu_state, cuda_state, device = rng
+        with torch.random.fork_rng(devices=[device] if cuda_state is not None else []):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
+            return functional_call(model, theta, args=(), kwargs=batch, strict=False).loss
 
     def _approx_step(self, model, batch, accelerator, scale):
         import torch
@@ -348,6 +458,9 @@ class GradApproxRuntime(MethodRuntime):
             "fallback_steps": self.fallback_steps,
             "counts": self.counts,
             "seconds": self.seconds,
+            "inner_lr": self.inner_lr,
+            "lookahead": self.lookahead,
+            "task_grad_norm": self.task_grad_norm,
         }
 
     def tensors(self) -> dict[str, Any]:
@@ -357,7 +470,8 @@ class GradApproxRuntime(MethodRuntime):
         return out
 
     def load(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
-        for key in ("last_loss", "calibrations", "window", "fallback", "fallback_steps", "counts", "seconds"):
+        keys = ("last_loss", "calibrations", "window", "fallback", "fallback_steps", "counts", "seconds")
+        for key in (*keys, "inner_lr", "lookahead", "task_grad_norm"):
             setattr(self, key, state[key])
         self.g.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("g.")})
         opt_state: dict[int, dict] = {}
@@ -393,7 +507,33 @@ class GradApproxRuntime(MethodRuntime):
             out["cosine_first_20pct"] = [sum(s[:k]) / k for s in per_site]
             out["cosine_last_20pct"] = [sum(s[-k:]) / k for s in per_site]
             out["cosine_mean"] = sum(map(sum, per_site)) / (len(per_site) * len(self.calibrations))
+        if self.lookahead:
+            out["lookahead"] = _lookahead_report(self.lookahead, self.inner_lr, self.cfg.task_loss_weight)
         return out
+
+
+def _lookahead_report(pairs: list[list[float]], inner_lr: float, weight: float) -> dict[str, Any]:
+    """Does G's update lower the task loss? Rows: [loss at theta, at theta - inner_lr * g_hat, grad ratio]."""
+    k = max(1, len(pairs) // 5)
+
+    def mean(rows: list[list[float]], j: int) -> float:
+        return sum(r[j] for r in rows) / len(rows)
+
+    return {
+        "task_loss_weight": weight,
+        "inner_lr": inner_lr,
+        "calibration_batches": len(pairs),
+        "mean_loss_before": mean(pairs, 0),
+        "mean_loss_after": mean(pairs, 1),
+        "share_lowered": sum(r[1] < r[0] for r in pairs) / len(pairs),
+        "mean_change_first_20pct": mean(pairs[:k], 1) - mean(pairs[:k], 0),
+        "mean_change_last_20pct": mean(pairs[-k:], 1) - mean(pairs[-k:], 0),
+        "mean_task_to_match_grad_norm": mean(pairs, 2),  # inf when match_weight is 0
+    }
+
+
+def _add(acc: list, more) -> list:
+    return [a if m is None else a + m for a, m in zip(acc, more, strict=True)]
 
 
 def _output_error(logits, labels):
@@ -402,4 +542,4 @@ def _output_error(logits, labels):
     return logits.float().softmax(-1) - F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
 
 
-SPEC = register(MethodSpec("grad_approx", GradApproxConfig, apply, runtime=runtime))
+SPEC = register(MethodSpec("grad_approx", GradApproxConfig, apply, runtime=runtime, reload=reload))

@@ -95,6 +95,9 @@ class MethodSpec:
     apply: Callable[[Any, Any, MethodContext], Any]
     runtime: Callable[[Any, Any, MethodContext], MethodRuntime] | None = None
     report: Callable[[Any, Any], dict[str, Any]] | None = None
+    # `leantune eval`/`export`: reload(model, method_cfg, run_dir) -> model, called by the loader for each
+    # configured method in order, for what the saved model alone does not restore (e.g. a hook's state).
+    reload: Callable[[Any, Any, Any], Any] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

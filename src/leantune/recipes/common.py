@@ -72,7 +72,9 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def load_trained_model(run_dir: Path, cfg: Config):
-    """The run's final model: base + PEFT adapter where the run saved one, else the full saved model."""
+    """The run's final model: base + PEFT adapter where the run saved one, else the full saved model; then
+    each configured method's optional `reload` restores what the saved model alone does not."""
+    from leantune.methods import get_method
     from leantune.models.loader import load_model
 
     folder = run_dir / "model"
@@ -80,8 +82,14 @@ def load_trained_model(run_dir: Path, cfg: Config):
         from peft import PeftModel
 
         base = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
-        return PeftModel.from_pretrained(base, str(folder))
-    return load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
+        model = PeftModel.from_pretrained(base, str(folder))
+    else:
+        model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
+    for method_cfg in cfg.methods:
+        spec = get_method(method_cfg.name)
+        if spec.reload is not None:
+            model = spec.reload(model, method_cfg, run_dir)
+    return model
 
 
 def format_table(rows: list[tuple[str, str]], title: str) -> str:
