@@ -5,11 +5,12 @@ Our reading of the paper (shared/DESIGN.md section 2): G, shared across adaptati
 gradient at each site's output (dL/do) from exact, cheap signals; the LoRA (or prompt) gradients are then
 formed exactly from that estimate. Calibration steps run exact backprop, capture the true site gradients
 with hooks, log the cosine between the estimated and true parameter gradients (before G learns from that
-batch, so it is an honest held-out measure) and train G on them. Other steps run the model forward under
-`torch.no_grad`, backprop through the classification head only (the head is updated exactly every step),
-and apply G's estimate. A guard falls back to exact steps while the recent cosine is below
-`guard_cosine`. `mode: exact|skip` are the ablation: exact backprop every step on the same architecture,
-and exact backprop on the same calibration steps with no update at all on the others.
+batch, so it is an honest held-out measure) and train G on them and, optionally (`task_loss_weight`, the
+paper's "through the task loss"), on the loss after a look-ahead step theta - lr * g_hat. Other steps run
+the model forward under `torch.no_grad`, backprop through the classification head only (the head is
+updated exactly every step), and apply G's estimate. A guard falls back to exact steps while the recent
+cosine is below `guard_cosine`. `mode: exact|skip` are the ablation: exact backprop every step on the same
+architecture, and exact backprop on the same calibration steps with no update at all on the others.
 
 The frozen encoder has no trainable parameter, so a frozen-prefix cache (train.cache_frozen_prefix, where
 merged) applies to it without anything here. Runs on one process: approximated gradients are written
