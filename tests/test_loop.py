@@ -111,8 +111,13 @@ def test_adamw_kernels_give_the_same_weights(base_overrides, tmp_path):
         trainer, _ = _fit([*common, f"output.dir={tmp_path / impl}", f"train.adamw_impl={impl}"])
         trained[impl] = [p.detach().clone() for p in trainer.module.parameters()]
     start, _ = _fit([*common, f"output.dir={tmp_path / 'zero'}", "train.max_steps=1", "train.lr=1e-12"])
-    moved = max((a - b).abs().max().item() for a, b in zip(trained["for_loop"], start.module.parameters()))
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(trained["for_loop"], start.module.parameters(), strict=True)
+    )
     assert moved > 1e-4  # the steps did move the weights, so equality below means something
     for impl in ("foreach", "fused"):
-        diff = max((a - b).abs().max().item() for a, b in zip(trained["for_loop"], trained[impl]))
+        diff = max(
+            (a - b).abs().max().item() for a, b in zip(trained["for_loop"], trained[impl], strict=True)
+        )
         assert diff < 1e-6, (impl, diff)

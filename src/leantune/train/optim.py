@@ -30,7 +30,12 @@ def build_optimizer(
         for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
         if g["params"]
     ]
-    kernel = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    kernel = {
+        "auto": {},
+        "for_loop": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }
     return torch.optim.AdamW(groups, lr=lr, **kernel[impl])
 
 
