@@ -178,6 +178,9 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     params = count_params(model)
+    from leantune.models.flop_profile import flop_profile
+
+    params["flop_profile"] = flop_profile(model)  # what a step multiplies, for the bench's FLOP count
     if params["trainable"] == 0:
         raise UserError(
             "the configured methods leave no trainable parameter; loosen `freeze` or add a method"
