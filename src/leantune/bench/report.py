@@ -173,7 +173,9 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
         f"Repeats: {repeats}" + ("; cells show median (min–max)." if repeats > 1 else ".") + mixed + busy,
         "Ratios are taken between runs of the same repeat (measured back to back); quality is on the test "
         "split; peak memory is the process RSS (CUDA: max allocated); % of fp32 peak counts "
-        "(4·N_total + 2·N_trainable)·tokens model FLOPs, embeddings excluded.",
+        "the model FLOPs a run really did (2·N forward over the blocks run, 2·N backward from the lowest "
+        "trainable block, 2·N weight gradients for trainable weights; skipped and cached work left out), "
+        "embedding lookups excluded.",
     ]
     if any("trainable_active_pct" in x["params"] for x in artefacts):
         lines.append(

@@ -95,6 +95,9 @@ class MethodSpec:
     apply: Callable[[Any, Any, MethodContext], Any]
     runtime: Callable[[Any, Any, MethodContext], MethodRuntime] | None = None
     report: Callable[[Any, Any], dict[str, Any]] | None = None
+    # Rebuilds, on a freshly loaded base model, what the saved weights do not hold (a quantised base):
+    # `reload(model, cfg, run_dir) -> model`, called by `eval`/`export` before the adapter is loaded.
+    reload: Callable | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
