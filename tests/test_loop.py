@@ -101,3 +101,23 @@ def test_bf16_autocast_trains(base_overrides, tmp_path):
         if '"loss"' in ln and '"split"' not in ln
     ]
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_adamw_kernels_give_the_same_weights(base_overrides, tmp_path):
+    """The kernel is a speed lever only: for_loop, foreach and fused AdamW must train the same model."""
+    common = [*base_overrides, "methods=[full]", "train.max_steps=6", "train.weight_decay=0.01"]
+    trained = {}
+    for impl in ("for_loop", "foreach", "fused"):
+        trainer, _ = _fit([*common, f"output.dir={tmp_path / impl}", f"train.adamw_impl={impl}"])
+        trained[impl] = [p.detach().clone() for p in trainer.module.parameters()]
+    start, _ = _fit([*common, f"output.dir={tmp_path / 'zero'}", "train.max_steps=1", "train.lr=1e-12"])
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(trained["for_loop"], start.module.parameters(), strict=True)
+    )
+    assert moved > 1e-4  # the steps did move the weights, so equality below means something
+    for impl in ("foreach", "fused"):
+        diff = max(
+            (a - b).abs().max().item() for a, b in zip(trained["for_loop"], trained[impl], strict=True)
+        )
+        assert diff < 1e-6, (impl, diff)

@@ -149,7 +149,7 @@ def test_heads_pooler_and_embeddings_stay_full_precision(tiny_models):
     assert len(names) == 3 * 4  # query, key, value, intermediate.dense of 3 blocks; both `output`s skipped
 
 
-def test_qlora_run_reports_bytes_and_its_adapter_loads_and_merges_onto_the_unquantised_base(
+def test_qlora_run_reports_bytes_and_its_adapter_loads_onto_the_quantised_base(
     base_overrides, tiny_models, tmp_path
 ):
     from leantune.recipes.common import load_run_config, load_trained_model
@@ -169,18 +169,13 @@ def test_qlora_run_reports_bytes_and_its_adapter_loads_and_merges_onto_the_unqua
 
     out = tmp_path / "run"
     loaded = load_trained_model(out, load_run_config(out))
-    assert not quantized_layers(loaded)
-    assert all(type(m).__name__ != "Params4bit" for m in loaded.parameters())
+    assert len(quantized_layers(loaded)) == 18  # the run's quant re-applied before its adapter
+    assert any(type(m).__name__ == "Params4bit" for m in loaded.parameters())
     saved = json.loads((out / "model" / "adapter_config.json").read_text())
     assert saved["r"] == 8
     lora_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)
-    batch = _batch("bert")
-    loaded.eval()
-    with torch.no_grad():
-        unmerged = loaded(**batch).logits
-        merged = loaded.merge_and_unload()(**batch).logits
-    assert torch.allclose(unmerged, merged, atol=1e-5)
+    # merging is refused (tests/test_quant_reload.py): codes cannot absorb the update
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,14 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
+    adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
+        "auto", description="torch AdamW kernel (same arithmetic); a speed lever measured in speed-levers-2."
+    )
+    compile_blocks: bool = Field(
+        False,
+        description="torch.compile each transformer block (dynamic shapes) in place, so method hooks on "
+        "the blocks stay; a speed lever measured in speed-levers-2 (compiling costs time up front).",
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
     save_every: int | None = Field(50, gt=0, description="Checkpoint every N optimizer steps.")

@@ -140,6 +140,7 @@ def build_artefact(
         "metrics": {
             "test": summary.get("test") or {},
             "validation": summary.get("validation") or {},
+            "mmlu": summary.get("mmlu"),  # k-shot accuracy after training (eval.mmlu_shots), else None
             "best": {
                 "metric": train.get("metric"),
                 "value": train.get("best_metric"),

@@ -129,6 +129,9 @@ def run_baseline(cfg) -> dict:
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = _apply_method(model, cfg)
     params = count_params(model)
+    from leantune.models.flop_profile import flop_profile
+
+    params["flop_profile"] = flop_profile(model)  # same FLOP count as leantune's runs
 
     if out.exists():
         shutil.rmtree(out)

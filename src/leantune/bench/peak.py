@@ -5,25 +5,27 @@ governor and other load by tens of percent; a peak from another day would make t
 So the runner measures it once at the start of a suite invocation, with the suite's thread count, and
 stores it in every artefact of that invocation.
 
-Model FLOPs of a training run (the usual "MFU" count; `tokens` are the non-padding tokens trained on):
+Model FLOPs of a training run (the usual "MFU" count; `tokens` are the non-padding tokens trained on),
+from what the run recorded about its own model (`params.flop_profile`, see leantune.models.flop_profile):
 
-    flops = (2 * N_total + 2 * N_total + 2 * N_trainable) * tokens = (4 * N_total + 2 * N_trainable) * tokens
-             forward        backward through  weight gradients
-                            activations
+    flops = 2 * N_run * tokens_forward            forward: only the weights actually run
+          + 2 * N_backward * tokens_backward      activation gradients: from the lowest trainable block up
+          + 2 * N_trainable * tokens_backward     weight gradients: trainable weights only
 
-- forward: every weight takes part in one multiply-add per token: 2 * N_total.
-- backward through activations: the gradient w.r.t. the activations still flows through frozen layers
-  down to the lowest trainable one; we approximate that as all layers, 2 * N_total. This is exact for
-  full fine-tuning and for LoRA on every block, and an OVER-count for freeze-k (nothing flows below
-  block k), which makes frozen runs look more efficient than they are.
-- weight gradients: only for trainable weights, 2 * N_trainable.
-For full fine-tuning (N_trainable = N_total) this is the familiar 6 * N * tokens.
+For full fine-tuning (N_run = N_backward = N_trainable = N) this is the familiar 6 * N * tokens. freeze-k
+has no activation gradient below block k and no weight gradient for frozen weights; LoRA has no weight
+gradient for the frozen base. A cached frozen prefix (train.cache_frozen_prefix) does not run its blocks
+for the tokens served from the cache (the prefix cache reports them). A method whose runtime reports
+`forward_only_steps` (forward, no backward) or `skipped_steps` (nothing computed) in its method report
+has those shares of the tokens taken out of the backward (and forward) terms; the bench does not know
+any method by name.
 
 N counts only weights that do matrix multiplications: embedding tables (token, position, type) are
-lookups, so they are left out of N_total, and out of N_trainable where the run trains them; a tied
-output embedding (LM head) is a real matmul and stays in. Counting the 30k x d vocabulary table of a small
-encoder would inflate its "achieved" FLOP/s several-fold. Attention score FLOPs (~ L^2) are left out, as
-in the usual convention; at our sequence lengths they are a few percent.
+lookups, so they are left out of N (the run records whether it trained them); a tied output embedding
+(LM head) is a real matmul and stays in. Counting the 30k x d vocabulary table of a small encoder would
+inflate its "achieved" FLOP/s several-fold. Attention score FLOPs (~ L^2) are left out, as in the usual
+convention; at our sequence lengths they are a few percent. Steps are assumed to hold equal numbers of
+tokens when step shares are converted into token shares.
 """
 
 from __future__ import annotations
@@ -75,8 +77,40 @@ def _sync(torch, device: str, _result) -> None:
 
 
 def training_flops(tokens: float, n_total: float, n_trainable: float) -> float:
-    """(4 * N_total + 2 * N_trainable) * tokens; see the module docstring for why and its limits."""
+    """The upper bound every step runs everything: (4 * N_total + 2 * N_trainable) * tokens."""
     return (4.0 * n_total + 2.0 * n_trainable) * tokens
+
+
+def step_shares(summary: dict) -> tuple[float, float]:
+    """Shares of the steps that ran a forward pass, and a backward pass, from the methods' own reports."""
+    steps = max(summary["train"].get("steps", 0), 1)
+    reports = (summary.get("method_reports") or {}).values()
+    skipped = sum(r.get("skipped_steps", 0) for r in reports)
+    forward_only = sum(r.get("forward_only_steps", 0) for r in reports)
+    return max(1.0 - skipped / steps, 0.0), max(1.0 - (skipped + forward_only) / steps, 0.0)
+
+
+def honest_flops(profile: dict, tokens: float, summary: dict, n_trainable: float) -> dict:
+    """The count of the module docstring for a run that recorded its `flop_profile`."""
+    forward_share, backward_share = step_shares(summary)
+    cache = summary["train"].get("prefix_cache") or {}
+    prefix = 0
+    if cache.get("active"):  # the embeddings and the lowest `frozen_blocks` blocks
+        prefix = profile.get("below_blocks", 0) + sum(profile["block_matmul"][: cache["frozen_blocks"]])
+    cached_tokens = cache.get("tokens_from_cache", 0) if cache.get("active") else 0
+    forward = 2.0 * (profile["matmul_total"] * tokens * forward_share - prefix * cached_tokens)
+    backward = 2.0 * profile["matmul_backward"] * tokens * backward_share
+    weight_grad = 2.0 * n_trainable * tokens * backward_share
+    return {
+        "formula": "2*N_run*tokens_fwd + 2*N_backward*tokens_bwd + 2*N_trainable*tokens_bwd, no lookups",
+        "forward_flops": forward,
+        "backward_activation_flops": backward,
+        "weight_gradient_flops": weight_grad,
+        "model_flops": forward + backward + weight_grad,
+        "forward_step_share": forward_share,
+        "backward_step_share": backward_share,
+        "prefix_tokens_not_run": cached_tokens,
+    }
 
 
 @lru_cache(maxsize=8)
@@ -105,18 +139,9 @@ def embedding_params(model_name: str, task: str) -> int | None:
     return int(emb)
 
 
-def embeddings_trained(methods: list[dict]) -> bool:
-    """Whether a run trains the embedding tables: not under (split) LoRA (peft freezes the base) or `freeze`.
-
-    Only the methods that freeze them are named; any other trains them (as full fine-tuning and LISA do).
-    """
-    for m in methods:
-        name = m.get("name")
-        if name in ("lora", "lora_sp", "split_lora") or (name == "freeze" and m.get("embeddings", True)):
-            return False
-        if name == "lisa" and not m.get("train_embeddings", True):
-            return False
-    return True
+def embeddings_trained(params: dict) -> bool:
+    """Whether the run trained its embedding tables, as it recorded at train time (older runs: assume not)."""
+    return bool((params.get("flop_profile") or {}).get("embedding_trainable", False))
 
 
 def flops_report(summary: dict, peak: dict | None) -> dict:
@@ -125,21 +150,28 @@ def flops_report(summary: dict, peak: dict | None) -> dict:
     train = summary["train"]
     params = summary["params"]
     tokens = train["tokens_per_s"] * train["train_time_s"]
-    emb = embedding_params(cfg["model"]["name"], cfg["task"])
-    n_total = params["total"] - (emb or 0)
-    trained_emb = (emb or 0) if embeddings_trained(cfg["methods"]) else 0
+    profile = params.get("flop_profile")
+    emb = profile["embedding"] if profile else embedding_params(cfg["model"]["name"], cfg["task"])
+    n_total = profile["matmul_total"] if profile else params["total"] - (emb or 0)
+    trained_emb = (emb or 0) if embeddings_trained(params) else 0
     # a method that trains a changing subset (LISA) computes weight gradients only for its active share
     active = params_with_active_share(summary).get("trainable_active", params["trainable"])
     n_trainable = max(active - trained_emb, 0)
-    flops = training_flops(tokens, n_total, n_trainable)
+    if profile:
+        counted = honest_flops(profile, tokens, summary, n_trainable)
+    else:  # a summary from before runs recorded their profile: the old upper bound
+        counted = {
+            "formula": "(4*N_total + 2*N_trainable) * tokens, N without embedding tables",
+            "model_flops": training_flops(tokens, n_total, n_trainable),
+        }
+    flops = counted["model_flops"]
     achieved = flops / max(train["train_time_s"], 1e-9)
     out = {
-        "formula": "(4*N_total + 2*N_trainable) * tokens, N without embedding tables",
+        **counted,
         "tokens": tokens,
         "n_total_matmul": n_total,
         "n_trainable_matmul": n_trainable,
         "embedding_params": emb,
-        "model_flops": flops,
         "achieved_gflops": achieved / 1e9,
     }
     if peak:

@@ -83,6 +83,8 @@ class Table:
         self.full = "full" if "full" in self.by_id else next(iter(full_ft), None)
         self.hf = next((i for i in ids if self.first(i)["kind"] == "hf_baseline"), None)
         self.metric = _quality_metric(artefacts)
+        shots = {m["shots"] for a in artefacts if (m := a["metrics"].get("mmlu"))}
+        self.mmlu_header = f"MMLU {'/'.join(map(str, sorted(shots)))}-shot" if shots else None
 
     def first(self, run_id: str) -> dict:
         return self.by_id[run_id][min(self.by_id[run_id])]
@@ -120,6 +122,8 @@ class Table:
             "MCC",
             "% of fp32 peak",
         ]
+        if self.mmlu_header:
+            header.append(self.mmlu_header)
         rows = []
         for i in self.ids:
             frac = self.values(i, lambda a: (a.get("flops") or {}).get("fraction_of_fp32_peak"))
@@ -139,6 +143,9 @@ class Table:
                     _cell([100 * f for f in frac], ".2f"),
                 ]
             )
+            if self.mmlu_header:
+                mmlu = self.values(i, lambda a: (a["metrics"].get("mmlu") or {}).get("accuracy"))
+                rows[-1].append(_cell(mmlu, ".3f"))
         return header, rows
 
 
@@ -173,7 +180,9 @@ def _context_lines(artefacts: list[dict]) -> list[str]:
         f"Repeats: {repeats}" + ("; cells show median (min–max)." if repeats > 1 else ".") + mixed + busy,
         "Ratios are taken between runs of the same repeat (measured back to back); quality is on the test "
         "split; peak memory is the process RSS (CUDA: max allocated); % of fp32 peak counts "
-        "(4·N_total + 2·N_trainable)·tokens model FLOPs, embeddings excluded.",
+        "the model FLOPs a run really did (2·N forward over the blocks run, 2·N backward from the lowest "
+        "trainable block, 2·N weight gradients for trainable weights; skipped and cached work left out), "
+        "embedding lookups excluded.",
     ]
     if any("trainable_active_pct" in x["params"] for x in artefacts):
         lines.append(

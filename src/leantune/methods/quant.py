@@ -162,6 +162,19 @@ def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
 
 def apply(model, cfg: QuantConfig, ctx: MethodContext):
     check_order(cfg, ctx, model)
+    return quantize(model, cfg)
+
+
+def reload(model, cfg: QuantConfig, run_dir) -> Any:
+    """The run's adapter was trained on the quantised base: evaluate and export it on that base too.
+
+    Quantising is deterministic (absmax per block, no randomness), so the same bits, type, blocksize and
+    backend from the run's config give the same codes the run trained on.
+    """
+    return quantize(model, cfg)
+
+
+def quantize(model, cfg: QuantConfig):
     backend = resolve_backend(cfg)
     skip = NEVER_QUANTIZED + tuple(cfg.skip_modules)
     names = quantizable_layers(model, skip)
@@ -227,4 +240,4 @@ def report(model, cfg: QuantConfig) -> dict[str, Any]:
     }
 
 
-SPEC = register(MethodSpec("quant", QuantConfig, apply, report=report))
+SPEC = register(MethodSpec("quant", QuantConfig, apply, report=report, reload=reload))

@@ -95,9 +95,9 @@ class MethodSpec:
     apply: Callable[[Any, Any, MethodContext], Any]
     runtime: Callable[[Any, Any, MethodContext], MethodRuntime] | None = None
     report: Callable[[Any, Any], dict[str, Any]] | None = None
-    # `leantune eval`/`export`: reload(model, method_cfg, run_dir) -> model, called by the loader for each
-    # configured method in order, for what the saved model alone does not restore (e.g. a hook's state).
-    reload: Callable[[Any, Any, Any], Any] | None = None
+    # Rebuilds, on a freshly loaded base model, what the saved weights do not hold (a quantised base):
+    # `reload(model, cfg, run_dir) -> model`, called by `eval`/`export` before the adapter is loaded.
+    reload: Callable | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

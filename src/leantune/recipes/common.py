@@ -72,9 +72,11 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def load_trained_model(run_dir: Path, cfg: Config):
-    """The run's final model: base + PEFT adapter where the run saved one, else the full saved model; then
-    each configured method's optional `reload` restores what the saved model alone does not."""
-    from leantune.methods import get_method
+    """The run's final model: base + PEFT adapter where the run saved one, else the full saved model.
+
+    Methods with a `reload` hook first rebuild on the base what the saved weights do not hold (the
+    quantised base of a `[quant, lora]` run), so the adapter is scored on the model it was trained on.
+    """
     from leantune.models.loader import load_model
 
     folder = run_dir / "model"
@@ -82,13 +84,18 @@ def load_trained_model(run_dir: Path, cfg: Config):
         from peft import PeftModel
 
         base = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
-        model = PeftModel.from_pretrained(base, str(folder))
-    else:
-        model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
-    for method_cfg in cfg.methods:
-        spec = get_method(method_cfg.name)
+        return PeftModel.from_pretrained(_reload_methods(base, cfg, run_dir), str(folder))
+    model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
+    return _reload_methods(model, cfg, run_dir)
+
+
+def _reload_methods(model, cfg: Config, run_dir: Path):
+    from leantune.methods import get_method
+
+    for mcfg in cfg.methods:
+        spec = get_method(mcfg.name)
         if spec.reload is not None:
-            model = spec.reload(model, method_cfg, run_dir)
+            model = spec.reload(model, mcfg, run_dir)
     return model
 
 

@@ -2,7 +2,9 @@
 
 With --merge the LoRA update is folded into the base weights (peft's merge_and_unload), so the result
 loads with `AutoModelFor*.from_pretrained` and runs at base-model speed. Without it the adapter is
-written as peft saved it. The destination must not exist: export never overwrites.
+written as peft saved it. The destination must not exist: export never overwrites. A run on a quantised
+base (`[quant, lora]`) is refused --merge: its codes cannot absorb the update, and merging onto the
+unquantised weights would give a model that was never trained or evaluated; its adapter exports as is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
     from leantune.models.loader import load_tokenizer
 
     model = load_trained_model(run_dir, cfg)
+    if merge and any(hasattr(m, "leantune_source_dtype") for m in model.modules()):  # a quantised layer
+        raise UserError(
+            f"{run_dir} trained on a quantised base, whose 4/8-bit codes cannot absorb the LoRA update: "
+            "export without --merge and merge the adapter onto the unquantised base"
+        )
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     tok = load_tokenizer(str(run_dir / "model"))  # the run's tokenizer, not the base's

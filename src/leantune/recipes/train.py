@@ -67,7 +67,12 @@ def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
 
 
 def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
-    """Tokenised train/validation/test examples; fills in inferred label names (shared with baselines)."""
+    """Tokenised train/validation/test examples; fills in inferred label names (shared with baselines).
+
+    Each split is a memory-mapped Arrow file (`ArrowFeatures`), so what stays resident does not grow with
+    the number of examples; the raw records are dropped when this returns.
+    """
+    from leantune.data.arrow_features import write_features
     from leantune.data.tasks import check_columns, encode, infer_label_names, load_raw_splits
 
     raw = load_raw_splits(cfg.data)
@@ -75,14 +80,17 @@ def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
         check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
         cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
     enc = {
-        split: encode(
-            cfg.task,
+        split: write_features(
+            lambda rows, split=split: encode(
+                cfg.task,
+                rows,
+                tok,
+                cfg.data,
+                cfg.model.max_length,
+                cfg.data.label_names,
+                f"{cfg.data.source} [{split}]",
+            ),
             getattr(raw, split),
-            tok,
-            cfg.data,
-            cfg.model.max_length,
-            cfg.data.label_names,
-            f"{cfg.data.source} [{split}]",
         )
         for split in ("train", "validation", "test")
     }
@@ -170,6 +178,9 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     params = count_params(model)
+    from leantune.models.flop_profile import flop_profile
+
+    params["flop_profile"] = flop_profile(model)  # what a step multiplies, for the bench's FLOP count
     if params["trainable"] == 0:
         raise UserError(
             "the configured methods leave no trainable parameter; loosen `freeze` or add a method"

@@ -31,7 +31,7 @@ from leantune.methods.registry import MethodRuntime
 from leantune.train import checkpoint as ckpt
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
-from leantune.train.optim import build_optimizer, decay_split, linear_schedule
+from leantune.train.optim import build_optimizer, compile_blocks, decay_split, linear_schedule
 from leantune.train.prefix_cache import PrefixCache
 from leantune.train.step import backprop_step
 
@@ -80,7 +80,9 @@ class Trainer:
         tc = cfg.train
         self.model = accelerator.prepare(model)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        raw_opt = build_optimizer(self.module, tc.lr, tc.weight_decay)
+        raw_opt = build_optimizer(self.module, tc.lr, tc.weight_decay, tc.adamw_impl)
+        if tc.compile_blocks:
+            compile_blocks(self.module)
         self.optimizer = accelerator.prepare(raw_opt)
         self._lengths = [len(f["input_ids"]) for f in train_data]
         self.batches_per_epoch = len(self._epoch_batches(0))

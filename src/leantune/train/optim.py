@@ -16,7 +16,12 @@ def decay_split(model: torch.nn.Module) -> tuple[list, list]:
     return decay, no_decay
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, impl: str = "auto"
+) -> torch.optim.Optimizer:
+    """`impl` picks torch's AdamW kernel: "auto" (torch's choice: foreach on multi-tensor devices),
+    "for_loop" (one parameter at a time), "foreach" (batched per group) or "fused" (one kernel; CPU since
+    torch 2.4). The arithmetic is the same; benchmarks/suites/speed-levers-2.yaml measures the speed."""
     decay, no_decay = decay_split(model)
     if not decay and not no_decay:
         raise ValueError("no trainable parameters")
@@ -25,7 +30,13 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
         for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
         if g["params"]
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    kernel = {
+        "auto": {},
+        "for_loop": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }
+    return torch.optim.AdamW(groups, lr=lr, **kernel[impl])
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
@@ -33,3 +44,15 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     from transformers import get_linear_schedule_with_warmup
 
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile each transformer block in place (`nn.Module.compile`), not the whole model: the module
+    objects, their forward hooks (recompute, prefix cache, grad_approx) and the optimizer's parameters stay
+    the same, and graph breaks in PEFT/HF glue outside the blocks cost nothing. Dynamic shapes, because
+    padding is per batch."""
+    from leantune.models.structure import find_blocks
+
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=True)

@@ -102,6 +102,7 @@ class PrefixCache:
         self.k, self.reason = frozen_prefix_depth(model)
         self.states: dict[int, torch.Tensor] = {}
         self.hits = self.misses = 0
+        self.tokens_from_cache = 0  # tokens whose prefix blocks did not run (the bench's FLOP count)
         self._block_tuple_len: int | None = None
         self._embedding_out: dict[str, tuple[int, torch.dtype]] = {}
         if not self.k:
@@ -126,6 +127,7 @@ class PrefixCache:
         try:
             if SERVE_FROM_CACHE and all(i in self.states for i in idx):
                 self.hits += 1
+                self.tokens_from_cache += int(attention_mask.sum())
                 with self._serving(idx, attention_mask):
                     yield
             else:
@@ -210,4 +212,5 @@ class PrefixCache:
             "bytes": self.nbytes,
             "micro_batches_from_cache": self.hits,
             "micro_batches_computed": self.misses,
+            "tokens_from_cache": self.tokens_from_cache,
         }
