@@ -42,17 +42,10 @@ class LisaConfig(MethodConfig):
 
 
 def block_stacks(model) -> list[tuple[str, Any]]:
-    """Every stack of same-typed blocks (an encoder-decoder has two), outermost only, in model order."""
-    from torch import nn
+    """Every stack of blocks LISA samples from (both stacks of an encoder-decoder)."""
+    from leantune.models.structure import block_stacks as stacks_of
 
-    stacks: list[tuple[str, Any]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
-            continue  # a list inside a block (experts, sub-layers) is part of that block
-        if len({type(m) for m in module}) == 1 and any(True for _ in module[0].parameters()):
-            stacks.append((name, module))
+    stacks = stacks_of(model)
     if not stacks:
         raise UserError(f"lisa: {type(model).__name__} has no stack of transformer blocks to sample from")
     return stacks

@@ -13,20 +13,28 @@ from torch import nn
 _EMBEDDING_NAME = re.compile(r"(^|\.)(embeddings|embed_tokens|embed_positions|wte|wpe|shared)$")
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The first-found longest ModuleList of same-typed blocks (for encoder-decoders, the encoder's)."""
-    best: tuple[str, nn.ModuleList] | None = None
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every stack of same-typed blocks (an encoder-decoder has two), outermost only, in model order.
+
+    A ModuleList inside a block (experts, sub-layers) is part of that block, not a stack of its own.
+    """
+    stacks: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        kinds = {type(m) for m in module}
-        if len(kinds) != 1 or not any(True for _ in module[0].parameters()):
+        if any(name.startswith(prefix + ".") for prefix, _ in stacks):
             continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+        if len({type(m) for m in module}) == 1 and any(True for _ in module[0].parameters()):
+            stacks.append((name, module))
+    return stacks
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The first-found longest stack of blocks (for encoder-decoders of equal depth, the encoder's)."""
+    stacks = block_stacks(model)
+    if not stacks:
         raise ValueError(f"{type(model).__name__} has no stack of transformer blocks")
-    return best
+    return max(stacks, key=lambda stack: len(stack[1]))  # max keeps the first of equal lengths
 
 
 def embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
