@@ -144,15 +144,18 @@ def generation_eval(
     return text_metrics(predictions, references), records
 
 
-def run_generation_eval(cfg, tok, model, rows: list[Record], rank: int, world: int):
-    """`generation_eval` over `rows` with the run's generation settings: (metrics, prediction records)."""
-    ec = cfg.eval
+def run_generation_eval(cfg, tok, model, rows: list[Record], rank: int = 0, world: int = 1, data_cfg=None):
+    """`generation_eval` over `rows` with the run's generation settings: (metrics, prediction records).
+
+    `data_cfg` names the columns when the rows come from other data than the run's (`leantune eval --data`).
+    """
+    ec, data_cfg = cfg.eval, data_cfg or cfg.data
     return generation_eval(
         model,
         tok,
         rows,
-        cfg.data.text_column,
-        cfg.data.label_column,
+        data_cfg.text_column,
+        data_cfg.label_column,
         cfg.task,
         cfg.model.max_length,
         ec.max_new_tokens,

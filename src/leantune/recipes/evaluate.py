@@ -72,21 +72,11 @@ def run_eval(
     )
     predictions = None
     if generate:
-        from leantune.eval.generation import generation_eval
+        from leantune.eval.generation import run_generation_eval
 
-        ec = cfg.eval
-        generated, predictions = generation_eval(
-            model,
-            tok,
-            rows[: ec.max_generate_samples] if ec.max_generate_samples else rows,
-            data_cfg.text_column,
-            data_cfg.label_column,
-            cfg.task,
-            cfg.model.max_length,
-            ec.max_new_tokens,
-            ec.num_beams,
-            ec.batch_size,
-        )
+        cap = cfg.eval.max_generate_samples
+        rows = rows[:cap] if cap else rows
+        generated, predictions = run_generation_eval(cfg, tok, model, rows, data_cfg=data_cfg)
         metrics = {**metrics, **generated}
     result = {"run_dir": str(run_dir), "data": data_cfg.source, "split": split, "n": len(features), **metrics}
     if out_json is not None:
