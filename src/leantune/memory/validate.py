@@ -50,6 +50,13 @@ GRID = (
         for b, s in ((4, 64), (4, 128), (16, 64))
     ]
     + [{"method": "full", "batch_size": 4, "seq_len": 128, "recompute": True, "allocator": MMAP}]
+    # activation-dominated settings, where recomputation's rule (block inputs + the largest block) and
+    # the wide adapters' saved inputs decide the estimate
+    + [
+        {"method": "lora_r8_qv", "batch_size": 16, "seq_len": 128, "recompute": True, "allocator": MMAP},
+        {"method": "lora_r64_all", "batch_size": 16, "seq_len": 64, "recompute": False, "allocator": MMAP},
+        {"method": "full", "batch_size": 16, "seq_len": 128, "recompute": False, "allocator": MMAP},
+    ]
     + [
         {"method": "lora_r8_qv", "batch_size": 16, "seq_len": 128, "recompute": False, "allocator": DEFAULT},
         {"method": "full", "batch_size": 4, "seq_len": 128, "recompute": False, "allocator": DEFAULT},
