@@ -127,7 +127,7 @@ class DynamicRankRuntime(MethodRuntime):
 
     # -- planning ------------------------------------------------------------------------------------
     def _seq_len(self, trainer) -> int:
-        longest = max((len(f["input_ids"]) for f in trainer.train_data), default=1)
+        longest = max(trainer.lengths, default=1)
         return min(longest, trainer.cfg.model.max_length)
 
     def _probe(self, trainer, offset: int):

@@ -41,6 +41,7 @@ def _method_config(cfg: Config, budget: str | None):
 def make_plan(
     cfg: Config, budget: str | None, allow_recompute: bool = False, allow_batch_reduce: bool = False
 ) -> dict:
+    from leantune.data.arrow_features import example_lengths
     from leantune.memory.budget import parse_budget
     from leantune.memory.planner import RankCost, plan_ranks
     from leantune.methods import MethodContext, apply_methods
@@ -64,7 +65,7 @@ def make_plan(
     importance, probe_loss = layer_importance(model, batches)
     labels = [f["labels"] for f in data["train"] if isinstance(f.get("labels"), int)]
     complexity = task_complexity(labels, len(cfg.data.label_names or []), probe_loss)
-    seq_len = min(max(len(f["input_ids"]) for f in data["train"]), cfg.model.max_length)
+    seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
     cost = RankCost(model, cfg.task, seq_len)
     plan = plan_ranks(
         cost,

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.config import Config
+from leantune.data.arrow_features import example_lengths
 from leantune.data.tasks import collate
 from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
@@ -84,7 +85,7 @@ class Trainer:
         if tc.compile_blocks:
             compile_blocks(self.module)
         self.optimizer = accelerator.prepare(raw_opt)
-        self._lengths = [len(f["input_ids"]) for f in train_data]
+        self.lengths = example_lengths(train_data)  # tokens per training example, for the sampler
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / tc.grad_accum)
         self.total_steps = tc.epochs * self.steps_per_epoch
@@ -105,7 +106,7 @@ class Trainer:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         tc = self.cfg.train
         return epoch_batches(
-            self._lengths, tc.batch_size, tc.seed, epoch, self.rank, self.world, tc.group_by_length
+            self.lengths, tc.batch_size, tc.seed, epoch, self.rank, self.world, tc.group_by_length
         )
 
     # -- checkpoints -------------------------------------------------------------------------------
