@@ -28,7 +28,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from leantune.errors import UserError
-from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
+from leantune.methods.registry import (
+    MethodConfig,
+    MethodContext,
+    MethodRuntime,
+    MethodSpec,
+    extend_save,
+    register,
+)
 
 HEAD_NAMES = ("classifier", "score", "classification_head")
 PROMPT_TENSORS = "grad_approx_prompt.safetensors"  # prompt target: next to the saved model
@@ -168,8 +175,6 @@ def _apply_prompt(model, cfg: GradApproxConfig, ctx: MethodContext, blocks):
 def _attach_prompt(model, shift, block, split_layer: int):
     """Adds the prompt at the split point and makes `save_pretrained` also write it as a sidecar (the
     saved model reloads through plain `from_pretrained`, which drops unknown modules), like lora_sp."""
-    import types
-
     model.add_module("grad_approx_prompt", shift)
 
     def shift_input(module, args, kwargs):
@@ -178,13 +183,10 @@ def _attach_prompt(model, shift, block, split_layer: int):
         return args, {**kwargs, "hidden_states": shift(kwargs["hidden_states"])}
 
     block.register_forward_pre_hook(shift_input, with_kwargs=True)
-    plain_save = type(model).save_pretrained
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+    def write_prompt(model, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        plain_save(self, save_directory, **kwargs)
-        folder = Path(save_directory)
         tensors = {"prompt": shift.prompt.detach().contiguous(), "projection": shift.projection.contiguous()}
         save_file(tensors, str(folder / PROMPT_TENSORS))
         meta = {
@@ -197,7 +199,7 @@ def _attach_prompt(model, shift, block, split_layer: int):
         }
         (folder / PROMPT_META).write_text(json.dumps(meta, indent=2))
 
-    model.save_pretrained = types.MethodType(save_pretrained, model)
+    extend_save(model, write_prompt)
     return model
 
 

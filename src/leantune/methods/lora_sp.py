@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,7 @@ from pydantic import Field
 
 from leantune.errors import UserError
 from leantune.methods import lora
-from leantune.methods.registry import MethodContext, MethodRuntime, MethodSpec, register
+from leantune.methods.registry import MethodContext, MethodRuntime, MethodSpec, extend_save, register
 
 SIDECAR = "lora_sp.json"
 
@@ -148,14 +147,10 @@ def sidecar(model, density: float) -> dict[str, Any]:
 
 
 def _bind_dense_save(model, density: float) -> None:
-    plain_save = type(model).save_pretrained
+    def write_sidecar(model, folder: Path) -> None:
+        (folder / SIDECAR).write_text(json.dumps(sidecar(model, density), indent=2))
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        kwargs.setdefault("state_dict", dense_state_dict(self))
-        plain_save(self, save_directory, **kwargs)
-        (Path(save_directory) / SIDECAR).write_text(json.dumps(sidecar(self, density), indent=2))
-
-    model.save_pretrained = types.MethodType(save_pretrained, model)
+    extend_save(model, write_sidecar, state_dict=dense_state_dict)
 
 
 def resolved_seed(cfg: LoraSpConfig, ctx: MethodContext) -> int:

@@ -16,6 +16,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -98,6 +99,27 @@ class MethodSpec:
     # Rebuilds, on a freshly loaded base model, what the saved weights do not hold (a quantised base):
     # `reload(model, cfg, run_dir) -> model`, called by `eval`/`export` before the adapter is loaded.
     reload: Callable | None = None
+
+
+def extend_save(
+    model, write_extra: Callable[[Any, Path], None], state_dict: Callable[[Any], dict] | None = None
+) -> None:
+    """Make `model.save_pretrained` also write what a method keeps outside the weights plain
+    `from_pretrained` reloads (a mask seed, a prompt), optionally saving another `state_dict`.
+
+    The run, `eval` and `export` save through `model.save_pretrained` and never ask which method made the
+    model; wrapping the model's current (possibly already extended) save lets several methods compose."""
+    import types
+
+    previous = model.save_pretrained
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        if state_dict is not None:
+            kwargs.setdefault("state_dict", state_dict(self))
+        previous(save_directory, **kwargs)
+        write_extra(self, Path(save_directory))
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
