@@ -222,6 +222,17 @@ def test_seed000_suite_validates_and_lists_its_runs(capsys, tmp_path, monkeypatc
     assert "lora-r2" in capsys.readouterr().out
 
 
+def test_suite_env_reaches_every_run_and_its_command(capsys, tmp_path):
+    from leantune.bench.runner import child_env
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nruns: [{id: a}]\nenv: {MALLOC_MMAP_THRESHOLD_: '131072'}\n")
+    assert main(["bench", str(suite), "--dry-run", "--results", str(tmp_path)]) == 0
+    assert "MALLOC_MMAP_THRESHOLD_=131072 python -m leantune train" in capsys.readouterr().out
+    env = child_env(3, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and env["OMP_NUM_THREADS"] == "3"
+
+
 @pytest.mark.parametrize(
     "suite", sorted(p.stem for p in (ROOT / "benchmarks" / "suites").glob("*.yaml")), ids=str
 )

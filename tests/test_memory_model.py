@@ -7,6 +7,8 @@ real MiniLM, one process per setting): on tiny models the activations are kiloby
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -103,16 +105,18 @@ def test_planner_respects_the_budget_and_ranks_shrink_with_it(tiny_models):
     assert first.ranks[top] == 16 and all(layer.reason for layer in first.layers)
 
 
-def test_impossible_budget_names_the_minimum_that_fits(tiny_models):
+@pytest.mark.parametrize("margin", [0.0, 0.1])
+def test_impossible_budget_names_the_minimum_that_fits(tiny_models, margin):
     cost, importance = _cost(tiny_models)
     with pytest.raises(UserError, match=r"at least") as err:
-        plan_ranks(cost, importance, 1.0, 1000, 16)
+        plan_ranks(cost, importance, 1.0, 1000, 16, safety_margin=margin)
     need = int(str(err.value).split("(")[2].split(" bytes")[0])
-    plan = plan_ranks(cost, importance, 1.0, need, 16)  # the named minimum really fits
+    plan = plan_ranks(cost, importance, 1.0, need, 16, safety_margin=margin)  # the named minimum fits
     assert sum(plan.ranks.values()) == 1
+    assert plan.estimate["total"] <= (1 - margin) * need  # the margin is kept free
     with pytest.raises(UserError):
-        plan_ranks(cost, importance, 1.0, need - 1, 16)
-    shrunk = plan_ranks(cost, importance, 1.0, need, 64, allow_batch_reduce=True)
+        plan_ranks(cost, importance, 1.0, need - 1, 16, safety_margin=margin)
+    shrunk = plan_ranks(cost, importance, 1.0, need, 64, allow_batch_reduce=True, safety_margin=margin)
     assert shrunk.batch_size < 64 and any("batch size" in c for c in shrunk.changes)
 
 
@@ -139,3 +143,41 @@ def test_plan_cli_prints_the_plan_and_rejects_an_impossible_budget(base_override
     line = cli_err(capsys, "plan", *base_overrides, "--memory-budget", "100KB")
     assert "too small" in line and "at least" in line
     assert "memory size" in cli_err(capsys, "plan", *base_overrides, "--memory-budget", "lots")
+
+
+_HOLES = """
+import gc, sys, torch
+from leantune.memory.budget import current_rss, return_freed_memory
+applied = return_freed_memory() if sys.argv[1] == "mmap" else False
+y = torch.empty(8 * 1024 * 1024).fill_(1)
+del y  # a freed 32 MiB mapping raises glibc's dynamic threshold: 256 KiB pieces then go to the heap
+keep, big = [], []
+start = current_rss()
+for _ in range(400):
+    big.append(torch.ones(64 * 1024))  # 256 KiB
+    keep.append(torch.ones(16))  # small and long-lived, between the big ones: the heap cannot shrink
+grown = current_rss() - start
+del big
+gc.collect()
+print(applied, grown, current_rss() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_return_freed_memory_makes_rss_follow_live_tensors():
+    """The setting dynamic_rank's budget relies on: freed tensors leave RSS instead of staying cached."""
+    import subprocess
+
+    def held(mode: str) -> tuple[bool, int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0] == "True", int(out[1]), int(out[2])
+
+    _, grown, default_held = held("default")
+    applied, mmap_grown, mmap_held = held("mmap")
+    if not applied:
+        pytest.skip("no glibc mallopt here")
+    assert grown > 80 * 2**20 and mmap_grown > 80 * 2**20  # both really held ~100 MiB at once
+    assert default_held > 0.8 * grown  # glibc's default keeps the freed holes resident
+    assert mmap_held < 0.1 * mmap_grown  # with the setting they go back to the OS

@@ -42,9 +42,10 @@ def child_command(run: PlannedRun, run_dir: Path) -> list[str]:
     ]
 
 
-def child_env(threads: int) -> dict[str, str]:
+def child_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env.update(extra or {})
     return env
 
 
@@ -104,7 +105,7 @@ def _run_one(
     t0 = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
         rc = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(suite.threads), check=False
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(suite.threads, suite.env), check=False
         ).returncode
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
@@ -126,7 +127,7 @@ def _run_one(
         kind=run.spec.kind,
         repeat=run.repeat,
         overrides=list(run.overrides),
-        command=[Path(cmd[0]).name, *cmd[1:]],
+        command=[*(f"{k}={v}" for k, v in suite.env.items()), Path(cmd[0]).name, *cmd[1:]],
         summary=summary,
         wall_time_s=wall,
         run_dir=run_dir,
@@ -152,5 +153,6 @@ def _print_plan(suite: Suite, runs: list[PlannedRun], todo: list[PlannedRun], fo
     print(f"{len(runs)} runs ({len(todo)} to do), {suite.threads} threads; results in {folder}")
     for run in runs:
         state = "to do" if run in todo else "finished"
-        shown = shlex.join(["python", *child_command(run, Path("<scratch>") / run.key)[1:]])
+        env = [f"{k}={v}" for k, v in suite.env.items()]
+        shown = shlex.join([*env, "python", *child_command(run, Path("<scratch>") / run.key)[1:]])
         print(f"  {run.key:<24} {run.spec.kind:<12} {state:<9} {shown}")

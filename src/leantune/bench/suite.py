@@ -10,6 +10,7 @@ runs:
   - {id: hf_lora, kind: hf_baseline}                # transformers.Trainer + peft, same settings
 repeat: 1                                           # each run this many times, interleaved
 threads: 2                                          # torch threads of every run and of the matmul peak
+env: {MALLOC_MMAP_THRESHOLD_: "131072"}             # optional: environment of every run
 ```
 
 Why validate everything here, before anything runs: a suite can take many minutes, and a typo in the
@@ -60,6 +61,11 @@ class Suite(_Strict):
     runs: list[RunSpec] = Field(min_length=1)
     repeat: int = Field(1, gt=0)
     threads: int = Field(2, gt=0, description="torch threads for every run and for the matmul peak.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for every run (e.g. the allocator's MALLOC_MMAP_THRESHOLD_);"
+        " the artefact's command starts with them.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -53,6 +53,7 @@ class Plan:
     estimate: dict[str, int]
     layers: list[LayerPlan] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
+    safety_margin: float = 0.0  # the plan fits (1 - margin) x budget: room for the model's error
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -197,9 +198,13 @@ def plan_ranks(
     recompute: bool = False,
     allow_recompute: bool = False,
     allow_batch_reduce: bool = False,
+    safety_margin: float = 0.0,
 ) -> Plan:
-    """Greedy doubling in importance order under the budget; raises UserError naming the minimum."""
+    """Greedy doubling in importance order under (1 - safety_margin) x budget; raises UserError naming
+    the smallest budget that would fit."""
     from leantune.errors import UserError
+
+    limit = budget * (1 - safety_margin) * (1 + 1e-12)  # a budget the error message names must fit
 
     order = sorted(importance, key=lambda n: (-importance[n], n))
     cap, targets = targets_from_importance(importance, complexity, max_rank, min_share)
@@ -208,16 +213,16 @@ def plan_ranks(
     targets[order[0]] = max(targets[order[0]], 1)
     changes: list[str] = []
     batch = batch_size
-    if cost.total(minimal, batch, recompute) > budget and allow_recompute and not recompute:
+    if cost.total(minimal, batch, recompute) > limit and allow_recompute and not recompute:
         before = cost.breakdown(minimal, batch, False)["activations"]
         recompute = True
         after = cost.breakdown(minimal, batch, True)["activations"]
         changes.append(f"recomputation on: activations {fmt_bytes(before)} -> {fmt_bytes(after)}")
-    while cost.total(minimal, batch, recompute) > budget and allow_batch_reduce and batch > 1:
+    while cost.total(minimal, batch, recompute) > limit and allow_batch_reduce and batch > 1:
         changes.append(f"batch size {batch} -> {batch // 2}")
         batch //= 2
-    if cost.total(minimal, batch, recompute) > budget:
-        need = cost.total(minimal, batch, recompute)
+    if cost.total(minimal, batch, recompute) > limit:
+        need = math.ceil(cost.total(minimal, batch, recompute) / (1 - safety_margin))
         what = f"rank 1 on {order[0]} only, batch {batch}" + (", recomputation on" if recompute else "")
         allowed = [
             what
@@ -230,7 +235,8 @@ def plan_ranks(
         more = f", or allow {' and '.join(allowed)}" if allowed else ""
         raise UserError(
             f"memory budget {fmt_bytes(budget)} is too small: the smallest plan ({what}) needs "
-            f"{fmt_bytes(need)} ({need} bytes): raise the budget to at least that{more}"
+            f"{fmt_bytes(need)} ({need} bytes{margin_note(safety_margin)}): raise the budget to at least "
+            f"that{more}"
         )
     ranks = dict(minimal)
     blocked: dict[str, str] = {}
@@ -243,11 +249,11 @@ def plan_ranks(
             nxt = 1 if ranks[name] == 0 else min(2 * ranks[name], targets[name])
             trial = {**ranks, name: nxt}
             need = cost.total(trial, batch, recompute)
-            if need <= budget:
+            if need <= limit:
                 ranks, grew = trial, True
             else:
                 blocked[name] = (
-                    f"{ranks[name]}->{nxt} would need {fmt_bytes(need)} > budget {fmt_bytes(budget)}"
+                    f"{ranks[name]}->{nxt} would need {fmt_bytes(need)} > {limit_name(budget, safety_margin)}"
                 )
     position = {n: i + 1 for i, n in enumerate(order)}
     layers = []
@@ -270,6 +276,15 @@ def plan_ranks(
                 why,
             )
         )
-    return Plan(
-        budget, batch, recompute, complexity, cap, cost.breakdown(ranks, batch, recompute), layers, changes
-    )
+    estimate = cost.breakdown(ranks, batch, recompute)
+    return Plan(budget, batch, recompute, complexity, cap, estimate, layers, changes, safety_margin)
+
+
+def margin_note(safety_margin: float) -> str:
+    return f", with the {safety_margin:.0%} safety margin" if safety_margin else ""
+
+
+def limit_name(budget: int, safety_margin: float) -> str:
+    if not safety_margin:
+        return f"budget {fmt_bytes(budget)}"
+    return f"{1 - safety_margin:.2f} x budget {fmt_bytes(budget)} = {fmt_bytes(budget * (1 - safety_margin))}"

@@ -70,8 +70,12 @@ def svd_truncate(a, b, k: int):
     """Best rank-k factors of B A (Eckart-Young) and the discarded singular values of B A.
 
     Works on r x r matrices only: B = Qb Rb and A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T and the SVD of
-    the small core gives the SVD of the product. The kept singular values are split evenly (sqrt) over
-    the new factors, so neither factor dominates the next gradient steps.
+    the small core gives the SVD of the product. The new A is the top-k right singular vectors scaled to
+    the old A's RMS row norm, and B takes the singular values. Why not split sqrt(s) evenly: under Adam
+    each entry moves ~lr per step, so how fast B A moves scales with the factors' norms. Early in
+    training B is near zero and s is small; an even split would shrink A to sqrt(s) and slow that
+    layer's learning several-fold after every shrink. Keeping A at the scale LoRA initialised it with
+    keeps the layer's pace.
     """
     import torch
 
@@ -79,9 +83,10 @@ def svd_truncate(a, b, k: int):
         qb, rb = torch.linalg.qr(b.double())
         qa, ra = torch.linalg.qr(a.double().T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
-        root = s[:k].sqrt()
-        new_b = (qb @ u[:, :k]) * root
-        new_a = root[:, None] * (vh[:k] @ qa.T)
+        scale = a.double().norm() / math.sqrt(a.shape[0])
+        scale = scale if scale > 0 else torch.ones((), dtype=torch.float64)
+        new_b = (qb @ u[:, :k]) * (s[:k] / scale)
+        new_a = scale * (vh[:k] @ qa.T)
         return new_a.to(a.dtype), new_b.to(b.dtype), s[k:].to(a.dtype)
 
 

@@ -8,8 +8,8 @@ the layers are resized in place (`_lora_ranks`) and the trainer's optimizer re-r
 Every `realloc_every` steps it re-scores the layers and re-plans when the importance has drifted or
 the measured peak of the process nears the budget; shrinking truncates B A by SVD (the output moves by
 at most the discarded singular values), growing appends zero columns to B (the output is unchanged).
-Resized factors keep their AdamW moments where the basis is kept (grow) and restart them where it
-rotates (shrink). The result is a plain peft LoRA adapter with `rank_pattern`.
+Resized factors keep their AdamW moments, mapped into the new factors' coordinates (`_adam_carry`).
+The result is a plain peft LoRA adapter with `rank_pattern`.
 
 What "memory" means here: the memory model's total (weights, trainable parameters, gradients, AdamW
 state, saved activations and transient buffers of the longest batch); it excludes the Python/torch
@@ -58,6 +58,18 @@ class DynamicRankConfig(MethodConfig):
     )
     memory_margin: float = Field(
         0.05, ge=0, lt=1, description="Re-plan when the measured peak exceeds (1 - margin) x budget."
+    )
+    safety_margin: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Plan within (1 - margin) x budget: room for the memory model's error (at most 8.8%"
+        " on the validation grid, benchmarks/results/memory-model/).",
+    )
+    return_freed_memory: bool = Field(
+        True,
+        description="On glibc, return freed tensors to the OS (mallopt M_MMAP_THRESHOLD 128 KiB) so that"
+        " RSS follows live tensors, as the memory model assumes; costs page faults.",
     )
     allow_recompute: bool = Field(False, description="May switch on activation recomputation to fit.")
 
@@ -124,6 +136,7 @@ class DynamicRankRuntime(MethodRuntime):
         self.run_dir = None
         self._base_rss: int | None = None
         self._step_peak = 0
+        self.freed_memory_returned = False
 
     # -- planning ------------------------------------------------------------------------------------
     def _seq_len(self, trainer) -> int:
@@ -159,12 +172,14 @@ class DynamicRankRuntime(MethodRuntime):
             self.cfg.min_share,
             recompute=self.recompute,
             allow_recompute=self.cfg.allow_recompute,
+            safety_margin=self.cfg.safety_margin,
         )
 
     def _apply_plan(self, trainer, plan, reason: str) -> None:
         import torch
 
         from leantune.memory.estimate import gradient_checkpointing
+        from leantune.methods._adam_carry import carry, factor_maps
         from leantune.methods._lora_ranks import lora_factors, lora_layers, rank_of, resize, sync_peft_config
 
         if plan.batch_size != trainer.cfg.train.batch_size:
@@ -174,7 +189,7 @@ class DynamicRankRuntime(MethodRuntime):
             self.recompute = True
         opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         step = trainer.state.step
-        kept_state: dict[str, tuple[int, dict, dict]] = {}
+        carried: dict[str, tuple] = {}  # layer -> (old A, old B, their AdamW states, resize kind)
         changes = []
         layers = lora_layers(self.model)
         before = {n: rank_of(layer) for n, layer in layers.items()}
@@ -183,23 +198,20 @@ class DynamicRankRuntime(MethodRuntime):
             new = plan.ranks[name]
             old = rank_of(layer)
             factors = lora_factors(layer)
-            if factors is not None and new > old:
-                a, b = factors
-                kept_state[name] = (old, dict(opt.state.get(a, {})), dict(opt.state.get(b, {})))
             gen = torch.Generator().manual_seed(hash((self.ctx.seed, step, i)) % (2**63))
             done = resize(layer, new, gen)
+            if factors is not None and done["kind"] in ("grow", "shrink"):
+                a, b = factors
+                carried[name] = (a, b, opt.state.get(a, {}), opt.state.get(b, {}), done["kind"])
             if shown_before.get(name, old) != new:
                 changes.append({"layer": name, **done, "from": shown_before.get(name, old)})
         sync_peft_config(self.model)
         trainer.sync_parameters()
-        for name, (_old, state_a, state_b) in kept_state.items():
+        for name, (old_a, old_b, state_a, state_b, kind) in carried.items():
             a, b = lora_factors(layers[name])
-            for param, state, dim in ((a, state_a, 0), (b, state_b, 1)):
-                if state:
-                    opt.state[param] = {
-                        k: _pad(v, param.shape, dim) if k in ("exp_avg", "exp_avg_sq") else v
-                        for k, v in state.items()
-                    }
+            new_a, new_b = carry(state_a, state_b, factor_maps(old_a, old_b, a, b, kind))
+            if new_a:
+                opt.state[a], opt.state[b] = new_a, new_b
         if self.planned:  # the best checkpoint has the old shapes: track the best from here on
             trainer.state.best_metric, trainer.state.best_step, trainer.state.bad_evals = None, None, 0
         self.planned = True
@@ -231,6 +243,10 @@ class DynamicRankRuntime(MethodRuntime):
                 "dynamic_rank re-shapes parameters, which DDP cannot follow; run it in one process"
             )
         self.run_dir = trainer.run_dir
+        if self.cfg.return_freed_memory:
+            from leantune.memory.budget import return_freed_memory
+
+            self.freed_memory_returned = return_freed_memory()
         if self.planned:  # resumed: the checkpoint's ranks are in place already
             if self.recompute:
                 gradient_checkpointing(self.model, True).__enter__()
@@ -346,6 +362,7 @@ class DynamicRankRuntime(MethodRuntime):
             "reallocations": len(self.events) - 1 if self.events else 0,
             "events": self.events,
             "measured_peak_bytes": self.measured_peak,
+            "freed_memory_returned": self.freed_memory_returned,
             "trainable_params_final": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
         if self.run_dir is not None and self.history:
@@ -359,17 +376,6 @@ def _lora_params(layer):
     from leantune.methods._lora_ranks import lora_factors
 
     return lora_factors(layer) or ()
-
-
-def _pad(value, shape, dim: int):
-    """An AdamW moment of the old, smaller factor, zero-padded to the grown factor's shape."""
-    import torch
-
-    if not torch.is_tensor(value) or value.shape == shape:
-        return value
-    pad = list(shape)
-    pad[dim] = shape[dim] - value.shape[dim]
-    return torch.cat([value, torch.zeros(pad, dtype=value.dtype, device=value.device)], dim)
 
 
 def plot_history(history: list[dict[str, Any]], path, last_step: int = 0):

@@ -77,6 +77,7 @@ def make_plan(
         method.min_share,
         allow_recompute=allow_recompute or method.allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
+        safety_margin=method.safety_margin,
     )
     return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
 
@@ -86,7 +87,9 @@ def format_plan(plan: dict) -> str:
 
     c, est = plan["task_complexity"], plan["estimate"]
     lines = [
-        f"memory budget {plan['budget']} = {fmt_bytes(plan['budget_bytes'])}; estimate "
+        f"memory budget {plan['budget']} = {fmt_bytes(plan['budget_bytes'])}"
+        + (f", planned within {1 - m:.2f} x budget" if (m := plan.get("safety_margin")) else "")
+        + f"; estimate "
         f"{fmt_bytes(est['total'])} (weights {fmt_bytes(est['weights'])}, gradients "
         f"{fmt_bytes(est['gradients'])}, optimizer {fmt_bytes(est['optimizer_state'])}, activations "
         f"{fmt_bytes(est['activations'])}, transient {fmt_bytes(est['transient'])})",

@@ -204,6 +204,19 @@ def _final_eval_data(cfg: Config) -> tuple[dict[str, list] | None, list[dict] | 
     return gen_rows, mmlu
 
 
+def _params_after_training(at_start: dict, model) -> dict:
+    """The counts of the trained model. Methods that resize parameters while training (dynamic_rank plans
+    its ranks in on_train_start) would otherwise be reported by their probe shapes; the counts at start
+    are kept beside them when they differ."""
+    from leantune.models.flop_profile import flop_profile
+
+    now = count_params(model)
+    if now["trainable"] == at_start["trainable"]:
+        return at_start
+    start = {k: v for k, v in at_start.items() if k != "flop_profile"}
+    return {**now, "flop_profile": flop_profile(model), "at_start": start}
+
+
 def run_train(cfg: Config, resume: bool = False) -> dict:
     t_start = time.perf_counter()
     prep = prepare(cfg, resume)
@@ -266,7 +279,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
         "task": cfg.task,
         "methods": [m.name for m in cfg.methods],
         "method_reports": method_reports(prep.specs, cfg.methods, trainer),
-        "params": prep.params,
+        "params": _params_after_training(prep.params, trainer.module),
         "data": {split: len(rows) for split, rows in data.items()},
         "train": {
             "steps": state.step,
