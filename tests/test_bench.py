@@ -226,9 +226,14 @@ def test_suite_env_reaches_every_run_and_its_command(capsys, tmp_path):
     from leantune.bench.runner import child_env
 
     suite = tmp_path / "s.yaml"
-    suite.write_text("name: s\nruns: [{id: a}]\nenv: {MALLOC_MMAP_THRESHOLD_: '131072'}\n")
+    suite.write_text(
+        "name: s\nruns: [{id: a}, {id: b, env: {MALLOC_MMAP_THRESHOLD_: '0', X: '1'}}]\n"
+        "env: {MALLOC_MMAP_THRESHOLD_: '131072'}\n"
+    )
     assert main(["bench", str(suite), "--dry-run", "--results", str(tmp_path)]) == 0
-    assert "MALLOC_MMAP_THRESHOLD_=131072 python -m leantune train" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert "MALLOC_MMAP_THRESHOLD_=131072 python -m leantune train" in lines[2]  # the suite's
+    assert "MALLOC_MMAP_THRESHOLD_=0 X=1 python -m leantune train" in lines[3]  # the run's, over it
     env = child_env(3, {"MALLOC_MMAP_THRESHOLD_": "131072"})
     assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and env["OMP_NUM_THREADS"] == "3"
 

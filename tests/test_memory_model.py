@@ -105,6 +105,25 @@ def test_planner_respects_the_budget_and_ranks_shrink_with_it(tiny_models):
     assert first.ranks[top] == 16 and all(layer.reason for layer in first.layers)
 
 
+def test_uniform_allocation_gives_every_layer_the_cap_when_the_budget_allows(tiny_models):
+    cost, importance = _cost(tiny_models)
+    roomy = cost.total(dict.fromkeys(importance, 8), 16, False)
+    plan = plan_ranks(cost, importance, 1.0, roomy, 16, max_rank=8, uniform=True)
+    assert set(plan.ranks.values()) == {8}  # importance-proportional targets would differ per layer
+    assert len(set(plan_ranks(cost, importance, 1.0, roomy, 16, max_rank=8).ranks.values())) > 1
+    tight = plan_ranks(
+        cost,
+        importance,
+        1.0,
+        (roomy + cost.total(dict.fromkeys(importance, 4), 16, False)) // 2,
+        16,
+        max_rank=8,
+        uniform=True,
+    )
+    top = max(importance, key=importance.get)
+    assert set(tight.ranks.values()) <= {4, 8} and tight.ranks[top] == 8  # the important layers first
+
+
 @pytest.mark.parametrize("margin", [0.0, 0.1])
 def test_impossible_budget_names_the_minimum_that_fits(tiny_models, margin):
     cost, importance = _cost(tiny_models)

@@ -42,6 +42,10 @@ def child_command(run: PlannedRun, run_dir: Path) -> list[str]:
     ]
 
 
+def run_env(suite: Suite, run: PlannedRun) -> dict[str, str]:
+    return {**suite.env, **run.spec.env}
+
+
 def child_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
@@ -104,9 +108,8 @@ def _run_one(
     print(f"{tag} {run.key} ({run.spec.kind}) ...", end=" ", flush=True)
     t0 = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
-        rc = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(suite.threads, suite.env), check=False
-        ).returncode
+        env = child_env(suite.threads, run_env(suite, run))
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
@@ -127,7 +130,7 @@ def _run_one(
         kind=run.spec.kind,
         repeat=run.repeat,
         overrides=list(run.overrides),
-        command=[*(f"{k}={v}" for k, v in suite.env.items()), Path(cmd[0]).name, *cmd[1:]],
+        command=[*(f"{k}={v}" for k, v in run_env(suite, run).items()), Path(cmd[0]).name, *cmd[1:]],
         summary=summary,
         wall_time_s=wall,
         run_dir=run_dir,
@@ -153,6 +156,6 @@ def _print_plan(suite: Suite, runs: list[PlannedRun], todo: list[PlannedRun], fo
     print(f"{len(runs)} runs ({len(todo)} to do), {suite.threads} threads; results in {folder}")
     for run in runs:
         state = "to do" if run in todo else "finished"
-        env = [f"{k}={v}" for k, v in suite.env.items()]
+        env = [f"{k}={v}" for k, v in run_env(suite, run).items()]
         shown = shlex.join([*env, "python", *child_command(run, Path("<scratch>") / run.key)[1:]])
         print(f"  {run.key:<24} {run.spec.kind:<12} {state:<9} {shown}")

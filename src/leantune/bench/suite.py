@@ -45,6 +45,9 @@ class RunSpec(_Strict):
     kind: Literal["leantune", "hf_baseline"] = Field(
         "leantune", description="leantune: `leantune train`; hf_baseline: transformers.Trainer + peft."
     )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of this run, over the suite's `env`."
+    )
 
     @field_validator("id")
     @classmethod

@@ -174,10 +174,16 @@ class RankCost:
 
 
 def targets_from_importance(
-    importance: dict[str, float], complexity: float, max_rank: int, min_share: float
+    importance: dict[str, float], complexity: float, max_rank: int, min_share: float, uniform: bool = False
 ) -> tuple[int, dict[str, int]]:
-    """The complexity-scaled rank cap, and each layer's target: cap x importance / top importance."""
+    """The complexity-scaled rank cap, and each layer's target: cap x importance / top importance.
+
+    `uniform`: every layer targets the cap. The budget still decides how far ranks double, and in what
+    order (most important first). That is the control that separates what the budget does from what the
+    importance-proportional targets do."""
     cap = max(1, pow2_round(max_rank * (0.25 + 0.75 * complexity)))
+    if uniform:
+        return cap, dict.fromkeys(importance, cap)
     top = max(importance.values()) or 1.0
     n = len(importance)
     targets = {
@@ -199,6 +205,7 @@ def plan_ranks(
     allow_recompute: bool = False,
     allow_batch_reduce: bool = False,
     safety_margin: float = 0.0,
+    uniform: bool = False,
 ) -> Plan:
     """Greedy doubling in importance order under (1 - safety_margin) x budget; raises UserError naming
     the smallest budget that would fit."""
@@ -207,7 +214,7 @@ def plan_ranks(
     limit = budget * (1 - safety_margin) * (1 + 1e-12)  # a budget the error message names must fit
 
     order = sorted(importance, key=lambda n: (-importance[n], n))
-    cap, targets = targets_from_importance(importance, complexity, max_rank, min_share)
+    cap, targets = targets_from_importance(importance, complexity, max_rank, min_share, uniform)
     minimal = {n: 0 for n in order}
     minimal[order[0]] = 1  # a PEFT adapter needs at least one LoRA layer
     targets[order[0]] = max(targets[order[0]], 1)
@@ -265,7 +272,8 @@ def plan_ranks(
         elif name in blocked:
             why = f"rank {r} (target {t}): {head}; {blocked[name]}"
         else:
-            why = f"rank {r}: {head}; target {t} = cap {cap} x share / top share, fits in budget"
+            rule = f"uniform target = cap {cap}" if uniform else f"target {t} = cap {cap} x share / top share"
+            why = f"rank {r}: {head}; {rule}, fits in budget"
         layers.append(
             LayerPlan(
                 name,

@@ -47,6 +47,11 @@ class DynamicRankConfig(MethodConfig):
     )
     modules_to_save: list[str] | None = None
     probe_batches: int = Field(4, gt=0, description="Batches scored for importance at each (re)planning.")
+    allocation: Literal["importance", "uniform"] = Field(
+        "importance",
+        description="importance: a layer's target rank is cap x its importance / the top importance;"
+        " uniform: every layer targets the cap, raised in importance order while the budget allows.",
+    )
     min_share: float = Field(
         0.1, ge=0, description="A layer whose importance share is below min_share / #layers gets rank 0."
     )
@@ -173,6 +178,7 @@ class DynamicRankRuntime(MethodRuntime):
             recompute=self.recompute,
             allow_recompute=self.cfg.allow_recompute,
             safety_margin=self.cfg.safety_margin,
+            uniform=self.cfg.allocation == "uniform",
         )
 
     def _apply_plan(self, trainer, plan, reason: str) -> None:

@@ -78,6 +78,7 @@ def make_plan(
         allow_recompute=allow_recompute or method.allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
         safety_margin=method.safety_margin,
+        uniform=method.allocation == "uniform",
     )
     return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
 
