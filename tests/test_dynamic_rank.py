@@ -146,3 +146,27 @@ def test_adalora_baseline_prunes_to_its_target_rank(base_overrides):
     assert len(report["ranks"]) == 6  # query and value of 3 blocks
     assert report["total_rank"] == 2 * 6  # peft's budget ends at target_r per layer on average
     assert max(report["ranks"].values()) <= 6
+
+
+def test_probe_in_micro_batches_scores_like_the_whole_batch(tiny_models):
+    """The probe runs in slices to stay within the training step's memory; the scores must not move."""
+    import peft
+
+    from leantune.methods._importance import layer_importance
+    from leantune.models.loader import load_model
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_models["bert"]), "classification", "float32", ["neg", "pos"], 0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=1, target_modules=["query", "value"]))
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(5, 100, (20, 12), generator=gen),
+        "attention_mask": torch.ones(20, 12, dtype=torch.long),
+        "labels": torch.randint(0, 2, (20,), generator=gen),
+    }
+    whole, loss_whole = layer_importance(model, [batch], micro_batch=20)
+    sliced, loss_sliced = layer_importance(model, [batch], micro_batch=3)  # 7 slices, the last of 2 rows
+    assert loss_sliced == pytest.approx(loss_whole, rel=1e-5)
+    for name, share in whole.items():
+        assert sliced[name] == pytest.approx(share, rel=1e-4, abs=1e-7)
+    assert max(whole.values()) > 2 * min(whole.values())  # the scores do tell layers apart

@@ -33,8 +33,16 @@ def probe_batches(features: list[dict], batch_size: int, count: int, pad_id: int
     return out
 
 
-def layer_importance(model, batches: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
-    """Normalised sum |W * dL/dW| per LoRA layer (shares summing to 1), and the mean probe loss."""
+def layer_importance(
+    model, batches: list[dict[str, Any]], micro_batch: int = 8
+) -> tuple[dict[str, float], float]:
+    """Normalised sum |W * dL/dW| per LoRA layer (shares summing to 1), and the mean probe loss.
+
+    Each batch runs in slices of `micro_batch` rows whose gradients add up to the batch's: the probe
+    backpropagates through every block (it scores layers below the lowest adapter too), so at the
+    training batch size it would need more memory than the budgeted training step. For a loss that is
+    a mean over rows the scores are those of the whole batch (up to float rounding); for a per-token
+    mean the rows are weighted by count, not by tokens."""
     import torch
 
     layers = lora_layers(model)
@@ -53,9 +61,13 @@ def layer_importance(model, batches: list[dict[str, Any]]) -> tuple[dict[str, fl
                 w.requires_grad_(True)
                 w.grad = None
             for batch in batches:
-                out = model(**{k: v.to(device) for k, v in batch.items()})
-                out.loss.backward()
-                loss_sum += float(out.loss.detach())
+                rows = len(next(iter(batch.values())))
+                for start in range(0, rows, micro_batch):
+                    part = {k: v[start : start + micro_batch].to(device) for k, v in batch.items()}
+                    share = len(next(iter(part.values()))) / rows
+                    out = model(**part)
+                    (out.loss * share).backward()  # gradients add up to the whole batch's mean loss
+                    loss_sum += float(out.loss.detach()) * share
                 for n, w in weights.items():
                     scores[n] += float((w.detach() * w.grad).abs().sum())
                     w.grad = None
