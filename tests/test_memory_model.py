@@ -124,6 +124,32 @@ def test_uniform_allocation_gives_every_layer_the_cap_when_the_budget_allows(tin
     assert set(tight.ranks.values()) <= {4, 8} and tight.ranks[top] == 8  # the important layers first
 
 
+def test_planner_may_plan_on_a_4bit_base_and_counts_it_like_the_quant_method(tiny_models):
+    cost, importance = _cost(tiny_models)
+    top = max(importance, key=importance.get)
+    minimal = {n: 0 for n in importance} | {top: 1}
+    quantized = cost.quantized_base()
+    budget = (cost.total(minimal, 16, False) + quantized.total(minimal, 16, False)) // 2
+    with pytest.raises(UserError, match="a 4-bit base"):  # the error names the lever that would help
+        plan_ranks(cost, importance, 1.0, budget, 16)
+    plan = plan_ranks(cost, importance, 1.0, budget, 16, allow_quantize=True)
+    assert plan.quantize and any("4-bit NF4 base" in c for c in plan.changes)
+    assert plan.estimate["total"] <= budget
+    # the planned weights match a model the quant method really quantised (packed codes + scales)
+    real = _model(
+        tiny_models["bert"],
+        "classification",
+        [{"name": "quant", "bits": 4, "backend": "torch"}, {"name": "dynamic_rank", "budget": "1GiB"}],
+    )
+    real_cost = RankCost(real, "classification", 16)
+    assert real_cost.quantizable_bytes == 0  # nothing left to quantise
+    planned = quantized.breakdown(minimal, 16, False)["weights"]
+    stored = sum(t.numel() * t.element_size() for t in [*real.parameters(), *real.buffers()])
+    assert planned == pytest.approx(stored, rel=0.05)
+    saved = cost.breakdown(minimal, 16, False)["weights"] - planned  # fp32 -> ~4.1 bits a weight
+    assert saved == pytest.approx(cost.quantizable_bytes * (1 - 0.5158 / 4), rel=0.01) and saved > 0
+
+
 @pytest.mark.parametrize("margin", [0.0, 0.1])
 def test_impossible_budget_names_the_minimum_that_fits(tiny_models, margin):
     cost, importance = _cost(tiny_models)

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--allow-recompute", action="store_true", help="may switch on recomputation to fit")
     pl.add_argument("--allow-batch-reduce", action="store_true", help="may halve the batch size to fit")
+    pl.add_argument(
+        "--allow-quantize", action="store_true", help="may plan on a 4-bit NF4 base (the quant method)"
+    )
     pl.add_argument("--json", type=Path, help="also write the plan to this JSON file (must not exist)")
 
     r = sub.add_parser("report", help="write report.md and report.html from a suite's artefacts")
@@ -167,7 +170,7 @@ def dispatch(ns: argparse.Namespace) -> None:
 
         path, overrides = _split_train_args(ns.args)
         cfg = load_config(path, overrides)
-        run_plan(cfg, ns.memory_budget, ns.allow_recompute, ns.allow_batch_reduce, ns.json)
+        run_plan(cfg, ns.memory_budget, ns.allow_recompute, ns.allow_batch_reduce, ns.json, ns.allow_quantize)
     elif ns.command == "report":
         from leantune.bench.report import run_report
 

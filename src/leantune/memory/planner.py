@@ -14,6 +14,7 @@ the rank term added per layer.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     safety_margin: float = 0.0  # the plan fits (1 - margin) x budget: room for the model's error
+    quantize: bool = False  # the plan assumes a 4-bit base (allow_quantize), which the config must add
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -121,6 +123,16 @@ class RankCost:
                 self.largest_other = max(self.largest_other, p.numel() * p.element_size())
         self._traces: dict[tuple[frozenset[str], bool], tuple[int, int]] = {}
         self.prefix = blocks_prefix(model)
+        self.quantizable_bytes, self.quantizable_numel = _frozen_linear_weights(model, lora_ids)
+        self.weight_saving = 0  # set by `quantized_base`
+
+    def quantized_base(self) -> RankCost:
+        """The same costs with the frozen linear weights stored as NF4 (what `methods: [quant, ...]`
+        does): 4 bits a weight plus an 8-bit absmax per 64 and an fp32 scale per 256 absmaxes."""
+        other = copy.copy(self)
+        packed = int(self.quantizable_numel * (0.5 + 1 / 64 + 4 / (64 * 256)))
+        other.weight_saving = self.quantizable_bytes - packed
+        return other
 
     def _trace(self, active: frozenset[str], recompute: bool) -> tuple[int, int]:
         key = (active, recompute)
@@ -151,7 +163,7 @@ class RankCost:
         activations = saved * batch + sum(self.rank_activation_bytes(n, r, batch) for n, r in ranks.items())
         other = self.other_trainable_bytes
         out = {
-            "weights": self.weight_bytes + lora_weights,
+            "weights": self.weight_bytes - self.weight_saving + lora_weights,
             "gradients": other + lora_weights,
             "optimizer_state": 2 * other
             + self.other_trainable_tensors * ADAM_STEP_BYTES
@@ -171,6 +183,26 @@ class RankCost:
 
     def total(self, ranks: dict[str, int], batch: int, recompute: bool) -> int:
         return self.breakdown(ranks, batch, recompute)["total"]
+
+
+def _frozen_linear_weights(model, skip_ids: set[int]) -> tuple[int, int]:
+    """(bytes, count) of the frozen linear weights the quant method would replace (heads and the
+    pooler are never quantised; an already quantised layer is no longer a Linear)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from leantune.methods.quant import NEVER_QUANTIZED, _skipped
+
+    nbytes = numel = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(module) not in (nn.Linear, Conv1D) or weight is None or id(weight) in skip_ids:
+            continue
+        if weight.requires_grad or _skipped(name, NEVER_QUANTIZED) or weight.element_size() < 2:
+            continue
+        nbytes += weight.numel() * weight.element_size()
+        numel += weight.numel()
+    return nbytes, numel
 
 
 def targets_from_importance(
@@ -206,6 +238,7 @@ def plan_ranks(
     allow_batch_reduce: bool = False,
     safety_margin: float = 0.0,
     uniform: bool = False,
+    allow_quantize: bool = False,
 ) -> Plan:
     """Greedy doubling in importance order under (1 - safety_margin) x budget; raises UserError naming
     the smallest budget that would fit."""
@@ -225,16 +258,27 @@ def plan_ranks(
         recompute = True
         after = cost.breakdown(minimal, batch, True)["activations"]
         changes.append(f"recomputation on: activations {fmt_bytes(before)} -> {fmt_bytes(after)}")
+    quantize = False
+    if cost.total(minimal, batch, recompute) > limit and allow_quantize and cost.quantizable_bytes:
+        quantize, before = True, cost.breakdown(minimal, batch, recompute)["weights"]
+        cost = cost.quantized_base()
+        after = cost.breakdown(minimal, batch, recompute)["weights"]
+        changes.append(
+            f"4-bit NF4 base (add {{name: quant, bits: 4}} before the LoRA method): weights "
+            f"{fmt_bytes(before)} -> {fmt_bytes(after)}"
+        )
     while cost.total(minimal, batch, recompute) > limit and allow_batch_reduce and batch > 1:
         changes.append(f"batch size {batch} -> {batch // 2}")
         batch //= 2
     if cost.total(minimal, batch, recompute) > limit:
         need = math.ceil(cost.total(minimal, batch, recompute) / (1 - safety_margin))
         what = f"rank 1 on {order[0]} only, batch {batch}" + (", recomputation on" if recompute else "")
+        what += ", 4-bit base" if quantize else ""
         allowed = [
             what
             for what, off in (
                 ("recomputation", not allow_recompute),
+                ("a 4-bit base", not allow_quantize and cost.quantizable_bytes > 0),
                 ("a smaller batch", not allow_batch_reduce),
             )
             if off
@@ -285,7 +329,7 @@ def plan_ranks(
             )
         )
     estimate = cost.breakdown(ranks, batch, recompute)
-    return Plan(budget, batch, recompute, complexity, cap, estimate, layers, changes, safety_margin)
+    return Plan(budget, batch, recompute, complexity, cap, estimate, layers, changes, safety_margin, quantize)
 
 
 def margin_note(safety_margin: float) -> str:

@@ -39,7 +39,11 @@ def _method_config(cfg: Config, budget: str | None):
 
 
 def make_plan(
-    cfg: Config, budget: str | None, allow_recompute: bool = False, allow_batch_reduce: bool = False
+    cfg: Config,
+    budget: str | None,
+    allow_recompute: bool = False,
+    allow_batch_reduce: bool = False,
+    allow_quantize: bool = False,
 ) -> dict:
     from leantune.data.arrow_features import example_lengths
     from leantune.memory.budget import parse_budget
@@ -79,6 +83,7 @@ def make_plan(
         allow_batch_reduce=allow_batch_reduce,
         safety_margin=method.safety_margin,
         uniform=method.allocation == "uniform",
+        allow_quantize=allow_quantize,
     )
     return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
 
@@ -117,10 +122,11 @@ def run_plan(
     allow_recompute: bool = False,
     allow_batch_reduce: bool = False,
     json_out: Path | None = None,
+    allow_quantize: bool = False,
 ) -> dict:
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} exists; choose another --json path")
-    plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce)
+    plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce, allow_quantize)
     print(format_plan(plan))
     if json_out is not None:
         json_out.write_text(json.dumps(plan, indent=2) + "\n")
