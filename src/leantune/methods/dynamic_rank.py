@@ -16,9 +16,10 @@ state, saved activations and transient buffers of the longest batch); it exclude
 runtime, lazily imported libraries and the dataset. The measured counterpart is the persistent part
 (weights and AdamW state, counted exactly) plus the growth of the process's peak RSS within a step
 (VmHWM, reset at each step start, minus RSS at the step start). A measured peak above
-(1 - memory_margin) x budget re-plans against a budget scaled down by estimate / measured. Caveat: glibc
-keeps freed memory, so after the first steps a step reuses cached pages and its RSS growth under-reads
-what it uses; the memory model (validated in benchmarks/results/memory-model/) is what keeps the budget.
+(1 - memory_margin) x budget re-plans against a budget scaled down by estimate / measured. Plans fill
+(1 - safety_margin) x budget, room for the memory model's error. By default glibc is told to return
+freed memory (`return_freed_memory`), so RSS follows live tensors; without it glibc keeps freed pages, a
+step's RSS growth under-reads what it uses, and only the memory model keeps the budget.
 """
 
 from __future__ import annotations
