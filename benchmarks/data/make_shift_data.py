@@ -54,7 +54,8 @@ def main(out: Path) -> None:
         _write(folder / "train.csv", train)
         _write(folder / "validation.csv", validation)
         _write(folder / "test.csv", test)
-    print(f"P50/P70/P90 = {p50}/{p70}/{p90} words; train {len(train)}, validation {len(validation)}; -> {out}")
+    sizes = f"train {len(train)}, validation {len(validation)}"
+    print(f"P50/P70/P90 = {p50}/{p70}/{p90} words; {sizes}; -> {out}")
 
 
 if __name__ == "__main__":
