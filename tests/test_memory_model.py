@@ -243,3 +243,28 @@ def test_return_freed_memory_makes_rss_follow_live_tensors():
     assert grown > 80 * 2**20 and mmap_grown > 80 * 2**20  # both really held ~100 MiB at once
     assert default_held > 0.8 * grown  # glibc's default keeps the freed holes resident
     assert mmap_held < 0.1 * mmap_grown  # with the setting they go back to the OS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs")
+def test_lifetime_peak_survives_the_per_step_resets():
+    """dynamic_rank resets the kernel's peak to measure each step; the run's reported peak must not
+    forget what came before (it read only the last step's window, well below the real peak)."""
+    import subprocess
+
+    code = """
+import torch
+from leantune.memory.budget import current_rss, reset_peak_rss
+from leantune.memory.measure import peak_rss_bytes
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+high = current_rss()
+del x
+if not reset_peak_rss():
+    raise SystemExit(3)
+print(high, peak_rss_bytes(), current_rss())
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode == 3:
+        pytest.skip("clear_refs is not writable here")
+    high, peak, now = map(int, run.stdout.split())
+    assert high > now + 32 * 2**20  # the 64 MiB were given back...
+    assert peak >= high - 4 * 2**20  # ...and the peak remembers them (VmHWM lags VmRSS by a few pages)

@@ -69,13 +69,25 @@ def peak_rss_since_reset() -> int | None:
     return _status_bytes("VmHWM")
 
 
+_PEAK_BEFORE_RESETS = 0  # the largest VmHWM seen just before a reset
+
+
 def reset_peak_rss() -> bool:
-    """Linux resets the process's peak RSS on `5` written to clear_refs; False where that is missing."""
+    """Linux resets the process's peak RSS on `5` written to clear_refs; False where that is missing.
+
+    The kernel's lifetime peak (getrusage's ru_maxrss) is reset with it, so the peak up to now is kept
+    here first: `lifetime_peak_rss` still reports the whole run's peak after any number of resets."""
+    global _PEAK_BEFORE_RESETS
+    _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, peak_rss_since_reset() or 0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def peak_before_resets() -> int:
+    return _PEAK_BEFORE_RESETS
 
 
 MMAP_THRESHOLD = 131072  # bytes; the allocator setting the memory model was validated under

@@ -7,9 +7,12 @@ import sys
 
 
 def peak_rss_bytes() -> int:
-    """Lifetime peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Lifetime peak resident set size of this process (Linux reports KiB, macOS bytes), including the
+    peaks before any reset of the kernel's counter (dynamic_rank resets it to measure single steps)."""
+    from leantune.memory.budget import peak_before_resets
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return max(int(peak if sys.platform == "darwin" else peak * 1024), peak_before_resets())
 
 
 def peak_memory() -> dict[str, int]:
