@@ -40,7 +40,8 @@ def layer_importance(
 
     Each batch runs in slices of `micro_batch` rows whose gradients add up to the batch's: the probe
     backpropagates through every block (it scores layers below the lowest adapter too), so at the
-    training batch size it would need more memory than the budgeted training step. For a loss that is
+    training batch size it would hold about a full fine-tuning step's activations, more than a small
+    budget allows (an estimate, not measured separately). For a loss that is
     a mean over rows the scores are those of the whole batch (up to float rounding); for a per-token
     mean the rows are weighted by count, not by tokens."""
     import torch
