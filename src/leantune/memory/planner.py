@@ -186,19 +186,15 @@ class RankCost:
 
 
 def _frozen_linear_weights(model, skip_ids: set[int]) -> tuple[int, int]:
-    """(bytes, count) of the frozen linear weights the quant method would replace (heads and the
-    pooler are never quantised; an already quantised layer is no longer a Linear)."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    from leantune.methods.quant import NEVER_QUANTIZED, _skipped
+    """(bytes, count) of the frozen linear weights the quant method would replace: its own
+    `quantizable_layers` (heads and the pooler never; an already quantised layer is no longer a
+    Linear), less the LoRA factors and anything trainable."""
+    from leantune.methods.quant import NEVER_QUANTIZED, quantizable_layers
 
     nbytes = numel = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if type(module) not in (nn.Linear, Conv1D) or weight is None or id(weight) in skip_ids:
-            continue
-        if weight.requires_grad or _skipped(name, NEVER_QUANTIZED) or weight.element_size() < 2:
+    for name in quantizable_layers(model, NEVER_QUANTIZED):
+        weight = model.get_submodule(name).weight
+        if id(weight) in skip_ids or weight.requires_grad or weight.element_size() < 2:
             continue
         nbytes += weight.numel() * weight.element_size()
         numel += weight.numel()

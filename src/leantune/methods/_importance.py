@@ -83,6 +83,11 @@ def layer_importance(
     return {n: s / total for n, s in scores.items()}, loss_sum / max(len(batches), 1)
 
 
+def class_labels(features) -> list[Any]:
+    """The integer class labels of a split (token-level labels of LM tasks are not classes)."""
+    return [f["labels"] for f in features if isinstance(f.get("labels"), int)]
+
+
 def task_complexity(labels: list[Any], num_classes: int, probe_loss: float) -> dict[str, float]:
     """In [0, 1]: the mean of normalised label entropy and probe loss over chance loss (log K)."""
     k = max(num_classes, 2)

@@ -118,10 +118,6 @@ def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
         raise UserError(f"dynamic_rank: {exc}; set methods.N.target_modules explicitly") from None
 
 
-def _labels(features: list[dict]) -> list[Any]:
-    return [f["labels"] for f in features if isinstance(f.get("labels"), int)]
-
-
 class DynamicRankRuntime(MethodRuntime):
     reshapes_parameters = True
 
@@ -258,10 +254,10 @@ class DynamicRankRuntime(MethodRuntime):
             if self.recompute:
                 gradient_checkpointing(self.model, True).__enter__()
             return
-        from leantune.methods._importance import task_complexity
+        from leantune.methods._importance import class_labels, task_complexity
 
         self.importance, probe_loss = self._probe(trainer, 0)
-        self.complexity = task_complexity(_labels(trainer.train_data), trainer.num_labels, probe_loss)
+        self.complexity = task_complexity(class_labels(trainer.train_data), trainer.num_labels, probe_loss)
         plan = self._plan(trainer, self.importance, self.budget)
         self._apply_plan(trainer, plan, "initial plan from probe importance and task complexity")
 

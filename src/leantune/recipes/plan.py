@@ -49,7 +49,12 @@ def make_plan(
     from leantune.memory.budget import parse_budget
     from leantune.memory.planner import RankCost, plan_ranks
     from leantune.methods import MethodContext, apply_methods
-    from leantune.methods._importance import layer_importance, probe_batches, task_complexity
+    from leantune.methods._importance import (
+        class_labels,
+        layer_importance,
+        probe_batches,
+        task_complexity,
+    )
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
@@ -67,7 +72,7 @@ def make_plan(
     model = apply_methods(model, methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
     batches = probe_batches(data["train"], cfg.train.batch_size, method.probe_batches, tok.pad_token_id)
     importance, probe_loss = layer_importance(model, batches)
-    labels = [f["labels"] for f in data["train"] if isinstance(f.get("labels"), int)]
+    labels = class_labels(data["train"])
     complexity = task_complexity(labels, len(cfg.data.label_names or []), probe_loss)
     seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
     cost = RankCost(model, cfg.task, seq_len)
