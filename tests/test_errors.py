@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from leantune.runfolder import MARKER, RunFolder
 from tests.conftest import cli_err, make_sentiment_rows, write_csv
 
 
@@ -130,10 +131,11 @@ def test_existing_run_is_not_overwritten(capsys, base_overrides, tmp_path):
     precious = run / "summary.json"
     precious.write_text("keep me")
     (run / "config.yaml").write_text("task: classification\n")
+    RunFolder(run).write_marker("0" * 64, "0.0")
     line = train_err(capsys, base_overrides)
     assert "already holds a run" in line and "--resume" in line
     assert precious.read_text() == "keep me"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [MARKER, "config.yaml", "summary.json"]
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_run(capsys, base_overrides, tmp_path):
@@ -141,7 +143,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(capsys, base_overrid
     run.mkdir()
     (run / "thesis.tex").write_text("years of work")
     line = train_err(capsys, base_overrides, "output.overwrite=true")
-    assert "holds no leantune run" in line
+    assert "did not write (thesis.tex)" in line
     assert (run / "thesis.tex").read_text() == "years of work"
 
 

@@ -174,9 +174,19 @@ def test_lora_trains_the_head_of_t5_style_classifiers(tiny_models, sentiment_csv
 
 
 def test_a_failed_start_can_be_started_again(base_overrides, tmp_path):
-    """A run that died before its first checkpoint left only config.yaml: the same command starts over."""
+    """A run that died before its first checkpoint left its marker and config.yaml: the same command
+    starts over, and only then; without the marker the folder is not leantune's and is refused."""
+    from leantune.errors import UserError
+    from leantune.runfolder import MARKER, RunFolder
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("task: classification\n")
-    summary = run_train(load_config(None, [*base_overrides, "methods=[full]", "train.max_steps=2"]))
+    cfg = [*base_overrides, "methods=[full]", "train.max_steps=2"]
+    with pytest.raises(UserError, match="did not write"):
+        run_train(load_config(None, cfg))
+    assert (run / "config.yaml").read_text() == "task: classification\n"
+    RunFolder(run).write_marker("0" * 64, "0.0")
+    summary = run_train(load_config(None, cfg))
     assert summary["train"]["steps"] == 2
+    assert (run / MARKER).is_file()

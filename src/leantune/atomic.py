@@ -9,18 +9,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
+def temp_sibling(path: Path) -> Path:
+    """A unique hidden name beside `path` (`.NAME.<random>.tmp`): two writers never share a temporary."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _discard(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: no temporary is left behind
+        _discard(tmp)
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -28,19 +45,26 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    tmp = temp_sibling(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        _discard(tmp)
+        raise
 
 
 def write_folder_atomic(dest: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` fills a temporary sibling folder that then replaces `dest`; a failure leaves no trace."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """`write(tmp)` fills a temporary sibling folder that then replaces `dest`; a failure leaves no trace.
+
+    Callers replace only a `dest` of their own (a run's `model/`, a cache entry): export refuses an
+    existing destination before it gets here.
+    """
+    tmp = temp_sibling(dest)
     try:
         write(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)

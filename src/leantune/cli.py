@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a config file and/or dotted overrides such as train.lr=1e-4 methods.0.r=16",
     )
     t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its checkpoint")
+    t.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="with --resume: continue although the config or data changed since the checkpoint "
+        "(the result is then no longer one reproducible run)",
+    )
 
     e = sub.add_parser("eval", help="evaluate a finished run on a dataset, or a run / base model on MMLU")
     e.add_argument("run_dir", type=Path, nargs="?", help="a run folder (or give --model with --mmlu)")
@@ -124,7 +130,9 @@ def dispatch(ns: argparse.Namespace) -> None:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise UserError(f"'{bad[0]}' is not key=value; only the first argument may be a config file")
-        run_train(load_config(path, overrides), resume=ns.resume)
+        if ns.force_resume and not ns.resume:
+            raise UserError("--force-resume only applies with --resume")
+        run_train(load_config(path, overrides), resume=ns.resume, force_resume=ns.force_resume)
     elif ns.command == "eval":
         from leantune.recipes.evaluate import run_eval, run_mmlu_eval
 

@@ -6,48 +6,26 @@ before the first byte is written, so a mistake never costs an earlier run.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leantune.config import Config, dump_config, load_config
+from leantune.config import Config, dump_config
 from leantune.errors import UserError
 from leantune.methods.registry import MethodSpec
 from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
 
 
-def _check_output(cfg: Config, resume: bool) -> Path:
-    out = Path(cfg.output.dir)
-    if resume:
-        from leantune.train.checkpoint import latest_checkpoint
+def _check_output(cfg: Config, resume: bool, force_resume: bool) -> tuple[Path, list[str]]:
+    """The run folder, checked before anything is read or written (see `leantune.runfolder`)."""
+    from leantune.recipes.resume import check_resume_config
+    from leantune.runfolder import check_output_dir
 
-        if latest_checkpoint(out / "checkpoints") is None:
-            raise UserError(f"nothing to resume in {out} (no checkpoint); run without --resume")
-        saved = load_config(out / "config.yaml") if (out / "config.yaml").is_file() else None
-        if saved is not None and cfg.data.label_names is None:
-            # The first start inferred the label names from the data and recorded them in config.yaml; the
-            # same command line must resume, and must map labels to the same ids.
-            cfg.data.label_names = saved.data.label_names
-        if saved is not None and dump_config(saved) != dump_config(cfg):
-            raise UserError(
-                f"the config differs from the one {out} was started with; resume with "
-                f"`leantune train {out / 'config.yaml'} --resume`"
-            )
-    elif out.exists() and any(out.iterdir()):
-        if not (out / "config.yaml").is_file():
-            raise UserError(
-                f"output folder {out} is not empty and holds no leantune run; leantune only "
-                "replaces its own run folders: choose another output.dir"
-            )
-        failed_start = not (out / "checkpoints").exists() and not (out / "summary.json").exists()
-        if not cfg.output.overwrite and not failed_start:
-            raise UserError(
-                f"output folder {out} already holds a run; use --resume to continue it, "
-                "output.overwrite=true to replace it, or another output.dir"
-            )
-    return out
+    out = Path(cfg.output.dir)
+    check_output_dir(out, resume, cfg.output.overwrite)
+    changed = check_resume_config(cfg, out, force_resume) if resume else []
+    return out, changed
 
 
 def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
@@ -111,6 +89,8 @@ class Prepared:
     specs: list[MethodSpec]
     generation_rows: dict[str, list] | None = None  # raw validation/test rows when eval.generate is on
     mmlu_records: list[dict] | None = None  # when eval.mmlu_shots is set
+    identity: dict | None = None  # config + data fingerprint, recorded in every checkpoint
+    resume_changes: list[str] | None = None  # what --force-resume let change since the checkpoint
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -134,6 +114,7 @@ class Prepared:
             len(self.cfg.data.label_names or []),
             self.out,
             runtimes,
+            identity=self.identity,
             extra_eval=generation_evaluator(
                 self.cfg,
                 self.tokenizer,
@@ -154,9 +135,9 @@ def _absolute_local_paths(cfg: Config) -> None:
             setattr(section, key, str(Path(value).expanduser().resolve()))
 
 
-def prepare(cfg: Config, resume: bool = False) -> Prepared:
+def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Prepared:
     _absolute_local_paths(cfg)
-    out = _check_output(cfg, resume)
+    out, changed = _check_output(cfg, resume, force_resume)
     setup_torch(cfg.train.seed, cfg.train.num_threads)
 
     import torch
@@ -172,6 +153,11 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
+    identity = _run_identity(cfg, data)
+    if resume:
+        from leantune.recipes.resume import check_resume_identity
+
+        changed += check_resume_identity(out, identity["config"], identity["data"], force_resume)
     gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
@@ -186,7 +172,14 @@ def prepare(cfg: Config, resume: bool = False) -> Prepared:
             "the configured methods leave no trainable parameter; loosen `freeze` or add a method"
         )
     specs = [get_method(m.name) for m in cfg.methods]
-    return Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu)
+    return Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
+
+
+def _run_identity(cfg: Config, data: dict) -> dict:
+    from leantune.data.fingerprint import data_fingerprint
+
+    rows = {split: len(examples) for split, examples in data.items()}
+    return {"config": dump_config(cfg), "data": data_fingerprint(cfg.data.source, rows)}
 
 
 def _final_eval_data(cfg: Config) -> tuple[dict[str, list] | None, list[dict] | None]:
@@ -217,23 +210,43 @@ def _params_after_training(at_start: dict, model) -> dict:
     return {**now, "flop_profile": flop_profile(model), "at_start": start}
 
 
-def run_train(cfg: Config, resume: bool = False) -> dict:
+def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> dict:
     t_start = time.perf_counter()
-    prep = prepare(cfg, resume)
+    prep = prepare(cfg, resume, force_resume)
+    from leantune.runfolder import RunFolder
+
+    folder = RunFolder(prep.out)
+    prep.accelerator.wait_for_everyone()  # every rank has checked the output folder before rank 0 writes
+    try:
+        if prep.accelerator.is_main_process:
+            folder.acquire()  # held until the run ends: a second run on this folder is refused
+            _start_writing(prep, folder, resume)
+        prep.accelerator.wait_for_everyone()
+        return _train_and_report(prep, resume, t_start)
+    finally:
+        folder.release()
+
+
+def _start_writing(prep: Prepared, folder, resume: bool) -> None:
+    """The first writes of a run: clear an earlier run's own files, mark the folder, save the config."""
+    from leantune import __version__
+    from leantune.atomic import write_text_atomic
+    from leantune.runfolder import config_sha256
+
+    text = dump_config(prep.cfg)
+    if not resume:  # check_output_dir allowed it: an empty folder, overwrite, or a start that failed
+        folder.clear_previous_run()
+        folder.write_marker(config_sha256(text), __version__)
+    write_text_atomic(prep.out / "config.yaml", text)  # never torn for --resume to read
+
+
+def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     cfg, out, acc, tok, data = prep.cfg, prep.out, prep.accelerator, prep.tokenizer, prep.data
 
-    from leantune.atomic import write_json_atomic, write_text_atomic
+    from leantune.atomic import write_json_atomic
     from leantune.eval.loop import evaluate
     from leantune.memory.measure import peak_memory
 
-    # --- from here on we write ---
-    acc.wait_for_everyone()  # every rank has checked the output folder before rank 0 changes it
-    if acc.is_main_process:
-        if not resume and out.exists():  # _check_output allowed it: overwrite, or a start that failed
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", dump_config(cfg))  # never torn for --resume to read
-    acc.wait_for_everyone()
     trainer = prep.trainer()
     resumed = trainer.resume() if resume else False
     state = trainer.fit()
@@ -286,6 +299,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict:
             "epochs_completed": state.epoch,
             "stopped_early": state.stopped_early,
             "resumed": resumed,
+            **({"resume_forced_changes": prep.resume_changes} if prep.resume_changes else {}),
             "train_time_s": state.train_time_s,
             "epoch_train_time_s": state.epoch_train_time_s,
             "eval_time_s": state.eval_time_s,

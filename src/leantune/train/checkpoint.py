@@ -1,29 +1,45 @@
 """Atomic, pickle-free checkpoints: tensors in safetensors, everything else in JSON.
 
-A checkpoint is a folder written under a temporary name and renamed into place, then `latest` is
+A checkpoint is a folder written under a unique temporary name and renamed into place, then `latest` is
 replaced atomically; a kill at any moment leaves either the old or the new checkpoint, never half of
-one. Nothing is ever `torch.load`ed, so a checkpoint cannot execute code.
+one. Each checkpoint ends with `manifest.json` (size and sha256 of every file), so a checkpoint damaged
+later (a bad disk, a hand edit) is recognised, and resume falls back to the newest intact one and says
+so. `latest` may only name a `step-N` folder beside it. A full disk while saving removes the partial
+checkpoint and keeps the previous one. Nothing is ever `torch.load`ed, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from leantune.atomic import write_json_atomic, write_text_atomic
+from leantune.atomic import temp_sibling, write_json_atomic, write_text_atomic
+from leantune.errors import UserError
+
+MANIFEST = "manifest.json"
+STEP_NAME = re.compile(r"step-\d{1,12}")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -109,26 +125,22 @@ def _step_of(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checkpoint_files(
+    tmp: Path,
     model: torch.nn.Module,
     optimizer,
     trainer_state: dict,
     torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
-    keep: int,
-    method_tensors: list[dict[str, torch.Tensor]] | None = None,
-) -> Path:
-    """Write checkpoint `step` atomically and prune older ones beyond `keep`.
-
-    `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order;
-    `method_tensors` the tensors of each method's runtime, in config order.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".tmp-step-*"):  # a kill while writing: never a usable checkpoint
-        shutil.rmtree(leftover, ignore_errors=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    method_tensors: list[dict[str, torch.Tensor]] | None,
+) -> None:
     tmp.mkdir()
     trainable = {k: v.contiguous() for k, v in trainable_state(model).items()}
     save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -150,22 +162,65 @@ def save_checkpoint(
         tmp / "trainer_state.json",
         {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()},
     )
+    files = sorted(f for f in tmp.iterdir() if f.is_file())
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    write_json_atomic(tmp / MANIFEST, manifest)
     for f in tmp.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    trainer_state: dict,
+    torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
+    keep: int,
+    method_tensors: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically and prune older ones beyond `keep`.
+
+    `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order;
+    `method_tensors` the tensors of each method's runtime, in config order.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-step-*"):  # a kill while writing: never a usable checkpoint
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".*.tmp"):  # the same for a pointer being replaced
+        leftover.unlink(missing_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_checkpoint_files(tmp, model, optimizer, trainer_state, torch_rng, method_tensors)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in DISK_FULL:
+            raise
+        previous = find_checkpoint(root)[0]
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint"
+        raise UserError(
+            f"disk full while writing checkpoint step {step} in {root}; {kept}: free space, then run the "
+            "same command with --resume"
+        ) from None
     if final.exists():  # left by a kill between the rename and the pointer update; `latest` is older
         shutil.rmtree(final)
     os.rename(tmp, final)
     write_text_atomic(root / "latest", final.name)
     _fsync_dir(root)
     # Keep the newest `keep` up to this step; any later one is a leftover of a killed, resumed run.
-    done = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+    done = sorted(_step_folders(root), key=_step_of)
     older = [p for p in done if _step_of(p) < step]
     stale = [p for p in done if _step_of(p) > step]
     for old in older[: max(0, len(older) - (keep - 1))] + stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_folders(root: Path) -> list[Path]:
+    return [p for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name)]
 
 
 def load_method_tensors(path: Path, count: int) -> list[dict[str, torch.Tensor]]:
@@ -179,12 +234,69 @@ def load_method_tensors(path: Path, count: int) -> list[dict[str, torch.Tensor]]
     return out
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / "latest"
-    if not pointer.is_file():
+def checkpoint_damage(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from, or None when it is intact.
+
+    With a manifest every file's size and sha256 must match; a checkpoint from before manifests must at
+    least have its files and readable JSON.
+    """
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    if manifest is None:
+        for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "optimizer.json"):
+            if not (path / name).is_file():
+                return f"{name} is missing"
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "trainer_state.json is missing or unreadable"
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    for name, want in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+            return f"{name} does not match its recorded checksum"
+    return None
+
+
+def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, and a note for each newer one that was skipped as damaged.
+
+    `latest` names the newest complete checkpoint; it is only trusted to name a `step-N` folder inside
+    `root`. A damaged target (or pointer) falls back to the newest intact `step-N` folder.
+    """
+    pointer = root / "latest"
+    try:
+        named = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    notes: list[str] = []
+    candidates = sorted(_step_folders(root), key=_step_of, reverse=True) if root.is_dir() else []
+    if named is not None and not STEP_NAME.fullmatch(named):
+        notes.append(f"{pointer} names {named[:60]!r}, not a step-N folder: ignored")
+        named = None
+    if named is not None:  # never resume from past the pointer: a later folder is a killed run's leftover
+        limit = _step_of(Path(named))
+        candidates = [p for p in candidates if _step_of(p) <= limit]
+        if not (root / named).is_dir():
+            notes.append(f"checkpoint {named} (named by {pointer}) is missing")
+    elif candidates and not pointer.exists():
+        notes.append(f"{pointer} is missing")
+    for path in candidates:
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path, notes
+        notes.append(f"checkpoint {path.name} is damaged ({damage})")
+    return None, notes
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    return find_checkpoint(root)[0]
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int, world: int = 1) -> dict:
@@ -196,8 +308,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int, wo
     state = json.loads((path / "trainer_state.json").read_text())
     saved_world = state.pop("world_size", 1)
     if saved_world != world:
-        from leantune.errors import UserError
-
         raise UserError(
             f"checkpoint {path} was written by {saved_world} process(es) and cannot resume "
             f"exactly with {world}; launch it with {saved_world}"

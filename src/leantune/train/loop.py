@@ -69,8 +69,10 @@ class Trainer:
         run_dir: Path,
         runtimes: list[MethodRuntime] | None = None,
         extra_eval: Callable[[torch.nn.Module], dict] | None = None,
+        identity: dict | None = None,
     ) -> None:
         self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+        self.identity = identity or {}  # config + data fingerprint, recorded in every checkpoint
         self.train_data, self.val_data = train_data, val_data
         self.pad_id, self.num_labels = pad_id, num_labels
         self.runtimes = runtimes or []
@@ -123,6 +125,7 @@ class Trainer:
             self._load_methods(path, json.loads((path / "trainer_state.json").read_text()).get("methods", []))
             self.sync_parameters()
         saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank, self.world)
+        saved.pop("identity", None)  # checked by the recipe before anything was written
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         method_states = saved.pop("methods", [])
         if not reshaping:
@@ -170,6 +173,7 @@ class Trainer:
                 **self.state.__dict__,
                 "scheduler": self.scheduler.state_dict(),
                 "methods": [rt.state() for rt in self.runtimes],
+                **({"identity": self.identity} if self.identity else {}),
             }
             ckpt.save_checkpoint(
                 self.ckpt_root,

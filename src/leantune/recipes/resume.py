@@ -1,0 +1,110 @@
+"""`leantune train --resume` that cannot go wrong quietly.
+
+A run resumes exactly only with the config and data it was started with. Each checkpoint records both
+(the resolved config and a data fingerprint); resuming with another config, a changed dataset or a
+deleted `config.yaml` is refused in one line naming what differs. `--force-resume` continues anyway and
+says what changed: the result is then no longer one reproducible run, and the summary records that.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leantune.config import Config, dump_config, load_config
+from leantune.data.fingerprint import fingerprint_differences
+from leantune.errors import UserError
+
+SHOWN = 5
+IGNORED = ("output.",)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def config_differences(saved_text: str, now_text: str) -> list[str]:
+    """Dotted keys whose values differ, e.g. `train.lr: 0.001 -> 0.002`.
+
+    The `output` section is left out: where the run folder lives (it may have been moved) and whether
+    TensorBoard logs do not change what is trained.
+    """
+    a, b = _flatten(yaml.safe_load(saved_text)), _flatten(yaml.safe_load(now_text))
+    keys = sorted(k for k in set(a) | set(b) if not k.startswith(IGNORED))
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _listing(diffs: list[str]) -> str:
+    more = len(diffs) - SHOWN
+    return "; ".join(diffs[:SHOWN]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _warn(message: str) -> None:
+    print(f"leantune: warning: {message}", file=sys.stderr)
+
+
+def check_resume_config(cfg: Config, out: Path, force: bool) -> list[str]:
+    """Compare the command's config with the run's `config.yaml`; return what differs when forced."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing, so leantune cannot tell which config {out} was started with; restore it "
+            "or start a new run (without --resume)"
+        )
+    saved = load_config(path)
+    if cfg.data.label_names is None:
+        # The first start inferred the label names from the data and recorded them in config.yaml; the
+        # same command line must resume, and must map labels to the same ids.
+        cfg.data.label_names = saved.data.label_names
+    diffs = config_differences(dump_config(saved), dump_config(cfg))
+    if diffs and not force:
+        raise UserError(
+            f"the config differs from the one {out} was started with ({_listing(diffs)}); resume with "
+            f"`leantune train {path} --resume`, or add --force-resume to continue with the new config"
+        )
+    if diffs:
+        _warn(f"resuming {out} with a changed config ({_listing(diffs)}): no longer one reproducible run")
+    return diffs
+
+
+def check_resume_identity(out: Path, config_text: str, fingerprint: dict, force: bool) -> list[str]:
+    """Pick the checkpoint to resume from and check that it was written with this config and data.
+
+    Called once the data is loaded, before anything is written. A damaged newest checkpoint falls back to
+    the newest intact one, with a warning naming what was skipped.
+    """
+    from leantune.train.checkpoint import find_checkpoint
+
+    path, notes = find_checkpoint(out / "checkpoints")
+    if path is None:
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise UserError(f"nothing to resume in {out}: no intact checkpoint{why}; run without --resume")
+    if notes:
+        _warn(f"{'; '.join(notes)}; resuming from {path.name}, the newest intact checkpoint")
+    identity = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("identity")
+    if not identity:  # a checkpoint from before identities were recorded
+        return []
+    diffs = [f"data {d}" for d in fingerprint_differences(identity["data"], fingerprint)]
+    diffs += config_differences(identity["config"], config_text)
+    if diffs and not force:
+        raise UserError(
+            f"checkpoint {path.name} of {out} was written with other data or config ({_listing(diffs)}); "
+            "restore them, or add --force-resume to continue anyway"
+        )
+    if diffs:
+        _warn(f"resuming {path.name} with changed data or config ({_listing(diffs)})")
+    return diffs
