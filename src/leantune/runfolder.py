@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from leantune.errors import UserError
@@ -118,19 +119,23 @@ def foreign_names(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if not is_own(p.name))
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(
+    out: Path, resume: bool, overwrite: bool, has_checkpoint: Callable[[Path], bool] = lambda _: False
+) -> None:
     """Refuse, before anything is read or written, every output folder a run may not use.
 
     For a new run: a missing or empty folder, or a marked run folder holding only leantune's files whose
-    earlier start failed (no checkpoint, no summary) or that `overwrite` allows replacing. For --resume:
+    earlier start failed (no intact checkpoint, as `has_checkpoint(out)` judges, and no summary) or that
+    `overwrite` allows replacing. For --resume:
     a marked run folder; files the user added beside the run are left alone (resume only writes its own).
     """
     _refuse_unusable(out)
-    if not out.exists() or not any(out.iterdir()):
+    if out.exists():
+        _refuse_in_use(out)
+    if not out.exists() or all(p.name == LOCK for p in out.iterdir()):  # a lock alone: killed at its start
         if resume:
             raise UserError(f"nothing to resume in {out} (no run there); run without --resume")
         return
-    _refuse_in_use(out)
     if not (out / MARKER).is_file():
         foreign = foreign_names(out) or sorted(p.name for p in out.iterdir())
         raise UserError(
@@ -146,7 +151,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
             f"run folder {out} also holds files leantune did not write ({_name_some(foreign)}); "
             "move them out or choose another output.dir: leantune never deletes them"
         )
-    failed_start = not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+    failed_start = not has_checkpoint(out) and not (out / "summary.json").exists()
     if not overwrite and not failed_start:
         raise UserError(
             f"output folder {out} already holds a run; use --resume to continue it, "

@@ -21,9 +21,12 @@ def _check_output(cfg: Config, resume: bool, force_resume: bool) -> tuple[Path, 
     """The run folder, checked before anything is read or written (see `leantune.runfolder`)."""
     from leantune.recipes.resume import check_resume_config
     from leantune.runfolder import check_output_dir
+    from leantune.train.checkpoint import latest_checkpoint
 
     out = Path(cfg.output.dir)
-    check_output_dir(out, resume, cfg.output.overwrite)
+    check_output_dir(
+        out, resume, cfg.output.overwrite, lambda run: latest_checkpoint(run / "checkpoints") is not None
+    )
     changed = check_resume_config(cfg, out, force_resume) if resume else []
     return out, changed
 
@@ -157,7 +160,8 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     if resume:
         from leantune.recipes.resume import check_resume_identity
 
-        changed += check_resume_identity(out, identity["config"], identity["data"], force_resume)
+        found = check_resume_identity(out, identity["config"], identity["data"], force_resume)
+        changed += [d for d in found if d not in changed]  # config.yaml and checkpoint may both tell
     gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)

@@ -247,7 +247,7 @@ class Trainer:
         return grad_norm
 
     def fit(self) -> TrainState:
-        tc, st = self.cfg.train, self.state
+        st = self.state
         self.model.train()
         for rt in self.runtimes:
             rt.on_train_start(self)
@@ -259,6 +259,17 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        try:
+            self._run_steps(bar)
+        finally:  # an error mid-run ends the progress line first, so it stays the last line
+            bar.close()
+        if st.last_eval.get("step") != st.step:
+            self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
+        self.acc.wait_for_everyone()
+        return st
+
+    def _run_steps(self, bar) -> None:
+        tc, st = self.cfg.train, self.state
         batches, batches_epoch = [], None
         while st.step < self.total_steps and not st.stopped_early:
             if batches_epoch != st.epoch:  # every epoch has its own order, derived from (seed, epoch) alone
@@ -299,11 +310,6 @@ class Trainer:
                 st.epoch, st.group = st.epoch + 1, 0
             if tc.save_every and st.step % tc.save_every == 0:
                 self._save()
-        bar.close()
-        if st.last_eval.get("step") != st.step:
-            self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
-        self.acc.wait_for_everyone()
-        return st
 
     def restore_best(self) -> bool:
         """Load the best evaluated weights (every rank reads the file rank 0 wrote)."""
