@@ -146,6 +146,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, sentiment_csv,
         fh.close()
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
 
+    _assert_same_run(interrupted, reference)
+
+
+def _assert_same_run(interrupted: Path, reference: Path) -> None:
+    """The resumed run is the uninterrupted one: summary, test metrics, weights, best weights, log."""
     got = json.loads((interrupted / "summary.json").read_text())
     want = json.loads((reference / "summary.json").read_text())
     assert got["train"]["resumed"] is True and want["train"]["resumed"] is False
@@ -164,6 +169,74 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, sentiment_csv,
             assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), (name, key)
 
     _assert_same_log(_records(interrupted), _records(reference))
+
+
+FULL = os.environ.get("CI") == "true" or os.environ.get("LEANTUNE_FULL_TESTS") == "1"
+KILLS = 20
+
+
+def _logged_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    except (FileNotFoundError, IndexError, ValueError, KeyError):
+        return -1
+
+
+def _kill_once(cmd: list[str], run_dir: Path, target: int, delay: float, log) -> str:
+    """Start `cmd`, SIGKILL it `delay` s after its log reaches step `target`; say where it was."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while _logged_step(run_dir) < target and proc.poll() is None:
+            assert time.monotonic() < deadline, f"the run never reached step {target}"
+            time.sleep(0.002)
+        time.sleep(delay)  # lands mid-step, mid-evaluation, mid-checkpoint or during start-up
+        if proc.poll() is not None:
+            return f"exited {proc.returncode} before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        return f"killed at log step {_logged_step(run_dir)}, checkpoint {_latest_step(run_dir)}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(not FULL, reason="20 restarts take ~3 min: runs in CI (CI=true) or LEANTUNE_FULL_TESTS=1")
+def test_twenty_random_kills_resume_to_the_uninterrupted_run(tiny_models, sentiment_csv, tmp_path):
+    """The kill -9 campaign: one run killed at 20 random moments, each time resumed (or restarted when no
+    checkpoint existed yet), ends bit-for-bit as the run that was never interrupted."""
+    import random
+
+    rng = random.Random(20261204)
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    with (tmp_path / "reference.log").open("w") as log:
+        done = subprocess.run(
+            _train_cmd(tiny_models, sentiment_csv, reference),
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    assert done.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    targets = sorted(rng.sample(range(0, 300), KILLS))
+    history = []
+    with (tmp_path / "interrupted.log").open("w") as log:
+        for target in targets:
+            resume = ["--resume"] if _latest_step(interrupted) >= 0 else []
+            cmd = _train_cmd(tiny_models, sentiment_csv, interrupted, *resume)
+            history.append((target, _kill_once(cmd, interrupted, target, rng.uniform(0, 0.05), log)))
+            assert "exited" not in history[-1][1], history
+        final = subprocess.run(
+            _train_cmd(tiny_models, sentiment_csv, interrupted, "--resume"),
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    assert final.returncode == 0, (history, (tmp_path / "interrupted.log").read_text()[-3000:])
+    assert len(history) == KILLS
+    _assert_same_run(interrupted, reference)
 
 
 @pytest.fixture(scope="module")
