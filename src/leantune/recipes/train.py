@@ -23,7 +23,7 @@ def _check_output(cfg: Config, resume: bool, force_resume: bool) -> tuple[Path, 
     from leantune.runfolder import check_output_dir
     from leantune.train.checkpoint import latest_checkpoint
 
-    out = Path(cfg.output.dir)
+    out = Path(cfg.output.dir).expanduser()
     check_output_dir(
         out, resume, cfg.output.overwrite, lambda run: latest_checkpoint(run / "checkpoints") is not None
     )
