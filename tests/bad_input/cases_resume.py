@@ -226,7 +226,7 @@ def _cases() -> list[Case]:
                 id=f"resume-{cid}",
                 family="resume",
                 what=what,
-                argv=train(*extra, *resume),
+                argv=train(*SAVING, *extra, *resume),
                 phrase=phrase,
                 files=with_data(),
                 setup=setup,

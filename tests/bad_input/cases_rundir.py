@@ -43,7 +43,7 @@ UNUSABLE = [
     ("sub-dot-dot", "`run/..`, the working directory", "run/..", {"run": None}, None, "working directory"),
     ("parent", "`..`, a parent of the working directory", "..", {}, None, "a parent of the working"),
     ("root", "`/`, the file-system root", "/", {}, None, "a parent of the working directory"),
-    ("home", "`~`, the home folder", "~", {}, _home_here, "is the home folder"),
+    ("home", "`~/`, the home folder", "~/", {}, _home_here, "is the home folder"),
     ("home-abs", "the home folder by its path", "home", {}, _home_here, "is the home folder"),
     (
         "link-empty",
