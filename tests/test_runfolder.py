@@ -232,3 +232,40 @@ def test_a_full_disk_during_a_run_is_one_line_and_resumable(short, tmp_path, cap
     assert "disk full" in line and "step-00000002 is intact" in line and "--resume" in line
     monkeypatch.setattr(ckpt, "save_file", real)
     assert _run(short, resume=True)["train"]["steps"] == 6
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line(short, tmp_path, capsys, monkeypatch):
+    import leantune.recipes.train as recipe
+    from leantune.cli import main
+
+    def full(module, tok, dest):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+
+    monkeypatch.setattr(recipe, "_save_model", full)
+    assert main(["train", *short]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"leantune: error: disk full while writing {tmp_path / 'run' / 'model'}; free space, "
+        "then run the same command with --resume"
+    )
+    monkeypatch.undo()
+    assert _run(short, resume=True)["train"]["steps"] == 6
+    assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_atomic_writes_leave_no_temporary_when_they_fail(tmp_path):
+    from leantune.atomic import write_folder_atomic, write_text_atomic
+
+    def half_then_fail(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "part").write_text("x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_folder_atomic(tmp_path / "model", half_then_fail)
+    (tmp_path / "keep.json").write_text("old")
+    with pytest.raises(TypeError):
+        write_text_atomic(tmp_path / "keep.json", None)  # fails mid-write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
+    assert (tmp_path / "keep.json").read_text() == "old"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -205,4 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `leantune ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every write is atomic (a temporary renamed into place), so what was there before is intact.
+        again = "then run the same command with --resume" if ns.command == "train" else "then run it again"
+        print(
+            f"leantune: error: disk full while writing {exc.filename or 'a file'}; free space, {again}",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     return 0
