@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", type=Path)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
     x.add_argument(
+        "--checkpoint", metavar="STEP", help="export checkpoint step-N (or N) instead of the final model"
+    )
+    x.add_argument(
         "--out", type=Path, help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)"
     )
 
@@ -150,7 +153,7 @@ def dispatch(ns: argparse.Namespace) -> None:
     elif ns.command == "export":
         from leantune.recipes.export import run_export
 
-        run_export(ns.run_dir, ns.merge, ns.out)
+        run_export(ns.run_dir, ns.merge, ns.out, ns.checkpoint)
     elif ns.command == "fetch":
         from leantune.data.builtin import load_builtin
 

@@ -53,8 +53,13 @@ SHOWN_FOREIGN = 5
 
 
 def is_own(name: str) -> bool:
-    """A name leantune writes in a run folder: its fixed names and its temporaries (`.NAME.*.tmp`)."""
-    return name in OWN_NAMES or (name.startswith(".") and name.endswith(".tmp"))
+    """A name leantune writes in a run folder: its fixed names, `export --checkpoint`'s default folders and
+    its temporaries (`.NAME.*.tmp`)."""
+    return (
+        name in OWN_NAMES
+        or name.startswith(("merged-step-", "exported-step-"))
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
 
 
 def config_sha256(config_text: str) -> str:

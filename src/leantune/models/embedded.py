@@ -37,6 +37,24 @@ EMBEDDED_GGUF = {
     ),
 }
 
+# name -> the hub id of the model the package carries, written into saved adapters so that peft (and
+# anyone with a network) resolves the base; the smollm2 package's weights are a Q4_1 quantisation of it.
+HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def portable_name(model_name: str) -> str:
+    """What a saved adapter names as its base: the hub id of an embedded model, else `model_name`.
+
+    The resolved folder of an embedded model is a site-packages or cache path of the machine that trained,
+    useless anywhere else; leantune itself reloads runs from their config.yaml, not from this name.
+    """
+    if model_name.startswith("embedded:"):
+        return HUB_IDS.get(model_name.split(":", 1)[1], model_name)
+    return model_name
+
 
 def _package_dir(package: str, install: str, name: str) -> Path:
     spec = importlib.util.find_spec(package)

@@ -59,14 +59,14 @@ def count_params(model) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
 
 
-def load_run_config(run_dir: Path) -> Config:
-    """The config of a *finished* run (eval and export need its saved model)."""
+def load_run_config(run_dir: Path, finished: bool = True) -> Config:
+    """The config of a run; of a *finished* one unless `finished=False` (eval and export need its model)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(
             f"{run_dir} is not a leantune run (no config.yaml); pass a folder `leantune train` made"
         )
-    if not (run_dir / "model").is_dir():
+    if finished and not (run_dir / "model").is_dir():
         raise UserError(f"{run_dir} has no saved model (model/); did the run finish? resume it with --resume")
     return load_config(path)
 
@@ -84,12 +84,12 @@ def load_trained_model(run_dir: Path, cfg: Config):
         from peft import PeftModel
 
         base = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
-        return PeftModel.from_pretrained(_reload_methods(base, cfg, run_dir), str(folder))
+        return PeftModel.from_pretrained(reload_methods(base, cfg, run_dir), str(folder))
     model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
-    return _reload_methods(model, cfg, run_dir)
+    return reload_methods(model, cfg, run_dir)
 
 
-def _reload_methods(model, cfg: Config, run_dir: Path):
+def reload_methods(model, cfg: Config, run_dir: Path):
     from leantune.methods import get_method
 
     for mcfg in cfg.methods:

@@ -2,9 +2,12 @@
 
 With --merge the LoRA update is folded into the base weights (peft's merge_and_unload), so the result
 loads with `AutoModelFor*.from_pretrained` and runs at base-model speed. Without it the adapter is
-written as peft saved it. The destination must not exist: export never overwrites. A run on a quantised
-base (`[quant, lora]`) is refused --merge: its codes cannot absorb the update, and merging onto the
-unquantised weights would give a model that was never trained or evaluated; its adapter exports as is.
+written as peft saved it. `--checkpoint step-N` exports that checkpoint instead of the final model (also
+of a run still training or killed): its adapter where the run is a peft model, else the base model with
+the checkpoint's trained weights. The destination must not exist: export never overwrites. A run on a
+quantised base (`[quant, lora]`) is refused --merge: its codes cannot absorb the update, and merging onto
+the unquantised weights would give a model that was never trained or evaluated; its adapter exports as
+is.
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ from leantune.errors import UserError
 from leantune.recipes.common import load_run_config, load_trained_model
 
 
-def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
-    cfg = load_run_config(run_dir)
-    dest = out or run_dir / ("merged" if merge else "exported")
+def run_export(run_dir: Path, merge: bool, out: Path | None = None, checkpoint: str | None = None) -> Path:
+    cfg = load_run_config(run_dir, finished=checkpoint is None)
+    source = checkpoint_folder(run_dir, checkpoint) if checkpoint else run_dir
+    default = ("merged" if merge else "exported") + (f"-{source.name}" if checkpoint else "")
+    dest = out or run_dir / default
     if dest.exists():
         raise UserError(f"{dest} already exists; pass another --out (export never overwrites)")
     from leantune.models.loader import load_tokenizer
 
-    model = load_trained_model(run_dir, cfg)
+    model = (
+        load_trained_model(source, cfg)
+        if (source / "model").is_dir()
+        else _with_checkpoint_weights(source, cfg)
+    )
     if merge and any(hasattr(m, "leantune_source_dtype") for m in model.modules()):  # a quantised layer
         raise UserError(
             f"{run_dir} trained on a quantised base, whose 4/8-bit codes cannot absorb the LoRA update: "
@@ -31,7 +40,8 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
         )
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tok = load_tokenizer(str(run_dir / "model"))  # the run's tokenizer, not the base's
+    saved = run_dir / "model"  # the run's tokenizer once it finished; checkpoints hold none: the base's
+    tok = load_tokenizer(str(saved) if saved.is_dir() else cfg.model.name)
 
     def write(folder: Path) -> None:
         model.save_pretrained(str(folder))
@@ -40,3 +50,36 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
     write_folder_atomic(dest, write)  # nothing half-written is left behind
     print(f"exported {'merged model' if merge else 'model'} to {dest}")
     return dest
+
+
+def checkpoint_folder(run_dir: Path, name: str) -> Path:
+    """`step-N` (or `N`) of the run's checkpoints, intact; else one line naming the ones there are."""
+    from leantune.train.checkpoint import STEP_NAME, checkpoint_damage
+
+    root = run_dir / "checkpoints"
+    steps = (
+        sorted(p.name for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name)) if root.is_dir() else []
+    )
+    wanted = f"step-{int(name):08d}" if name.isdigit() else name
+    if not STEP_NAME.fullmatch(wanted) or wanted not in steps:
+        have = ", ".join(steps[-5:]) or "none"
+        raise UserError(f"{run_dir} has no checkpoint {name!r}; its newest checkpoints: {have}")
+    damage = checkpoint_damage(root / wanted)
+    if damage:
+        raise UserError(f"checkpoint {wanted} of {run_dir} is damaged ({damage}); export another one")
+    return root / wanted
+
+
+def _with_checkpoint_weights(folder: Path, cfg):
+    """The base model with the trainable weights of checkpoint `folder` (full or partial fine-tuning)."""
+    from safetensors.torch import load_file
+
+    from leantune.models.loader import load_model
+    from leantune.recipes.common import reload_methods
+    from leantune.train.checkpoint import load_trainable_state
+
+    model = reload_methods(
+        load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names), cfg, folder
+    )
+    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
+    return model

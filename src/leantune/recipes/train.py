@@ -166,6 +166,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     params = count_params(model)
     from leantune.models.flop_profile import flop_profile
@@ -177,6 +178,14 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         )
     specs = [get_method(m.name) for m in cfg.methods]
     return Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
+
+
+def _name_portable_base(model, model_name: str) -> None:
+    """Saved adapters name their base by hub id or the user's own path, not this machine's cache path."""
+    from leantune.models.embedded import portable_name
+
+    for adapter in getattr(model, "peft_config", {}).values():
+        adapter.base_model_name_or_path = portable_name(model_name)
 
 
 def _run_identity(cfg: Config, data: dict) -> dict:
@@ -325,7 +334,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
         "config": cfg.model_dump(mode="json"),
     }
     if acc.is_main_process:
-        _save_model(trainer.module, tok, out / "model")
+        _save_model(trainer.module, tok, out / "model", summary)
         if predictions is not None:
             from leantune.eval.generation import write_predictions
 
@@ -351,13 +360,21 @@ def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str,
     return out
 
 
-def _save_model(module, tok, dest: Path) -> None:
-    """A PEFT model saves its adapter, others everything; written to a temp folder, then renamed."""
+def _save_model(module, tok, dest: Path, summary: dict) -> None:
+    """A PEFT model saves its adapter, others everything, with a model card; written to a temp folder,
+    then renamed."""
     from leantune.atomic import write_folder_atomic
+    from leantune.models.embedded import portable_name
+    from leantune.recipes.card import model_card
+
+    card = model_card(
+        summary, portable_name(summary["config"]["model"]["name"]), hasattr(module, "peft_config")
+    )
 
     def write(folder: Path) -> None:
         module.save_pretrained(str(folder))
         tok.save_pretrained(str(folder))
+        (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
 
     write_folder_atomic(dest, write)
 

@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,7 @@ def _write_checkpoint_files(
     trainer_state: dict,
     torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
     method_tensors: list[dict[str, torch.Tensor]] | None,
+    save_model: Callable[[Path], None] | None,
 ) -> None:
     tmp.mkdir()
     trainable = {k: v.contiguous() for k, v in trainable_state(model).items()}
@@ -162,12 +164,17 @@ def _write_checkpoint_files(
         tmp / "trainer_state.json",
         {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()},
     )
-    files = sorted(f for f in tmp.iterdir() if f.is_file())
-    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    if save_model is not None:
+        save_model(tmp / "model")
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
     write_json_atomic(tmp / MANIFEST, manifest)
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(f)
     _fsync_dir(tmp)
 
 
@@ -180,11 +187,13 @@ def save_checkpoint(
     torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
     keep: int,
     method_tensors: list[dict[str, torch.Tensor]] | None = None,
+    save_model: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and prune older ones beyond `keep`.
 
     `torch_rng` holds every rank's generator states (see `torch_rng_state`), in rank order;
-    `method_tensors` the tensors of each method's runtime, in config order.
+    `method_tensors` the tensors of each method's runtime, in config order; `save_model(folder)`, when
+    given, writes a loadable copy of the model into the checkpoint's `model/` (a peft adapter: small).
     """
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp-step-*"):  # a kill while writing: never a usable checkpoint
@@ -194,7 +203,7 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
     try:
-        _write_checkpoint_files(tmp, model, optimizer, trainer_state, torch_rng, method_tensors)
+        _write_checkpoint_files(tmp, model, optimizer, trainer_state, torch_rng, method_tensors, save_model)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno not in DISK_FULL:

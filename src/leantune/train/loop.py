@@ -184,8 +184,16 @@ class Trainer:
                 rngs,
                 self.cfg.train.keep_checkpoints,
                 [rt.tensors() for rt in self.runtimes],
+                self._adapter_saver(),
             )
         self.acc.wait_for_everyone()
+
+    def _adapter_saver(self) -> Callable[[Path], None] | None:
+        """Checkpoints of a peft model also hold its adapter, loadable by peft and `export --checkpoint`."""
+        module = self.module
+        if not hasattr(module, "peft_config"):
+            return None  # the whole model is in trainable.safetensors already
+        return lambda folder: module.save_pretrained(str(folder))
 
     # -- evaluation --------------------------------------------------------------------------------
     def _evaluate(self) -> None:
