@@ -190,7 +190,7 @@ class DynamicRankRuntime(MethodRuntime):
         if plan.recompute and not self.recompute:
             gradient_checkpointing(self.model, True).__enter__()  # stays on for the rest of the run
             self.recompute = True
-        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        opt = trainer.torch_optimizer
         step = trainer.state.step
         carried: dict[str, tuple] = {}  # layer -> (old A, old B, their AdamW states, resize kind)
         changes = []
