@@ -93,7 +93,6 @@ class TrainerView(Protocol):
     pad_id: int
     num_labels: int  # classes of a classification task (0 otherwise)
     log: RunLogView
-    optimizer: Any  # what the loop steps (accelerate may wrap torch's optimizer)
 
     @property
     def module(self) -> Any:
@@ -101,7 +100,8 @@ class TrainerView(Protocol):
 
     @property
     def torch_optimizer(self) -> Any:
-        """torch's optimizer behind `optimizer`: edit `.state` (per-parameter moments) here."""
+        """torch's optimizer the loop steps (unwrapped from accelerate): its `.state` holds the
+        per-parameter moments a runtime may move, drop or re-map when it changes parameters."""
 
     def sync_parameters(self) -> None:
         """Re-read the trainable parameters after the runtime replaced some (e.g. resized factors)."""
