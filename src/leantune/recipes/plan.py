@@ -56,7 +56,7 @@ def make_plan(
     from leantune.recipes.train import build_features
 
     index, method = _method_config(cfg, budget)
-    parse_budget(method.budget)
+    budget_bytes = parse_budget(method.budget)  # a fraction means of what is available before loading
     setup_torch(cfg.train.seed, cfg.train.num_threads)
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
@@ -79,6 +79,7 @@ def make_plan(
         task=cfg.task,
         seq_len=seq_len,
         batch_size=cfg.train.batch_size,
+        budget=budget_bytes,
         allow_recompute=allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
         allow_quantize=allow_quantize,
