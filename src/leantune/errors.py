@@ -4,6 +4,8 @@ The CLI turns a `UserError` into one line on stderr and exit code 2; everything 
 its traceback. Raise it *before* anything is written, so that bad input never costs data.
 """
 
+EXIT_USER_ERROR = 2  # the exit code of every entry point (`leantune`, `python -m leantune.bench.*`)
+
 
 class UserError(Exception):
     """A problem with the user's input: the message names what is wrong and how to fix it."""

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from leantune.errors import UserError
+from leantune.errors import EXIT_USER_ERROR, UserError
 
 
 def check_supported(cfg) -> None:
@@ -109,8 +109,8 @@ def run_baseline(cfg) -> dict:
     if out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
         raise UserError(f"output folder {out} already holds a run; set output.overwrite=true or another dir")
 
-    from leantune.recipes.common import count_params, machine, setup_torch, versions
-    from leantune.recipes.train import build_features
+    from leantune.train.features import build_features
+    from leantune.train.run_info import count_params, machine, setup_torch, versions
 
     setup_torch(cfg.train.seed, cfg.train.num_threads)
     import torch
@@ -285,13 +285,13 @@ def run_baseline(cfg) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from leantune.cli import EXIT_USER_ERROR, _split_train_args
     from leantune.config import load_config
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = sys.argv[1:] if argv is None else argv
+    # the arguments of `leantune train`: an optional config file first, then key=value overrides
+    path, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
     try:
-        path, overrides = _split_train_args(args)
         run_baseline(load_config(path, overrides))
     except UserError as exc:
         print(f"leantune hf_baseline: error: {exc}", file=sys.stderr)

@@ -10,6 +10,12 @@ the batch, where allowed, and otherwise reports the smallest budget that would f
 Activation memory depends on *which* layers train (backward starts at the lowest one) and linearly on
 each rank (the saved L x r input of B): the model is traced once per distinct set of active layers and
 the rank term added per layer.
+
+The planner never imports a method. What it prices it reads off the model (LoRA sites through
+`leantune.models.lora_sites`); what a method not yet applied would change (a 4-bit base) comes in as a
+`MemoryContribution`, which the method's `MethodSpec.plan_for` hook computes (`leantune plan` asks
+`quant`); without one, a 4-bit base is priced with the quant method's defaults (NF4, blocks of 64,
+double quantisation) over `leantune.models.quantizable`, the layers that method replaces.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from leantune.memory.contribution import MemoryContribution
 from leantune.memory.estimate import (
     ADAM_STEP_BYTES,
     OPTIMIZER_TRANSIENT_FACTOR,
@@ -29,9 +36,11 @@ from leantune.memory.estimate import (
     gradient_checkpointing,
     trace_activations,
 )
-from leantune.methods._lora_ranks import lora_layers, rank_of
+from leantune.models.lora_sites import lora_layers, rank_of
+from leantune.models.quantizable import frozen_linear_weights, packed_bytes_per_weight
 
 LORA_BYTES_PER_PARAM = 4 * (1 + 1 + 2)  # fp32 weight, gradient, AdamW's two moments
+DEFAULT_QUANT_NOTE = "4-bit NF4 base (add {name: quant, bits: 4} before the LoRA method)"
 
 
 @dataclass
@@ -123,15 +132,25 @@ class RankCost:
                 self.largest_other = max(self.largest_other, p.numel() * p.element_size())
         self._traces: dict[tuple[frozenset[str], bool], tuple[int, int]] = {}
         self.prefix = blocks_prefix(model)
-        self.quantizable_bytes, self.quantizable_numel = _frozen_linear_weights(model, lora_ids)
-        self.weight_saving = 0  # set by `quantized_base`
+        self.quantizable_bytes, self.quantizable_numel = frozen_linear_weights(model, lora_ids)
+        self.contribution = MemoryContribution()  # set by `quantized_base`
 
-    def quantized_base(self) -> RankCost:
-        """The same costs with the frozen linear weights stored as NF4 (what `methods: [quant, ...]`
-        does): 4 bits a weight plus an 8-bit absmax per 64 and an fp32 scale per 256 absmaxes."""
+    @property
+    def weight_saving(self) -> int:
+        return -self.contribution.weights
+
+    def quantized_base(self, contribution: MemoryContribution | None = None) -> RankCost:
+        """The same costs on a quantised base: `contribution` as the quant method's `plan_for` gives it,
+        or by default the frozen linear weights stored as NF4 (`methods: [{name: quant, bits: 4}, ...]`):
+        4 bits a weight plus an 8-bit absmax per 64 and an fp32 scale per 256 absmaxes."""
         other = copy.copy(self)
-        packed = int(self.quantizable_numel * (0.5 + 1 / 64 + 4 / (64 * 256)))
-        other.weight_saving = self.quantizable_bytes - packed
+        if contribution is None:
+            packed = int(self.quantizable_numel * packed_bytes_per_weight(4, 64, True))
+            contribution = MemoryContribution(
+                weights=packed - self.quantizable_bytes if self.quantizable_bytes else 0,
+                note=DEFAULT_QUANT_NOTE,
+            )
+        other.contribution = contribution
         return other
 
     def _trace(self, active: frozenset[str], recompute: bool) -> tuple[int, int]:
@@ -162,13 +181,15 @@ class RankCost:
         lora_weights = sum(r * sum(self.shape[n]) * 4 for n, r in ranks.items())
         activations = saved * batch + sum(self.rank_activation_bytes(n, r, batch) for n, r in ranks.items())
         other = self.other_trainable_bytes
+        extra = self.contribution
         out = {
-            "weights": self.weight_bytes - self.weight_saving + lora_weights,
-            "gradients": other + lora_weights,
+            "weights": self.weight_bytes + extra.weights + lora_weights,
+            "gradients": other + lora_weights + extra.gradients,
             "optimizer_state": 2 * other
             + self.other_trainable_tensors * ADAM_STEP_BYTES
-            + (lora - 2 * lora_weights),
-            "activations": activations,
+            + (lora - 2 * lora_weights)
+            + extra.optimizer_state,
+            "activations": activations + extra.activations,
             "transient": int(TRANSIENT_FACTOR * largest * batch),
         }
         largest_lora = max((r * max(self.shape[n]) * 4 for n, r in ranks.items()), default=0)
@@ -183,22 +204,6 @@ class RankCost:
 
     def total(self, ranks: dict[str, int], batch: int, recompute: bool) -> int:
         return self.breakdown(ranks, batch, recompute)["total"]
-
-
-def _frozen_linear_weights(model, skip_ids: set[int]) -> tuple[int, int]:
-    """(bytes, count) of the frozen linear weights the quant method would replace: its own
-    `quantizable_layers` (heads and the pooler never; an already quantised layer is no longer a
-    Linear), less the LoRA factors and anything trainable."""
-    from leantune.methods.quant import NEVER_QUANTIZED, quantizable_layers
-
-    nbytes = numel = 0
-    for name in quantizable_layers(model, NEVER_QUANTIZED):
-        weight = model.get_submodule(name).weight
-        if id(weight) in skip_ids or weight.requires_grad or weight.element_size() < 2:
-            continue
-        nbytes += weight.numel() * weight.element_size()
-        numel += weight.numel()
-    return nbytes, numel
 
 
 def targets_from_importance(
@@ -235,9 +240,11 @@ def plan_ranks(
     safety_margin: float = 0.0,
     uniform: bool = False,
     allow_quantize: bool = False,
+    quantize_with: MemoryContribution | None = None,
 ) -> Plan:
     """Greedy doubling in importance order under (1 - safety_margin) x budget; raises UserError naming
-    the smallest budget that would fit."""
+    the smallest budget that would fit. `quantize_with`: what the quant method's `plan_for` says a
+    quantised base saves (default: `RankCost.quantized_base`'s 4-bit NF4 estimate)."""
     from leantune.errors import UserError
 
     limit = budget * (1 - safety_margin) * (1 + 1e-12)  # a budget the error message names must fit
@@ -255,13 +262,15 @@ def plan_ranks(
         after = cost.breakdown(minimal, batch, True)["activations"]
         changes.append(f"recomputation on: activations {fmt_bytes(before)} -> {fmt_bytes(after)}")
     quantize = False
-    if cost.total(minimal, batch, recompute) > limit and allow_quantize and cost.quantizable_bytes:
+    quantized = cost.quantized_base(quantize_with)
+    can_quantize = quantized.weight_saving > 0
+    if cost.total(minimal, batch, recompute) > limit and allow_quantize and can_quantize:
         quantize, before = True, cost.breakdown(minimal, batch, recompute)["weights"]
-        cost = cost.quantized_base()
+        cost = quantized
         after = cost.breakdown(minimal, batch, recompute)["weights"]
         changes.append(
-            f"4-bit NF4 base (add {{name: quant, bits: 4}} before the LoRA method): weights "
-            f"{fmt_bytes(before)} -> {fmt_bytes(after)}"
+            f"{quantized.contribution.note or 'quantised base'}: weights {fmt_bytes(before)} -> "
+            f"{fmt_bytes(after)}"
         )
     while cost.total(minimal, batch, recompute) > limit and allow_batch_reduce and batch > 1:
         changes.append(f"batch size {batch} -> {batch // 2}")
@@ -274,7 +283,7 @@ def plan_ranks(
             what
             for what, off in (
                 ("recomputation", not allow_recompute),
-                ("a 4-bit base", not allow_quantize and cost.quantizable_bytes > 0),
+                ("a 4-bit base", not allow_quantize and can_quantize),
                 ("a smaller batch", not allow_batch_reduce),
             )
             if off

@@ -1,10 +1,27 @@
-"""Fine-tuning methods as plug-ins; see `registry.py` for the contract."""
+"""Fine-tuning methods as plug-ins; see `base.py` for the contract and `registry.py` for registration."""
 
 import dataclasses
 
-from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, get_method, register
+from leantune.methods.registry import (
+    MethodConfig,
+    MethodContext,
+    MethodRuntime,
+    MethodSpec,
+    TrainerView,
+    get_method,
+    register,
+)
 
-__all__ = ["MethodConfig", "MethodContext", "MethodSpec", "get_method", "register", "apply_methods"]
+__all__ = [
+    "MethodConfig",
+    "MethodContext",
+    "MethodRuntime",
+    "MethodSpec",
+    "TrainerView",
+    "apply_methods",
+    "get_method",
+    "register",
+]
 
 
 def apply_methods(model, configs, ctx: MethodContext):

@@ -7,7 +7,8 @@ tensors (and their optimizer state) allocated; resizing the factors themselves i
 The layer's `scaling` is kept fixed across resizes (so a resize never rescales what was learned); the
 saved `alpha_pattern` is set to scaling * rank so peft rebuilds the same scaling when it loads.
 Rank 0 removes the adapter from that layer (peft's forward skips a layer without `lora_A[adapter]`):
-no parameters, no dropout, no saved activations.
+no parameters, no dropout, no saved activations. Finding the layers and reading their ranks is
+`leantune.models.lora_sites` (the memory planner needs it too); this module re-exports it.
 """
 
 from __future__ import annotations
@@ -15,26 +16,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-ADAPTER = "default"
+from leantune.models.lora_sites import ADAPTER, lora_factors, lora_layers, rank_of
 
-
-def lora_layers(model) -> dict[str, Any]:
-    """Every peft LoRA layer by its name in the base model (the names `rank_pattern` uses)."""
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-
-
-def rank_of(layer, adapter: str = ADAPTER) -> int:
-    return int(layer.lora_A[adapter].weight.shape[0]) if adapter in layer.lora_A else 0
-
-
-def lora_factors(layer, adapter: str = ADAPTER):
-    """(A [r x in], B [out x r]) parameters, or None at rank 0."""
-    if adapter not in layer.lora_A:
-        return None
-    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+__all__ = [
+    "ADAPTER",
+    "grow_zero",
+    "lora_factors",
+    "lora_layers",
+    "rank_of",
+    "resize",
+    "set_factors",
+    "svd_truncate",
+    "sync_peft_config",
+]
 
 
 def _linear(weight, requires_grad: bool):

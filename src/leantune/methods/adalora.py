@@ -96,7 +96,7 @@ class AdaLoraRuntime(MethodRuntime):
         self._micro, self._step = 0, trainer.state.step
 
     def step(self, model, batch, accelerator, scale):
-        from leantune.train.step import backprop_step
+        from leantune.models.backprop import backprop_step
 
         loss = backprop_step(model, batch, accelerator, scale)
         self._micro += 1

@@ -118,6 +118,75 @@ def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
         raise UserError(f"dynamic_rank: {exc}; set methods.N.target_modules explicitly") from None
 
 
+# -- planning, shared by the runtime (when training starts and on re-allocation) and `leantune plan` --
+
+
+def score_layers(
+    model, cfg: DynamicRankConfig, train_data, batch_size: int, pad_id: int, offset: int = 0
+) -> tuple[dict[str, float], float]:
+    """Importance share per candidate layer and the mean loss, from `cfg.probe_batches` batches starting
+    at batch `offset` of the training data (the model is left as it was)."""
+    from leantune.methods._importance import layer_importance, probe_batches
+
+    batches = probe_batches(train_data, batch_size, cfg.probe_batches, pad_id, offset)
+    return layer_importance(model, batches)
+
+
+def complexity_of(train_data, num_labels: int, probe_loss: float) -> dict[str, float]:
+    """Task complexity (label entropy and probe loss vs chance) that scales the rank cap."""
+    from leantune.methods._importance import class_labels, task_complexity
+
+    return task_complexity(class_labels(train_data), num_labels, probe_loss)
+
+
+def plan_ranks_for(
+    model,
+    cfg: DynamicRankConfig,
+    importance: dict[str, float],
+    complexity: dict[str, float],
+    *,
+    task: str,
+    seq_len: int,
+    batch_size: int,
+    budget: int | None = None,
+    recompute: bool = False,
+    allow_recompute: bool = False,
+    allow_batch_reduce: bool = False,
+    allow_quantize: bool = False,
+    quantize_with=None,
+):
+    """The planner's `Plan` for this model under `budget` (default: the config's). Every candidate layer
+    is traced as active: a layer at rank 0 gets a rank-1 adapter with B = 0 first (outputs unchanged)."""
+    import torch
+
+    from leantune.memory.budget import parse_budget
+    from leantune.memory.planner import RankCost, plan_ranks
+    from leantune.methods._lora_ranks import resize
+    from leantune.models.lora_sites import lora_layers, rank_of
+
+    gen = torch.Generator().manual_seed(0)  # values are irrelevant: rank-1 factors with B = 0
+    for layer in lora_layers(model).values():
+        if rank_of(layer) == 0:
+            resize(layer, 1, gen)
+    cost = RankCost(model, task, seq_len)
+    return plan_ranks(
+        cost,
+        importance,
+        complexity["complexity"],
+        parse_budget(cfg.budget) if budget is None else budget,
+        batch_size,
+        cfg.max_rank,
+        cfg.min_share,
+        recompute=recompute,
+        allow_recompute=allow_recompute or cfg.allow_recompute,
+        allow_batch_reduce=allow_batch_reduce,
+        safety_margin=cfg.safety_margin,
+        uniform=cfg.allocation == "uniform",
+        allow_quantize=allow_quantize,
+        quantize_with=quantize_with,
+    )
+
+
 class DynamicRankRuntime(MethodRuntime):
     reshapes_parameters = True
 
@@ -146,36 +215,21 @@ class DynamicRankRuntime(MethodRuntime):
         return min(longest, trainer.cfg.model.max_length)
 
     def _probe(self, trainer, offset: int):
-        from leantune.methods._importance import layer_importance, probe_batches
-
-        batches = probe_batches(
-            trainer.train_data, trainer.cfg.train.batch_size, self.cfg.probe_batches, trainer.pad_id, offset
+        return score_layers(
+            self.model, self.cfg, trainer.train_data, trainer.cfg.train.batch_size, trainer.pad_id, offset
         )
-        return layer_importance(self.model, batches)
 
     def _plan(self, trainer, importance: dict[str, float], budget: int):
-        import torch
-
-        from leantune.memory.planner import RankCost, plan_ranks
-        from leantune.methods._lora_ranks import lora_layers, rank_of, resize
-
-        gen = torch.Generator().manual_seed(0)  # values are irrelevant: rank-1 factors with B = 0
-        for layer in lora_layers(self.model).values():
-            if rank_of(layer) == 0:  # trace every candidate as active; B = 0 keeps outputs unchanged
-                resize(layer, 1, gen)
-        cost = RankCost(self.model, trainer.cfg.task, self._seq_len(trainer))
-        return plan_ranks(
-            cost,
+        return plan_ranks_for(
+            self.model,
+            self.cfg,
             importance,
-            self.complexity["complexity"],
-            budget,
-            trainer.cfg.train.batch_size,
-            self.cfg.max_rank,
-            self.cfg.min_share,
+            self.complexity,
+            task=trainer.cfg.task,
+            seq_len=self._seq_len(trainer),
+            batch_size=trainer.cfg.train.batch_size,
+            budget=budget,
             recompute=self.recompute,
-            allow_recompute=self.cfg.allow_recompute,
-            safety_margin=self.cfg.safety_margin,
-            uniform=self.cfg.allocation == "uniform",
         )
 
     def _apply_plan(self, trainer, plan, reason: str) -> None:
@@ -190,7 +244,7 @@ class DynamicRankRuntime(MethodRuntime):
         if plan.recompute and not self.recompute:
             gradient_checkpointing(self.model, True).__enter__()  # stays on for the rest of the run
             self.recompute = True
-        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        opt = trainer.torch_optimizer
         step = trainer.state.step
         carried: dict[str, tuple] = {}  # layer -> (old A, old B, their AdamW states, resize kind)
         changes = []
@@ -254,10 +308,8 @@ class DynamicRankRuntime(MethodRuntime):
             if self.recompute:
                 gradient_checkpointing(self.model, True).__enter__()
             return
-        from leantune.methods._importance import class_labels, task_complexity
-
         self.importance, probe_loss = self._probe(trainer, 0)
-        self.complexity = task_complexity(class_labels(trainer.train_data), trainer.num_labels, probe_loss)
+        self.complexity = complexity_of(trainer.train_data, trainer.num_labels, probe_loss)
         plan = self._plan(trainer, self.importance, self.budget)
         self._apply_plan(trainer, plan, "initial plan from probe importance and task complexity")
 

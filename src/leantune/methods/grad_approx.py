@@ -318,7 +318,7 @@ class GradApproxRuntime(MethodRuntime):
         if self.kind == "skip":  # nothing computed; report the last measured loss, not a fake zero
             return torch.tensor(self.last_loss)
         if self.kind == "exact" and self.cfg.mode != "approx":  # the ablation: plain backprop, no G
-            from leantune.train.step import backprop_step
+            from leantune.models.backprop import backprop_step
 
             loss = backprop_step(model, batch, accelerator, scale)
         elif self.kind == "exact":

@@ -110,14 +110,11 @@ class LisaRuntime(MethodRuntime):
         self.period: int | None = None
         self.last_step = -1  # the last optimizer step this run (or the one it resumed) completed
 
-    def _torch_optimizer(self, trainer):
-        return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps torch's
-
     def _activate(self, trainer, period: int) -> None:
         g = self.groups
         self.period = period
         self.active = sample_blocks(self.seed, period, len(g.blocks), self.cfg.gamma)
-        state = self._torch_optimizer(trainer).state
+        state = trainer.torch_optimizer.state
         for i, params in enumerate(g.blocks):
             if i not in self.active:
                 for p in params:

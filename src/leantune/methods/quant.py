@@ -22,8 +22,9 @@ from pydantic import Field, model_validator
 
 from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
+from leantune.models.quantizable import NEVER_QUANTIZED, quantizable_layers
 
-NEVER_QUANTIZED = ("classifier", "score", "classification_head", "pooler", "lm_head")
+__all__ = ["NEVER_QUANTIZED", "QuantConfig", "quantizable_layers", "quantize", "quantized_layers"]
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Harmless on every call or import here: 8-bit casts inputs to fp16 internally, and the optional
 # `kernels` hub package (which we must not install offline) only speeds up 4-bit inference on CPU.
@@ -74,11 +75,6 @@ def resolve_backend(cfg: QuantConfig) -> str:
     if cfg.backend == "auto":
         return "bitsandbytes" if installed else "torch"
     return cfg.backend
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    return any(s in parts or name == s or name.endswith("." + s) for s in skip)
 
 
 def _as_linear(module) -> Any:
@@ -138,13 +134,6 @@ def _torch_layer(linear, cfg: QuantConfig):
     from leantune.models.quantized import BlockwiseQuantLinear
 
     return BlockwiseQuantLinear(linear, cfg.bits, cfg.quant_type, cfg.blocksize)
-
-
-def quantizable_layers(model, skip: tuple[str, ...]) -> list[str]:
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and not _skipped(n, skip)]
 
 
 def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
@@ -240,4 +229,20 @@ def report(model, cfg: QuantConfig) -> dict[str, Any]:
     }
 
 
-SPEC = register(MethodSpec("quant", QuantConfig, apply, report=report, reload=reload))
+def plan_for(model, cfg: QuantConfig):
+    """The memory planner's view of this method before it is applied: the frozen linear weights it would
+    replace shrink to `bits` per weight plus block scales (trainable and LoRA weights are left alone)."""
+    from leantune.memory.contribution import MemoryContribution
+    from leantune.models.quantizable import frozen_linear_weights, packed_bytes_per_weight
+
+    skip = NEVER_QUANTIZED + tuple(cfg.skip_modules) + ("lora_A", "lora_B")  # an adapter's own factors
+    nbytes, numel = frozen_linear_weights(model, skip=skip)
+    packed = int(numel * packed_bytes_per_weight(cfg.bits, cfg.blocksize, cfg.double_quant))
+    kind = cfg.quant_type.upper() if cfg.bits == 4 else "int8"
+    return MemoryContribution(
+        weights=packed - nbytes if nbytes else 0,
+        note=f"{cfg.bits}-bit {kind} base (add {{name: quant, bits: {cfg.bits}}} before the LoRA method)",
+    )
+
+
+SPEC = register(MethodSpec("quant", QuantConfig, apply, report=report, reload=reload, plan_for=plan_for))

@@ -110,10 +110,6 @@ class SplitLoraRuntime(MethodRuntime):
         self.client_steps: list[int] = []
         self.blocks = (0, 0)
 
-    @staticmethod
-    def _torch_optimizer(trainer):
-        return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps torch's
-
     def client_of(self, step: int) -> int:
         return step % self.cfg.clients
 
@@ -152,7 +148,7 @@ class SplitLoraRuntime(MethodRuntime):
     def on_step_start(self, trainer) -> None:
         c = self.client_of(trainer.state.step)
         self._load_into_model(self.clients[c])
-        state = self._torch_optimizer(trainer).state
+        state = trainer.torch_optimizer.state
         for name, p in self.lower.items():
             if name in self.moments[c]:
                 state[p] = self.moments[c][name]
@@ -162,7 +158,7 @@ class SplitLoraRuntime(MethodRuntime):
     def on_step_end(self, trainer) -> None:
         step = trainer.state.step
         c = self.client_of(step)
-        state = self._torch_optimizer(trainer).state
+        state = trainer.torch_optimizer.state
         for name, p in self.lower.items():
             self.clients[c][name] = p.detach().clone()
             moments = state.pop(p, None)

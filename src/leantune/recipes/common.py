@@ -1,63 +1,24 @@
-"""Pieces the recipes share: seeding/threads, label resolution, loading a finished run, reporting."""
+"""Pieces the recipes share: loading a finished run, reporting; seeding/threads, versions, machine and
+parameter counts come from `leantune.train.run_info` (the HF baseline in `bench` needs them too)."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import platform
 from pathlib import Path
 
 from leantune.config import Config, load_config
 from leantune.errors import UserError
+from leantune.train.run_info import VERSIONED, count_params, machine, setup_torch, versions
 
-VERSIONED = ("leantune", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
-
-
-def setup_torch(seed: int, threads: int | None) -> None:
-    import torch
-    from accelerate.utils import set_seed
-
-    if threads:
-        torch.set_num_threads(threads)
-    set_seed(seed)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in VERSIONED:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def machine() -> dict:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-    if hasattr(os, "getloadavg"):
-        # Timings are only comparable on a quiet machine: record how busy it was when the run ended.
-        info["load_avg_1m_5m_15m"] = [round(x, 2) for x in os.getloadavg()]
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def count_params(model) -> dict[str, float]:
-    """In logical weights: a packed 4-bit parameter counts the weights it holds, not its bytes."""
-    from leantune.models.quantized import logical_numel
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(logical_numel(p) for p in model.parameters())
-    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
-
+__all__ = [
+    "VERSIONED",
+    "count_params",
+    "format_table",
+    "load_run_config",
+    "load_trained_model",
+    "machine",
+    "setup_torch",
+    "versions",
+]
 
 def load_run_config(run_dir: Path, finished: bool = True) -> Config:
     """The config of a run; of a *finished* one unless `finished=False` (eval and export need its model)."""

@@ -1,8 +1,10 @@
 """`leantune plan`: the per-layer rank plan for a memory budget, printed without training.
 
-It runs exactly what `dynamic_rank` runs when training starts (probe importance, task complexity, the
-planner under the memory model), on the config's data and model, and writes nothing unless `--json`
-is given. Configs without a `dynamic_rank` method are planned with its defaults over the LoRA method's
+It runs exactly what `dynamic_rank` runs when training starts (its public `score_layers`,
+`complexity_of` and `plan_ranks_for`: probe importance, task complexity, the planner under the memory
+model), on the config's data and model, and writes nothing unless `--json` is given. With
+`--allow-quantize` the saving of a 4-bit base is what the `quant` method's `plan_for` hook says.
+Configs without a `dynamic_rank` method are planned with its defaults over the LoRA method's
 targets, so `leantune plan configs/default.yaml --memory-budget 1GiB` works too.
 """
 
@@ -47,20 +49,14 @@ def make_plan(
 ) -> dict:
     from leantune.data.arrow_features import example_lengths
     from leantune.memory.budget import parse_budget
-    from leantune.memory.planner import RankCost, plan_ranks
-    from leantune.methods import MethodContext, apply_methods
-    from leantune.methods._importance import (
-        class_labels,
-        layer_importance,
-        probe_batches,
-        task_complexity,
-    )
+    from leantune.methods import MethodContext, apply_methods, get_method
+    from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
 
     index, method = _method_config(cfg, budget)
-    budget_bytes = parse_budget(method.budget)
+    budget_bytes = parse_budget(method.budget)  # a fraction means of what is available before loading
     setup_torch(cfg.train.seed, cfg.train.num_threads)
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
@@ -70,25 +66,24 @@ def make_plan(
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
     model = apply_methods(model, methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
-    batches = probe_batches(data["train"], cfg.train.batch_size, method.probe_batches, tok.pad_token_id)
-    importance, probe_loss = layer_importance(model, batches)
-    labels = class_labels(data["train"])
-    complexity = task_complexity(labels, len(cfg.data.label_names or []), probe_loss)
+    train = data["train"]
+    importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
+    complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)
     seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
-    cost = RankCost(model, cfg.task, seq_len)
-    plan = plan_ranks(
-        cost,
+    quant = get_method("quant")
+    plan = plan_ranks_for(
+        model,
+        method,
         importance,
-        complexity["complexity"],
-        budget_bytes,
-        cfg.train.batch_size,
-        method.max_rank,
-        method.min_share,
-        allow_recompute=allow_recompute or method.allow_recompute,
+        complexity,
+        task=cfg.task,
+        seq_len=seq_len,
+        batch_size=cfg.train.batch_size,
+        budget=budget_bytes,
+        allow_recompute=allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
-        safety_margin=method.safety_margin,
-        uniform=method.allocation == "uniform",
         allow_quantize=allow_quantize,
+        quantize_with=quant.plan_for(model, quant.config_cls(bits=4)) if allow_quantize else None,
     )
     return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
 

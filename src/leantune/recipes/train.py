@@ -15,6 +15,9 @@ from leantune.config import Config, dump_config
 from leantune.errors import UserError
 from leantune.methods.registry import MethodSpec
 from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
+from leantune.train.features import build_features
+
+__all__ = ["build_features", "prepare", "run_train"]
 
 
 def _check_output(cfg: Config, resume: bool, force_resume: bool) -> tuple[Path, list[str]]:
@@ -45,37 +48,6 @@ def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
             f"the training data of {cfg.data.source} has {num_labels} class(es) "
             f"({cfg.data.label_names}); classification needs at least 2: check data.label_column"
         )
-
-
-def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
-    """Tokenised train/validation/test examples; fills in inferred label names (shared with baselines).
-
-    Each split is a memory-mapped Arrow file (`ArrowFeatures`), so what stays resident does not grow with
-    the number of examples; the raw records are dropped when this returns.
-    """
-    from leantune.data.arrow_features import write_features
-    from leantune.data.tasks import check_columns, encode, infer_label_names, load_raw_splits
-
-    raw = load_raw_splits(cfg.data)
-    if cfg.task == "classification" and cfg.data.label_names is None:
-        check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
-        cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
-    enc = {
-        split: write_features(
-            lambda rows, split=split: encode(
-                cfg.task,
-                rows,
-                tok,
-                cfg.data,
-                cfg.model.max_length,
-                cfg.data.label_names,
-                f"{cfg.data.source} [{split}]",
-            ),
-            getattr(raw, split),
-        )
-        for split in ("train", "validation", "test")
-    }
-    return enc
 
 
 @dataclass

@@ -32,7 +32,13 @@ from leantune.methods.registry import MethodRuntime
 from leantune.train import checkpoint as ckpt
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
-from leantune.train.optim import build_optimizer, compile_blocks, decay_split, linear_schedule
+from leantune.train.optim import (
+    build_optimizer,
+    compile_blocks,
+    decay_split,
+    linear_schedule,
+    unwrap_optimizer,
+)
 from leantune.train.prefix_cache import PrefixCache
 from leantune.train.step import backprop_step
 
@@ -101,9 +107,14 @@ class Trainer:
         self._running = torch.zeros((), device=accelerator.device)  # no host sync per step
         self._running_n = 0
 
+    # `methods.base.TrainerView` is what method runtimes may use of this class.
     @property
     def module(self):
         return self.acc.unwrap_model(self.model)
+
+    @property
+    def torch_optimizer(self):
+        return unwrap_optimizer(self.optimizer)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         tc = self.cfg.train
@@ -148,7 +159,7 @@ class Trainer:
         so checkpoints map optimizer state to parameters the same way; state stays with the parameters
         that still exist (a method may then put state of its own for new ones in `optimizer.state`).
         """
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        opt = self.torch_optimizer
         decay, no_decay = decay_split(self.module)
         if len(opt.param_groups) == 2:
             opt.param_groups[0]["params"], opt.param_groups[1]["params"] = decay, no_decay

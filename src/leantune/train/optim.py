@@ -7,6 +7,13 @@ import torch
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_")
 
 
+def unwrap_optimizer(optimizer):
+    """torch's optimizer behind accelerate's `AcceleratedOptimizer` (or the optimizer itself): the one
+    whose `.state` and `.param_groups` hold the real per-parameter moments. Methods reach it as
+    `trainer.torch_optimizer`."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def decay_split(model: torch.nn.Module) -> tuple[list, list]:
     """The trainable parameters, in `named_parameters` order: (decayed, not decayed: biases and norms)."""
     decay, no_decay = [], []

@@ -1,16 +1,12 @@
 """The default optimisation micro-step: forward, loss, backward.
 
 Methods that are not plain backprop (MeZO, LOMO, gradient approximation) give their `MethodRuntime` a
-`step` with the same signature; the trainer calls whichever it is given.
+`step` with the same signature; the trainer calls whichever it is given. The step itself lives in
+`leantune.models.backprop` so that methods can call it too without importing the trainer's layer.
 """
 
 from __future__ import annotations
 
-import torch
+from leantune.models.backprop import backprop_step
 
-
-def backprop_step(model, batch: dict[str, torch.Tensor], accelerator, scale: float) -> torch.Tensor:
-    """Accumulate `scale * dL/dtheta` into `.grad`; return the (detached) unscaled loss."""
-    loss = model(**batch).loss
-    accelerator.backward(loss * scale)
-    return loss.detach()
+__all__ = ["backprop_step"]

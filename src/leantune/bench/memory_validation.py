@@ -9,7 +9,10 @@ recorded apart as `rss_first_fwd_bwd_delta` and not counted in the step. The wei
 separately (RSS growth while loading vs the model's parameter bytes). On CUDA the same step bytes are
 compared with `torch.cuda.max_memory_allocated` growth.
 
-    python -m leantune.memory.validate --out benchmarks/results/memory-model/validation.json
+It lives in `bench` (it was `leantune.memory.validate`): it applies methods and builds the trainer's
+optimizer, which the memory model below the methods must not import.
+
+    python -m leantune.bench.memory_validation --out benchmarks/results/memory-model/validation.json
 """
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ def run_grid(out: Path, model_name: str, threads: int, only: list[int] | None) -
     for i, setting in enumerate(GRID):
         if (only and i not in only) or json.dumps(setting, sort_keys=True) in keys:
             continue
-        cmd = [sys.executable, "-m", "leantune.memory.validate", "--one", json.dumps(setting)]
+        cmd = [sys.executable, "-m", "leantune.bench.memory_validation", "--one", json.dumps(setting)]
         cmd += ["--model", model_name, "--threads", str(threads)]
         env = {**os.environ, **ALLOCATORS[setting["allocator"]]}
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -203,7 +206,7 @@ def run_grid(out: Path, model_name: str, threads: int, only: list[int] | None) -
             }
             for a in ALLOCATORS
         },
-        "command": "python -m leantune.memory.validate --out " + str(out),
+        "command": "python -m leantune.bench.memory_validation --out " + str(out),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(error_table(result))
