@@ -36,6 +36,8 @@ RANKS: dict[str, int] = {
     "config": 0,
     "errors": 0,
     "atomic": 0,
+    "runfolder": 0,
+    "__version__": 0,  # `from leantune import __version__`
     "data": 1,
     "models": 2,
     "memory": 3,
@@ -148,7 +150,8 @@ def test_every_module_has_a_layer():
 def test_checker_reports_an_upward_edge_with_both_module_names():
     fake = {
         "leantune.memory.planner": (
-            "def plan():\n    from leantune.methods.quant import quantizable_layers\n", False
+            "def plan():\n    from leantune.methods.quant import quantizable_layers\n",
+            False,
         ),
         "leantune.methods.lora": ("from leantune.memory.budget import parse_budget\n", False),
         "leantune.train.step": ("import leantune.models.backprop\n", False),

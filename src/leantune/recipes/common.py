@@ -20,6 +20,7 @@ __all__ = [
     "versions",
 ]
 
+
 def load_run_config(run_dir: Path, finished: bool = True) -> Config:
     """The config of a run; of a *finished* one unless `finished=False` (eval and export need its model)."""
     path = run_dir / "config.yaml"
