@@ -72,15 +72,7 @@ SKIPS: dict[str, str] = {}
 
 # method -> (the error its reloaded model raises today, why). Everything before the reload is checked;
 # the reload must fail exactly so (the test fails once it is fixed: then remove the entry).
-RELOAD_BROKEN: dict[str, tuple[str, str]] = {
-    "adalora": (
-        "trainable_adapter_name",
-        "peft 0.21's AdaLoraModel loaded for inference (PeftModel.from_pretrained, as `leantune eval` "
-        "does) never sets trainable_adapter_name, and its forward with labels reads it to add the "
-        "orthogonality regulariser to the loss: `leantune eval` of an adalora run fails. (The same "
-        "regulariser is in the validation loss logged while training.)",
-    ),
-}
+RELOAD_BROKEN: dict[str, tuple[str, str]] = {}
 
 TOL = 1e-5
 

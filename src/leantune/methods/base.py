@@ -165,6 +165,9 @@ class MethodSpec:
     # Rebuilds, on a freshly loaded base model, what the saved weights do not hold (a quantised base):
     # `reload(model, cfg, run_dir) -> model`, called by `eval`/`export` before the adapter is loaded.
     reload: Callable | None = None
+    # Restores, on the reloaded model (adapter loaded), what loading does not: `after_load(model, cfg) ->
+    # model`, called by `eval`/`export` after `PeftModel.from_pretrained` (adalora's eval-time loss).
+    after_load: Callable | None = None
     # The memory hook: `plan_for(model, cfg) -> MemoryContribution`, what applying this method to `model`
     # as it is now would add to (negative: take from) the memory model's weights, gradients, optimizer
     # state and activations. Only for effects the planner cannot read off an already adapted model.
