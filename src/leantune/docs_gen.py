@@ -18,6 +18,9 @@ Two markers, both HTML comments (invisible when rendered):
   `leantune report`'s table, `leantune.bench.report.Table`, whose cells are reused as they are), optional
   `labels` ({run id: text} for the first column) and `extra` (a list of {header, key, fmt}: a KEY as above
   read from the run's first repeat). The first column links each run to its artefact file.
+
+A third marker, `<!--keys METHOD-->...<!--/keys-->`, holds the method's config keys as generated for
+docs/reference.md, so each method page lists its keys and defaults without a hand-copied table.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ REGENERATE = "python -m leantune.docs_gen"
 
 FIG_RE = re.compile(r"<!--fig (?P<spec>.*?)-->(?P<text>.*?)<!--/fig-->", re.S)
 TABLE_RE = re.compile(r"(?P<open><!--table\n(?P<spec>.*?)-->\n)(?P<body>.*?)(?P<close><!--/table-->)", re.S)
+KEYS_RE = re.compile(r"(?P<open><!--keys (?P<name>\w+)-->\n)(?P<body>.*?)(?P<close><!--/keys-->)", re.S)
 REF_RE = re.compile(r"(?P<path>[\w./-]+\.json)#(?P<key>[\w.-]+)")
 
 
@@ -165,7 +169,14 @@ def refresh(text: str, doc: Path, root: Path = ROOT) -> tuple[str, list[str]]:
             )
         return m["open"] + want + m["close"]
 
+    def keys(m: re.Match) -> str:
+        want = method_keys_markdown(m["name"])
+        if m["body"] != want:
+            problems.append(f"{doc}: the config keys of method '{m['name']}' differ from its config class")
+        return m["open"] + want + m["close"]
+
     text = TABLE_RE.sub(table, text)
+    text = KEYS_RE.sub(keys, text)
     return FIG_RE.sub(fig, text), problems
 
 
@@ -240,10 +251,19 @@ def _cli_rows(parser: argparse.ArgumentParser) -> list[str]:
     return rows
 
 
+def method_keys_markdown(name: str) -> str:
+    from leantune.methods.registry import method_config_class
+
+    rows = [r for r in _model_rows(method_config_class(name), "") if not r.startswith("| `name` ")]
+    if not rows:
+        return "No keys besides `name`.\n"
+    return "\n".join(["| key | type | default | notes |", "|---|---|---|---|", *rows]) + "\n"
+
+
 def reference_markdown(root: Path = ROOT) -> str:
     from leantune.cli import build_parser
     from leantune.config import Config
-    from leantune.methods.registry import available_methods, method_config_class
+    from leantune.methods.registry import available_methods
 
     out = [
         "# Reference: configuration keys and CLI",
@@ -266,15 +286,9 @@ def reference_markdown(root: Path = ROOT) -> str:
         "the first method's `r`). What each method does, and how it measured: [the index](index.md#methods).",
     ]
     for name in available_methods():
-        cls = method_config_class(name)
         page = Path("docs/methods") / f"{name}.md"
         link = f" ([{name}.md](methods/{name}.md))" if (root / page).exists() else ""
-        out += ["", f"### `{name}`{link}", ""]
-        rows = [r for r in _model_rows(cls, "") if not r.startswith("| `name` ")]
-        if rows:
-            out += ["| key | type | default | notes |", "|---|---|---|---|", *rows]
-        else:
-            out.append("No keys besides `name`.")
+        out += ["", f"### `{name}`{link}", "", method_keys_markdown(name).rstrip("\n")]
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {c.dest: c.help for c in sub._choices_actions}
