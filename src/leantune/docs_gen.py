@@ -16,8 +16,9 @@ Two markers, both HTML comments (invisible when rendered):
 - a table: `<!--table` + a small YAML mapping + `-->`, then the rendered table, then `<!--/table-->`.
   The mapping: `folder` (a suite's results folder), `runs` (run ids, in order), `columns` (headers of
   `leantune report`'s table, `leantune.bench.report.Table`, whose cells are reused as they are), optional
-  `labels` ({run id: text} for the first column) and `extra` (a list of {header, key, fmt}: a KEY as above
-  read from the run's first repeat). The first column links each run to its artefact file.
+  `labels` ({run id: text} for the first column) and `extra` (a list of {header, key, fmt, divide}: a KEY as
+  above read from the run's first repeat, optionally divided; '–' where a run lacks it). The first column
+  links each run to its artefact file.
 
 A third marker, `<!--keys METHOD-->...<!--/keys-->`, holds the method's config keys as generated for
 docs/reference.md, so each method page lists its keys and defaults without a hand-copied table.
@@ -133,7 +134,12 @@ def render_table(spec: dict, doc: Path, root: Path = ROOT) -> str:
         cells += [by_id[run_id][c] for c in columns]
         artefact = table.first(run_id)
         for e in extra:
-            value = lookup(artefact, e["key"])
+            try:
+                value = lookup(artefact, e["key"])
+            except (KeyError, IndexError, TypeError):
+                value = None  # a key only some runs have (a method's report)
+            if value is not None and "divide" in e:
+                value = value / e["divide"]
             cells.append("–" if value is None else format(value, e.get("fmt", "g")))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
