@@ -27,3 +27,7 @@ def test_reference_lists_every_method_and_command():
     commands = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices
     for command in commands:
         assert f"### `leantune {command}`" in text
+
+
+def test_check_command_finds_nothing_to_regenerate():
+    assert docs_gen.check(ROOT) == [], f"run `{docs_gen.REGENERATE}`"
