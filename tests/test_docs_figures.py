@@ -74,3 +74,13 @@ def test_the_mechanism_catches_a_wrong_figure():
         " / benchmarks/results/seed000-table2-core/full-r1.json#train_time_s :.2f"
     )
     assert docs_gen.figure_value(ratio, ROOT) == "0.77"
+
+
+def test_a_missing_artefact_or_key_is_reported_not_raised():
+    doc = Path("README.md")
+    for spec in (
+        "benchmarks/results/nope/x-r1.json#a :g",
+        "benchmarks/results/seed000-table2-core/full-r1.json#nope :g",
+    ):
+        problems = docs_gen.refresh(f"<!--fig {spec}-->1<!--/fig-->", doc, ROOT)[1]
+        assert len(problems) == 1 and "cannot be read" in problems[0]

@@ -162,13 +162,21 @@ def refresh(text: str, doc: Path, root: Path = ROOT) -> tuple[str, list[str]]:
     cache: dict[str, Any] = {}
 
     def fig(m: re.Match) -> str:
-        want = figure_value(m["spec"], root, cache)
+        try:
+            want = figure_value(m["spec"], root, cache)
+        except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
+            problems.append(f"{doc}: figure `{m['spec']}` cannot be read from its artefact: {exc!r}")
+            return m[0]
         if m["text"] != want:
             problems.append(f"{doc}: figure `{m['spec']}` reads '{m['text']}', its artefact gives '{want}'")
         return f"<!--fig {m['spec']}-->{want}<!--/fig-->"
 
     def table(m: re.Match) -> str:
-        want = render_table(yaml.safe_load(m["spec"]), doc, root)
+        try:
+            want = render_table(yaml.safe_load(m["spec"]), doc, root)
+        except (OSError, KeyError, IndexError, TypeError, ValueError, yaml.YAMLError) as exc:
+            problems.append(f"{doc}: a table cannot be rendered from its artefacts: {exc!r}")
+            return m[0]
         if m["body"] != want:
             problems.append(
                 f"{doc}: the table from {yaml.safe_load(m['spec'])['folder']} differs from its artefacts"
