@@ -6,6 +6,7 @@ before the first byte is written, so a mistake never costs an earlier run.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,7 @@ def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> 
         if prep.accelerator.is_main_process:
             folder.acquire()  # held until the run ends: a second run on this folder is refused
             _start_writing(prep, folder, resume)
+            print(start_banner(prep, resume), flush=True)
         prep.accelerator.wait_for_everyone()
         return _train_and_report(prep, resume, t_start)
     finally:
@@ -312,11 +314,43 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
 
             write_predictions(out / "predictions.jsonl", predictions)
         summary["wall_time_s"] = time.perf_counter() - t_start
+        summary["warnings"] = quality_warnings(summary)
         write_json_atomic(out / "summary.json", summary)
         print(format_summary(summary))
+        for warning in summary["warnings"]:
+            print(f"leantune: warning: {warning}", file=sys.stderr)
     trainer.log.close()
     acc.wait_for_everyone()
     return summary
+
+
+def start_banner(prep: Prepared, resume: bool) -> str:
+    """One line before the first step: what is trained, on what, and the memory its parameters pin."""
+    cfg, p = prep.cfg, prep.params
+    rows = "/".join(str(len(prep.data[split])) for split in ("train", "validation", "test"))
+    # weights + gradients + AdamW's two moments of the trainable part, in the model's dtype (4 bytes)
+    static = (p["total"] + 3 * p["trainable"]) * 4 / 2**20
+    return (
+        f"leantune: {'resuming' if resume else 'training'} {' + '.join(m.name for m in cfg.methods)} on "
+        f"{cfg.model.name} ({cfg.task}); data {rows} train/validation/test rows; trainable "
+        f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%); parameters and optimizer "
+        f"state ~{static:,.0f} MiB; run folder {prep.out}"
+    )
+
+
+def quality_warnings(summary: dict) -> list[str]:
+    """A classification run that ends at or below the majority class learned nothing: say so loudly."""
+    for split in ("test", "validation"):
+        metrics = summary.get(split) or {}
+        acc, majority = metrics.get("accuracy"), metrics.get("majority_accuracy")
+        if acc is not None and majority is not None:
+            if acc <= majority + 1e-9:
+                return [
+                    f"{split} accuracy {acc:.4f} is at or below the majority class ({majority:.4f}): the "
+                    "run did not learn the task; try a larger train.lr or more epochs, and check the labels"
+                ]
+            return []
+    return []
 
 
 def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str, dict]:
