@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from leantune.errors import UserError
 
@@ -30,8 +30,15 @@ NOT_METHODS = frozenset({"registry"})
 class MethodConfig(BaseModel):
     """Base of every method's config; `name` selects the method."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     name: str
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_coercion(cls, value: Any, info) -> Any:
+        from leantune.numbers import check_number
+
+        return check_number(value, cls.model_fields[info.field_name].annotation)
 
 
 @dataclass(frozen=True)
