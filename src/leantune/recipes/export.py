@@ -13,14 +13,14 @@ from pathlib import Path
 
 from leantune.atomic import write_folder_atomic
 from leantune.errors import UserError
+from leantune.outputs import check_new_folder
 from leantune.recipes.common import load_run_config, load_trained_model
 
 
 def run_export(run_dir: Path, merge: bool, out: Path | None = None) -> Path:
     cfg = load_run_config(run_dir)
     dest = out or run_dir / ("merged" if merge else "exported")
-    if dest.exists():
-        raise UserError(f"{dest} already exists; pass another --out (export never overwrites)")
+    check_new_folder(dest, "--out")
     from leantune.models.loader import load_tokenizer
 
     model = load_trained_model(run_dir, cfg)
