@@ -285,6 +285,8 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}; check its permissions") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{what} {path} is UTF-16 text; save it as UTF-8")
     if b"\0" in data:
         raise UserError(f"{what} {path} is a binary file, not YAML text; pass the YAML file")
     try:
