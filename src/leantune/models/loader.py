@@ -25,6 +25,8 @@ def resolve_model_path(name: str) -> str:
     if path.is_dir():
         check_model_folder(path)
         return str(path)
+    if path.is_file():
+        raise UserError(f"model.name {name} is a file; point it at the model's folder (config.json, weights)")
     # Hub ids are `name` or `org/name` (dots allowed: Qwen/Qwen2.5-0.5B); anything else is a path.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UserError(f"model path not found: {name}; set model.name to an existing folder or a hub id")
