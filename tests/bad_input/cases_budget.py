@@ -43,14 +43,14 @@ COMMON = [
     (".inf", "inf", FINITE),
     ("-.inf", "neginf", FINITE),
     (".nan", "nan", FINITE),
-    ("true", "true", "not the boolean true"),
+    ("true", "true", "expected a number, not the boolean true"),
     ("-1", "minus1", None),
 ]
-FLOAT_ONLY = [("1e400", "1e400", FINITE), ("ten", "text", "not text")]
+FLOAT_ONLY = [("1e400", "1e400", FINITE), ("ten", "text", "expected a number, not text")]
 INT_ONLY = [
     ("2.5", "frac", "expected a whole number"),
-    ("'8'", "quoted", "not text"),
-    ("false", "false", "not the boolean false"),
+    ("'8'", "quoted", "expected a number, not text"),
+    ("false", "false", "expected a number, not the boolean false"),
 ]
 
 
@@ -71,12 +71,12 @@ def _cases() -> list[Case]:
                         family="budget",
                         what=f"`{key}: {value}`",
                         argv=train(*_override(key, value)),
-                        phrase=f"'{key}': " if phrase is None else phrase,
+                        phrase=f"'{key}': input should be {lower}"
+                        if phrase is None
+                        else f"'{key}': {phrase}",
                         files=with_data(),
                     )
                 )
-                if phrase is None:  # the bound itself must be named
-                    out[-1] = Case(**{**out[-1].__dict__, "phrase": f"'{key}': input should be {lower}"})
     absurd = [
         ("train.seed", "1180591620717411303424", "seed 2**70", "less than or equal to 4294967295"),
         ("data.split_seed", "4294967296", "split seed 2**32", "less than or equal to 4294967295"),
