@@ -167,6 +167,14 @@ ROWS = [
         None,
     ),
     (
+        "bench-suite-repeat-bool",
+        "a suite with `repeat: true`",
+        ("bench", "suite.yaml", "--dry-run"),
+        "expected a number, not the boolean true",
+        {"suite.yaml": SUITE + "repeat: true\n"},
+        None,
+    ),
+    (
         "report-bad-suite",
         "report of a suite YAML that does not exist",
         ("report", "nope.yaml"),

@@ -28,8 +28,9 @@ def run_eval(
     cfg = load_run_config(run_dir)
     if out_json is not None:
         check_new_file(out_json, "--out")
-        check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
     generate = generate or cfg.eval.generate
+    if out_json is not None and generate:
+        check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
     if generate and (cfg.task == "classification" or cfg.data.label_column is None):
         raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
     is_file = (
