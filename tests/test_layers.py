@@ -37,6 +37,8 @@ RANKS: dict[str, int] = {
     "errors": 0,
     "atomic": 0,
     "runfolder": 0,
+    "numbers": 0,
+    "outputs": 0,
     "__version__": 0,  # `from leantune import __version__`
     "data": 1,
     "models": 2,
@@ -47,6 +49,7 @@ RANKS: dict[str, int] = {
     "bench": 7,
     "recipes": 8,
     "cli": 9,
+    "docs_gen": 10,  # the docs generator reads the CLI parser and every config model
     "__main__": 9,
 }
 

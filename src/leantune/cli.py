@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import warnings
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft 0.21 calls an API transformers 5 deprecated; the user can do nothing about it
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # transformers' kernel hub warns on every offline load; an error must stay one line on stderr
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     try:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)

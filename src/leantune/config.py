@@ -24,6 +24,7 @@ from pydantic import (
 
 from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, method_config_class
+from leantune.numbers import check_number
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
@@ -32,8 +33,19 @@ LM_METRICS = ("loss", "perplexity")
 GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
+#: seeds go to torch, numpy and random (accelerate's set_seed): 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_coercion(cls, value: Any, info) -> Any:
+        return check_number(value, cls.model_fields[info.field_name].annotation)
 
 
 class ModelConfig(Strict):
@@ -63,7 +75,7 @@ class DataConfig(Strict):
     test_split: str = "test"
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
-    split_seed: int = 42
+    split_seed: int = Field(42, ge=0, le=MAX_SEED)
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
 
@@ -79,12 +91,17 @@ class TrainConfig(Strict):
         "equal accuracy, benchmarks/results/speed-levers), but batches skew towards one label where length "
         "and label correlate, so it is opt-in (as in transformers.Trainer).",
     )
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, le=1, description="Learning rate (at most 1).")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss or gradient: stop the run (exit 2, naming the step), or skip that "
+        "step's update and count it in the summary.",
+    )
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
     adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
         "auto", description="torch AdamW kernel (same arithmetic); a speed lever measured in speed-levers-2."
@@ -150,7 +167,7 @@ class Config(Strict):
     def _dispatch_methods(cls, value: Any) -> Any:
         if not isinstance(value, list) or not value:
             raise ValueError("must be a non-empty list such as [{name: lora}]")
-        out = []
+        out: list = []
         for i, item in enumerate(value):
             if isinstance(item, MethodConfig):
                 out.append(item)
@@ -159,6 +176,11 @@ class Config(Strict):
                 item = {"name": item}
             if not isinstance(item, dict) or "name" not in item:
                 raise ValueError(f"entry {i} needs a `name` (e.g. {{name: lora}})")
+            earlier = [j for j, m in enumerate(out) if m.name == str(item["name"])]
+            if earlier:
+                raise ValueError(
+                    f"method '{item['name']}' is listed twice (entries {earlier[0]} and {i}); list each once"
+                )
             config_cls = method_config_class(str(item["name"]))
             try:
                 out.append(config_cls.model_validate(item))
@@ -232,17 +254,59 @@ def _valid_keys(root: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields) if model else []
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key '{key}' appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping; `what` names it in the one-line errors."""
+    """A non-empty YAML file that must hold a mapping; `what` names it in the one-line errors."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a YAML file; pass the file inside it")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}; check its permissions") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{what} {path} is UTF-16 text; save it as UTF-8")
+    if b"\0" in data:
+        raise UserError(f"{what} {path} is a binary file, not YAML text; pass the YAML file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None)
+        if problem and "appears twice" in problem:
+            raise UserError(f"{what} {path}: {problem}; keep one") from None
         raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
-    if loaded is not None and not isinstance(loaded, dict):
+    if loaded is None:
+        raise UserError(f"{what} {path} is empty (no keys); write its settings, or leave the file out")
+    if not isinstance(loaded, dict):
         raise UserError(f"{what} {path} must hold a mapping of keys")
-    return loaded or {}
+    return loaded
 
 
 def apply_override(tree: dict, dotted: str) -> None:
@@ -250,7 +314,13 @@ def apply_override(tree: dict, dotted: str) -> None:
     if "=" not in dotted:
         raise UserError(f"override '{dotted}' is not key=value; write e.g. train.lr=1e-4")
     key, raw = dotted.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "cannot parse it"
+        raise UserError(
+            f"override '{dotted}': the value is not valid YAML ({problem}); quote it or fix the brackets"
+        ) from None
     node: Any = tree
     parts = key.strip().split(".")
     for i, part in enumerate(parts[:-1]):
@@ -285,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise UserError(f"config file not found: {p}; pass an existing YAML file (see configs/)")
         tree = read_yaml_mapping(p, "config file")
     if "methods" not in tree and any(o.startswith("methods.") for o in overrides):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
     from leantune.config import Config
@@ -48,10 +48,18 @@ if TYPE_CHECKING:
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's config; `name` selects the method."""
+    """Base of every method's config; `name` selects the method. Numbers are strict: no inf/NaN, and no
+    silent coercion (`r: true` is not 1, `r: 2.0` is not 2; see `leantune.numbers`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     name: str
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_coercion(cls, value: Any, info) -> Any:
+        from leantune.numbers import check_number
+
+        return check_number(value, cls.model_fields[info.field_name].annotation)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from leantune.atomic import write_folder_atomic
 from leantune.errors import UserError
+from leantune.outputs import check_new_folder
 from leantune.recipes.common import load_run_config, load_trained_model
 
 
@@ -24,8 +25,7 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None, checkpoint: 
     source = checkpoint_folder(run_dir, checkpoint) if checkpoint else run_dir
     default = ("merged" if merge else "exported") + (f"-{source.name}" if checkpoint else "")
     dest = out or run_dir / default
-    if dest.exists():
-        raise UserError(f"{dest} already exists; pass another --out (export never overwrites)")
+    check_new_folder(dest, "--out")
     from leantune.models.loader import load_tokenizer
 
     model = (

@@ -285,6 +285,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
             "steps": state.step,
             "epochs_completed": state.epoch,
             "stopped_early": state.stopped_early,
+            "skipped_steps": state.skipped_steps,
             "resumed": resumed,
             **({"resume_forced_changes": prep.resume_changes} if prep.resume_changes else {}),
             "train_time_s": state.train_time_s,
@@ -390,7 +391,11 @@ def format_summary(s: dict) -> str:
     rows = [
         ("methods", " + ".join(s["methods"])),
         ("trainable params", f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)"),
-        ("steps", f"{t['steps']} ({t['epochs_completed']} epochs)"),
+        (
+            "steps",
+            f"{t['steps']} ({t['epochs_completed']} epochs)"
+            + (f", {t['skipped_steps']} skipped for a NaN/inf loss" if t.get("skipped_steps") else ""),
+        ),
         ("wall time", f"{s.get('wall_time_s', 0):.1f} s (training {t['train_time_s']:.1f} s)"),
         ("samples/s", f"{t['samples_per_s']:.1f}"),
         (
