@@ -29,3 +29,37 @@ def test_the_banner_says_what_is_trained_and_the_summary_keeps_the_warnings(base
     assert f"data {rows['train']}/{rows['validation']}/{rows['test']} train/validation/test rows" in banner
     assert summary["warnings"] == quality_warnings(summary)
     assert all(f"leantune: warning: {w}" in err for w in summary["warnings"])
+
+
+def test_version_print_config_and_dry_run_write_nothing(base_overrides, tmp_path, capsys):
+    import yaml
+
+    from leantune import __version__
+    from leantune.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"leantune {__version__}"
+    assert main(["train", *base_overrides, "train.lr=0.01", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 0.01 and printed["train"]["weight_decay"] is not None  # defaults too
+    assert main(["train", *base_overrides, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "dry run, would train lora" in out and "first batch: input_ids (16, " in out and "labels (16,)" in out
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_methods_lists_each_with_one_line():
+    import contextlib
+    import io
+
+    from leantune.cli import main
+    from leantune.methods.registry import available_methods
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["methods"]) == 0
+    lines = buf.getvalue().splitlines()
+    assert [ln.split()[0] for ln in lines] == available_methods()
+    assert all(len(ln.split(None, 1)) == 2 and len(ln) < 130 for ln in lines)

@@ -104,6 +104,17 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return get_method(name).config_cls
 
 
+def describe_method(name: str, width: int = 100) -> str:
+    """The first sentence of the method module's docstring: what `leantune methods` shows beside it."""
+    import re
+    import sys
+
+    doc = sys.modules[get_method(name).apply.__module__].__doc__ or ""
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    sentence = re.split(r"(?<!\bal)\.\s+(?=[A-Z(])", paragraph, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[: width - 3].rsplit(" ", 1)[0] + "..."
+
+
 def available_methods() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)

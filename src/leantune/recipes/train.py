@@ -325,6 +325,28 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     return summary
 
 
+def dry_run(cfg: Config, resume: bool = False, force_resume: bool = False) -> dict:
+    """Validate everything a run would (config, run folder, data, model, methods), print what it would
+    train and the first batch's shapes, and train and write nothing (`leantune train --dry-run`)."""
+    import math
+
+    from leantune.data.tasks import collate
+
+    prep = prepare(cfg, resume, force_resume)
+    train = prep.data["train"]
+    first = collate(
+        [train[i] for i in range(min(len(train), cfg.train.batch_size))], prep.tokenizer.pad_token_id
+    )
+    tc = cfg.train
+    steps = tc.epochs * math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
+    steps = min(steps, tc.max_steps) if tc.max_steps else steps
+    shapes = {k: list(v.shape) for k, v in first.items()}
+    print(start_banner(prep, resume).replace("leantune: training", "leantune: dry run, would train", 1))
+    print(f"first batch: {', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())}; {steps} optimizer steps")
+    print(f"nothing was trained or written to {prep.out}")
+    return {"first_batch": shapes, "steps": steps, "params": prep.params}
+
+
 def start_banner(prep: Prepared, resume: bool) -> str:
     """One line before the first step: what is trained, on what, and the memory its parameters pin."""
     cfg, p = prep.cfg, prep.params
