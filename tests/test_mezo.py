@@ -172,11 +172,11 @@ class Probe(MethodRuntime):
 
     def __init__(self) -> None:
         self.grads: list[int] = []
-        self.state: list[int] = []
+        self.opt_state: list[int] = []
 
     def on_step_end(self, trainer) -> None:
         self.grads.append(sum(p.grad is not None for p in trainer.module.parameters()))
-        self.state.append(len(trainer.optimizer.optimizer.state))
+        self.opt_state.append(len(trainer.optimizer.optimizer.state))
 
 
 def _fit(overrides: list[str]):
@@ -194,7 +194,7 @@ def test_full_mezo_moves_every_weight_without_gradients(base_overrides):
     trainer, probe, initial = _fit(
         [*base_overrides, "methods=[mezo]", "train.max_steps=3", "train.weight_decay=0.1", "train.lr=1e-3"]
     )
-    assert probe.grads == [0, 0, 0] and probe.state == [0, 0, 0]
+    assert probe.grads == [0, 0, 0] and probe.opt_state == [0, 0, 0]
     for name, p in trainer.module.named_parameters():
         assert not torch.equal(p, initial[name]), name  # every parameter is perturbed and updated
     report = trainer.runtimes[0].report()
@@ -204,7 +204,7 @@ def test_full_mezo_moves_every_weight_without_gradients(base_overrides):
 
 def test_lora_then_mezo_tunes_lora_only(base_overrides):
     trainer, probe, initial = _fit([*base_overrides, "methods=[lora, mezo]", "train.max_steps=3"])
-    assert probe.grads == [0, 0, 0] and probe.state == [0, 0, 0]
+    assert probe.grads == [0, 0, 0] and probe.opt_state == [0, 0, 0]
     changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p, initial[n])}
     trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
     assert changed == trainable and any("lora_B" in n for n in changed)

@@ -39,12 +39,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from leantune.errors import UserError
+from leantune.methods._own_step import check_train_options, refuse_other_steps, torch_optimizer
 from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
 
 CHUNK = 1 << 18  # elements of z generated at a time (1 MiB in fp32): the only transient buffer
-# Methods that bring their own optimisation step: one step per run.
-OWN_STEP = ("lomo", "adalomo", "grad_approx")
 
 
 class MezoConfig(MethodConfig):
@@ -78,33 +76,8 @@ def perturb(params, seed: int, alpha: float) -> None:
 
 
 def apply(model, cfg: MezoConfig, ctx: MethodContext):
-    others = [m for m in ctx.methods if m in OWN_STEP]
-    if others:
-        raise UserError(
-            f"mezo replaces the optimisation step and cannot be combined with {others[0]}, which has its "
-            "own; keep one of them in methods"
-        )
+    refuse_other_steps("mezo", ctx.methods)
     return model  # trains whatever is trainable when it runs
-
-
-def _torch_optimizer(trainer):
-    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps torch's
-
-
-def check_train_options(trainer, method: str, ignored: dict[str, Any]) -> None:
-    """Refuse options the method would silently ignore, when the user set them (defaults pass)."""
-    tc = trainer.cfg.train
-    if trainer.world > 1:
-        raise UserError(f"{method} runs in a single process only; launch it without multiple processes")
-    if tc.mixed_precision == "fp16":
-        raise UserError(
-            f"{method}: train.mixed_precision=fp16 is not supported (its loss scaling bypasses the "
-            "update); use bf16 or no"
-        )
-    for key, neutral in ignored.items():
-        value = getattr(tc, key)
-        if key in tc.model_fields_set and value != neutral:
-            raise UserError(f"{method} does not use train.{key} (set to {value}); remove it")
 
 
 class MezoRuntime(MethodRuntime):
@@ -130,7 +103,7 @@ class MezoRuntime(MethodRuntime):
     def on_step_start(self, trainer) -> None:
         step = trainer.state.step
         self.groups = []
-        for group in _torch_optimizer(trainer).param_groups:
+        for group in torch_optimizer(trainer).param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             if params:
                 self.groups.append((params, group["lr"], group["weight_decay"]))
