@@ -207,6 +207,18 @@ def test_adalomo_loss_falls_with_no_gradient_or_adamw_state(base_overrides):
     assert report["steps"] == len(probe.grads) and report["state_bytes"] > 0
 
 
+def test_lora_then_lomo_tunes_lora_only(base_overrides):
+    prep = prepare(load_config(None, [*base_overrides, "methods=[lora, lomo]", "train.max_steps=3"]))
+    prep.out.mkdir(parents=True, exist_ok=True)
+    initial = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    trainer = prep.trainer()
+    trainer.fit()
+    changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p, initial[n])}
+    trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable and any("lora_B" in n for n in changed)
+    assert trainer.runtimes[0].report()["hooked_params"] == len(trainable)
+
+
 @pytest.mark.parametrize("method", ["lomo", "adalomo"])
 def test_resume_equals_an_uninterrupted_run(base_overrides, tmp_path, method):
     overrides = [*base_overrides, f"methods=[{method}]", "train.max_steps=4", "train.save_every=2"]
