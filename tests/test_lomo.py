@@ -62,7 +62,7 @@ class Backward:
 
 def _stub_trainer(model, lr: float, wd: float, max_grad_norm: float | None):
     return SimpleNamespace(
-        optimizer=_sgd(model, lr, wd),
+        torch_optimizer=_sgd(model, lr, wd),
         module=model,
         state=SimpleNamespace(step=0),
         cfg=SimpleNamespace(train=TrainConfig(max_grad_norm=max_grad_norm)),
@@ -104,7 +104,7 @@ def test_lomo_equals_sgd(tiny_models, max_grad_norm):
         )
     print(f"lomo vs sgd (max_grad_norm={max_grad_norm}): max |diff| {diff:.2e}, max move {moved:.2e}")
     assert diff < 1e-6 and moved > 1e-3
-    assert all(p.grad is None for p in fused.parameters()) and not trainer.optimizer.state
+    assert all(p.grad is None for p in fused.parameters()) and not trainer.torch_optimizer.state
     report = rt.report()
     assert report["backward_passes"] == (6 if max_grad_norm else 3)
     if max_grad_norm:

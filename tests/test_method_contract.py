@@ -27,7 +27,7 @@ from leantune.config import load_config
 from leantune.data.tasks import collate
 from leantune.eval.loop import evaluate
 from leantune.methods.base import RunLogView, TrainerView, TrainStateView
-from leantune.methods.registry import available_methods, get_method
+from leantune.methods.registry import shipped_methods
 from leantune.recipes.common import load_trained_model
 from leantune.recipes.train import prepare
 from tests.conftest import make_sentiment_rows, write_csv
@@ -79,7 +79,7 @@ TOL = 1e-5
 
 def package_methods() -> list[str]:
     """The methods leantune ships (other tests register test-only methods in the same registry)."""
-    return [n for n in available_methods() if get_method(n).apply.__module__.startswith("leantune.methods.")]
+    return shipped_methods()
 
 
 @pytest.fixture(scope="module")

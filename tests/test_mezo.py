@@ -39,7 +39,7 @@ def _stub_trainer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0):
     """What the runtime reads from the trainer: the optimizer's groups (lr, weight decay) and the step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD([{"params": params, "weight_decay": weight_decay}], lr=lr)
-    return SimpleNamespace(optimizer=opt, state=SimpleNamespace(step=0))
+    return SimpleNamespace(torch_optimizer=opt, state=SimpleNamespace(step=0))
 
 
 def _run_steps(rt: MezoRuntime, model, trainer, steps: int, batch=None) -> list[float]:
@@ -97,7 +97,7 @@ def test_loss_falls_on_a_quadratic_with_no_gradient_ever():
     rt = MezoRuntime(MezoConfig(), seed=0)
     losses = _run_steps(rt, model, trainer, 300)
     assert sum(losses[-10:]) / 10 < 0.2 * losses[0], (losses[0], losses[-1])
-    assert model.theta.grad is None and not trainer.optimizer.state
+    assert model.theta.grad is None and not trainer.torch_optimizer.state
     assert rt.report()["forward_passes"] == 600
 
 
@@ -164,7 +164,7 @@ def test_a_mezo_step_holds_far_fewer_bytes_than_an_adamw_step(tiny_models):
     print(f"peak bytes: adamw {adamw.peak}, mezo {mezo.peak}, weights {params}")
     assert adamw.peak > 2.5 * params  # gradients + two moments
     assert mezo.peak < adamw.peak / 5, (mezo.peak, adamw.peak)
-    assert all(p.grad is None for p in model.parameters()) and not trainer.optimizer.state
+    assert all(p.grad is None for p in model.parameters()) and not trainer.torch_optimizer.state
 
 
 class Probe(MethodRuntime):

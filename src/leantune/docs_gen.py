@@ -277,7 +277,7 @@ def method_keys_markdown(name: str) -> str:
 def reference_markdown(root: Path = ROOT) -> str:
     from leantune.cli import build_parser
     from leantune.config import Config
-    from leantune.methods.registry import available_methods
+    from leantune.methods.registry import shipped_methods
 
     out = [
         "# Reference: configuration keys and CLI",
@@ -299,7 +299,7 @@ def reference_markdown(root: Path = ROOT) -> str:
         "Each entry of `methods` is a mapping with `name` and that method's keys (`methods.0.r=16` overrides "
         "the first method's `r`). What each method does, and how it measured: [the index](index.md#methods).",
     ]
-    for name in available_methods():
+    for name in shipped_methods():
         page = Path("docs/methods") / f"{name}.md"
         link = f" ([{name}.md](methods/{name}.md))" if (root / page).exists() else ""
         out += ["", f"### `{name}`{link}", "", method_keys_markdown(name).rstrip("\n")]

@@ -20,10 +20,6 @@ def refuse_other_steps(method: str, methods: tuple[str, ...]) -> None:
         )
 
 
-def torch_optimizer(trainer):
-    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps torch's
-
-
 def check_train_options(trainer, method: str, ignored: dict[str, Any]) -> None:
     """Refuse what the method cannot do, and options it would ignore when the user set them (a default
     that does not apply passes: `ignored` maps each such option to its neutral value)."""

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from leantune.errors import UserError
-from leantune.methods._own_step import check_train_options, refuse_other_steps, torch_optimizer
+from leantune.methods._own_step import check_train_options, refuse_other_steps
 from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -98,7 +98,7 @@ class LomoRuntime(MethodRuntime):
                 "accumulate; set train.grad_accum=1 and raise train.batch_size instead"
             )
         self.max_norm = tc.max_grad_norm
-        groups = torch_optimizer(trainer).param_groups
+        groups = trainer.torch_optimizer.param_groups
         index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         for pname, p in trainer.module.named_parameters():
             if p.requires_grad and id(p) in index:
@@ -107,7 +107,7 @@ class LomoRuntime(MethodRuntime):
                 self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def on_step_start(self, trainer) -> None:
-        groups = torch_optimizer(trainer).param_groups
+        groups = trainer.torch_optimizer.param_groups
         self.lr = [g["lr"] for g in groups]
         self.wd = [g["weight_decay"] for g in groups]
         self.t = trainer.state.step + 1

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from leantune.methods._own_step import check_train_options, refuse_other_steps, torch_optimizer
+from leantune.methods._own_step import check_train_options, refuse_other_steps
 from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
 
 CHUNK = 1 << 18  # elements of z generated at a time (1 MiB in fp32): the only transient buffer
@@ -103,7 +103,7 @@ class MezoRuntime(MethodRuntime):
     def on_step_start(self, trainer) -> None:
         step = trainer.state.step
         self.groups = []
-        for group in torch_optimizer(trainer).param_groups:
+        for group in trainer.torch_optimizer.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             if params:
                 self.groups.append((params, group["lr"], group["weight_decay"]))

@@ -118,3 +118,8 @@ def describe_method(name: str, width: int = 100) -> str:
 def available_methods() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def shipped_methods() -> list[str]:
+    """The methods of this package, without any a program (a test) registered beside them."""
+    return [n for n in available_methods() if _REGISTRY[n].apply.__module__.startswith(f"{__package__}.")]

@@ -389,21 +389,22 @@ def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str,
     return out
 
 
-def _save_model(module, tok, dest: Path, summary: dict) -> None:
-    """A PEFT model saves its adapter, others everything, with a model card; written to a temp folder,
-    then renamed."""
+def _save_model(module, tok, dest: Path, summary: dict | None = None) -> None:
+    """A PEFT model saves its adapter, others everything, with a model card from `summary` (when given);
+    written to a temp folder, then renamed."""
     from leantune.atomic import write_folder_atomic
     from leantune.models.embedded import portable_name
     from leantune.recipes.card import model_card
 
-    card = model_card(
-        summary, portable_name(summary["config"]["model"]["name"]), hasattr(module, "peft_config")
-    )
+    is_adapter = hasattr(module, "peft_config")
+    base = portable_name(summary["config"]["model"]["name"]) if summary else None
+    card = model_card(summary, base, is_adapter) if summary else None
 
     def write(folder: Path) -> None:
         module.save_pretrained(str(folder))
         tok.save_pretrained(str(folder))
-        (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
+        if card is not None:
+            (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
 
     write_folder_atomic(dest, write)
 

@@ -257,8 +257,8 @@ class Trainer:
                 cached = self.prefix_cache.micro_batch(idx, batch["attention_mask"])
             with nullcontext() if sync else self.acc.no_sync(self.model), cached:
                 group_loss += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
-        grad_norm = None
-        if tc.max_grad_norm is not None and self.params:
+        grad_norm = None  # logged as null where a method applied its update itself (no .grad left)
+        if tc.max_grad_norm is not None and any(p.grad is not None for p in self.params):
             grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
         if not self._finite_step(group_loss, grad_norm):  # nan_policy=skip: no update, not logged
