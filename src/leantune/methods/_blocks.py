@@ -1,0 +1,156 @@
+"""What the block-attaching methods (freeze, lora, adapters, ...) share: which blocks still train, their
+order rules, and the count of trainable parameters per block and per kind for the summary.
+
+Composition semantics: `freeze` decides which blocks train at all and records the frozen block indices on
+the model (`leantune_frozen_blocks`); the methods that attach weights to blocks (lora, adapters) then
+attach only to the blocks that still train, unless their own config names blocks explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leantune.errors import UserError
+
+FROZEN_ATTR = "leantune_frozen_blocks"
+# Methods that attach to (or select weights in) blocks: `freeze` must come before them.
+ATTACHING = frozenset(
+    {
+        "lora",
+        "lora_sp",
+        "adalora",
+        "dynamic_rank",
+        "split_lora",
+        "adapters",
+        "prefix",
+        "prompt",
+        "ptuning",
+        "ia3",
+        "bitfit",
+        "layernorm",
+    }
+)
+# Top-level module names of classification heads (peft's SEQ_CLS knows `classifier` and `score`).
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def blocks_of(model, method: str) -> tuple[str, Any]:
+    from leantune.models.structure import find_blocks
+
+    try:
+        return find_blocks(model)
+    except ValueError as exc:
+        raise UserError(f"{method}: {exc}; this method needs a transformer with a stack of blocks") from None
+
+
+def frozen_blocks(model) -> set[int]:
+    """Indices of the blocks an earlier `freeze` froze (empty without one)."""
+    return set(getattr(model, FROZEN_ATTR, None) or ())
+
+
+def record_frozen(model, indices: set[int]) -> None:
+    # object.__setattr__: a plain attribute, not a module attribute (it must not go into the state dict)
+    object.__setattr__(model, FROZEN_ATTR, frozenset(frozen_blocks(model) | set(indices)))
+
+
+def target_blocks(model, method: str, explicit: list[int] | None, n_blocks: int) -> list[int]:
+    """The blocks a method attaches to: the explicitly named ones, else every block `freeze` left training."""
+    if explicit is not None:
+        bad = [i for i in explicit if not 0 <= i < n_blocks]
+        if bad or not explicit:
+            raise UserError(
+                f"{method}: layers={explicit} but the model has {n_blocks} blocks; "
+                f"name blocks between 0 and {n_blocks - 1}"
+            )
+        if len(set(explicit)) != len(explicit):
+            raise UserError(f"{method}: layers={explicit} names a block twice; list each block once")
+        return sorted(explicit)
+    frozen = frozen_blocks(model)
+    chosen = [i for i in range(n_blocks) if i not in frozen]
+    if not chosen:
+        raise UserError(
+            f"{method}: freeze froze all {n_blocks} blocks, so no block is left for {method} to attach to; "
+            f"freeze fewer blocks or name blocks explicitly with methods.N.layers"
+        )
+    return chosen
+
+
+def check_listed_once(method: str, methods: tuple[str, ...]) -> None:
+    if methods.count(method) > 1:
+        raise UserError(f"{method} is listed {methods.count(method)} times in methods; list it once")
+
+
+def check_after_freeze_only(method: str, methods: tuple[str, ...]) -> None:
+    """`freeze` decides which blocks train; a freeze listed after `method` would come too late."""
+    if method in methods and "freeze" in methods[methods.index(method) + 1 :]:
+        raise UserError(
+            f"freeze must come before {method} (freeze decides which blocks {method} attaches to): "
+            f"write methods: [freeze, {method}, ...]"
+        )
+
+
+def breakdown(model) -> dict[str, dict[str, int]]:
+    """Trainable parameters per block (`outside_blocks`: embeddings, head, prompts) and per kind, where a
+    kind names the method whose weights they are (lora, adapters, prompt, ia3), `head`, or `base` (the
+    model's own weights left training: unfrozen blocks, biases, norms). Both add up to the total."""
+    try:
+        _, blocks = blocks_of(model, "breakdown")
+    except UserError:
+        blocks = []
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    by_block: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        where = str(block_of[id(p)]) if id(p) in block_of else "outside_blocks"
+        by_block[where] = by_block.get(where, 0) + p.numel()
+        kind = kind_of(name)
+        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+    order = {str(i): i for i in range(len(blocks))}
+    by_block = dict(sorted(by_block.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return {"trainable_by_method": by_kind, "trainable_by_block": by_block}
+
+
+def kind_of(name: str) -> str:
+    parts = name.split(".")
+    if any(p.startswith("lora_") for p in parts):
+        return "lora"
+    if any(p in ("adapter_attn", "adapter_ffn") for p in parts):
+        return "adapters"
+    if "prompt_encoder" in parts:
+        return "prompt"
+    if any(p.startswith("ia3_") for p in parts):
+        return "ia3"
+    if any(p in HEAD_NAMES for p in parts):
+        return "head"
+    return "base"
+
+
+def own_counts(model, kind: str) -> dict[str, Any]:
+    """One kind's trainable count, total and per block, for a method's own report."""
+    try:
+        _, blocks = blocks_of(model, kind)
+    except UserError:
+        blocks = []
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    per_block: dict[str, int] = {}
+    total = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and kind_of(name) == kind:
+            total += p.numel()
+            where = str(block_of[id(p)]) if id(p) in block_of else "outside_blocks"
+            per_block[where] = per_block.get(where, 0) + p.numel()
+    return {"trainable": total, "trainable_per_block": per_block}
+
+
+def train_head(model, task: str) -> list[str]:
+    """Unfreeze a classification head (methods that freeze the base but do not go through peft's
+    modules_to_save); returns the head's module names."""
+    if task != "classification":
+        return []
+    heads = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    for name in heads:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(True)
+    return heads
