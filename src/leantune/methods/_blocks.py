@@ -154,3 +154,55 @@ def train_head(model, task: str) -> list[str]:
         for p in getattr(model, name).parameters():
             p.requires_grad_(True)
     return heads
+
+
+def train_base_subset(model, method: str, ctx, explicit: list[int] | None, pick, what: str, instead: str):
+    """BitFit-style methods: freeze everything, then train the base weights `pick(module_name, param_name,
+    module)` selects, in the target blocks and outside the blocks where they still trained (so a
+    `freeze` of the embeddings holds), plus a classification head. Returns the selected parameter names."""
+    check_listed_once(method, ctx.methods)
+    check_after_freeze_only(method, ctx.methods)
+    peft_methods = {"lora", "lora_sp", "adalora", "dynamic_rank", "split_lora", "prefix", "prompt", "ptuning"}
+    others = [n for n in ctx.methods if n in peft_methods | {"ia3"}]
+    if others or hasattr(model, "peft_config"):
+        other = others[0] if others else "a peft method"
+        raise UserError(
+            f"{method} trains base weights, which a {other} adapter does not save; use one of them "
+            f"(lora trains biases too with methods.N.bias: all)"
+        )
+    _, blocks = blocks_of(model, method)
+    targets = target_blocks(model, method, explicit, len(blocks))
+    in_block = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    was_training = {id(p) for p in model.parameters() if p.requires_grad}
+    chosen: list[str] = []
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if module_name.split(".")[0] in HEAD_NAMES or not pick(module_name, param_name, module):
+                continue  # the head trains whole (train_head), not as part of the subset
+            block = in_block.get(id(p))
+            if (block in targets) if block is not None else (id(p) in was_training):
+                chosen.append(f"{module_name}.{param_name}" if module_name else param_name)
+    if not chosen:
+        raise UserError(f"{method}: {type(model).__name__} has no {what} to train; use {instead} instead")
+    chosen_set = set(chosen)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen_set)
+    train_head(model, ctx.task)
+    return chosen
+
+
+def count_selected(model, names: list[str]) -> dict[str, Any]:
+    wanted = set(names)
+    try:
+        _, blocks = blocks_of(model, "count")
+    except UserError:
+        blocks = []
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    per_block: dict[str, int] = {}
+    total = 0
+    for name, p in model.named_parameters():
+        if name in wanted and p.requires_grad:
+            total += p.numel()
+            where = str(block_of[id(p)]) if id(p) in block_of else "outside_blocks"
+            per_block[where] = per_block.get(where, 0) + p.numel()
+    return {"trainable": total, "trainable_per_block": per_block}

@@ -74,6 +74,10 @@ def apply(model, cfg: LoraConfig, ctx: MethodContext):
     import peft
 
     _blocks.check_after_freeze_only(cfg.name, ctx.methods)
+    if hasattr(model, "peft_config"):
+        raise UserError(
+            f"{cfg.name} cannot be stacked on another peft adapter (peft wraps a model once); keep one"
+        )
     if isinstance(cfg.target_modules, list):
         check_targets(model, cfg.target_modules)
     selection = layer_selection(model, cfg, ctx)
