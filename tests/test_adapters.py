@@ -321,3 +321,37 @@ def test_unified_run_saves_and_reloads(six_block_bert, sentiment_csv, tmp_path, 
     base = attach_saved(load_model(str(six_block_bert), "classification"), tmp_path / "exp")
     exported = PeftModel.from_pretrained(base, str(tmp_path / "exp"))
     assert torch.equal(_logits(exported, IDS), _logits(model, IDS))
+
+
+def test_shipped_unified_config_trains_two_steps(six_block_bert, sentiment_csv, tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "unified.yaml"
+    cfg = load_config(path)
+    assert [m.name for m in cfg.methods] == ["freeze", "lora", "adapters"]
+    out = tmp_path / "run"
+    summary = run_train(
+        load_config(
+            path,
+            [
+                f"model.name={six_block_bert}",
+                "model.max_length=16",
+                f"data.source={sentiment_csv}",
+                "train.batch_size=16",
+                "train.max_steps=2",
+                "train.num_threads=1",
+                "output.tensorboard=false",
+                f"output.dir={out}",
+            ],
+        )
+    )
+    assert summary["train"]["steps"] == 2
+    overview = summary["method_reports"]["freeze"]
+    assert overview["frozen_blocks"] == [0, 1, 2]
+    # lora r=8 on query/value of blocks 3-5: 3 x 2 x (8*32 + 32*8); pfeiffer rf 16: 3 x (2*32*2 + 2 + 32)
+    assert overview["trainable_by_method"] == {
+        "lora": 3 * 2 * 512,
+        "adapters": 3 * per_adapter(H, 16),
+        "head": HEAD,
+    }
+    assert sum(overview["trainable_by_block"].values()) == summary["params"]["trainable"] == 3072 + 486 + 66
