@@ -176,7 +176,7 @@ def _losses(run_dir) -> list[float]:
         ("[layernorm]", 3e-3, 2),
     ],
 )
-def test_classification_learns_on_minilm(sentiment_csv, tmp_path, methods, lr, epochs):
+def test_classification_learns_on_minilm(sentiment_csv, tmp_path, capsys, methods, lr, epochs):
     """On the real MiniLM (5-10 s each): a frozen random tiny BERT leaves these methods little to adapt."""
     out = tmp_path / "run"
     summary = run_train(
@@ -205,6 +205,10 @@ def test_classification_learns_on_minilm(sentiment_csv, tmp_path, methods, lr, e
     from leantune.recipes.evaluate import run_eval
 
     assert run_eval(out, None)["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)  # reloads
+    if "prompt" in methods:  # a learned prompt is an input, not a weight change: no merged export
+        capsys.readouterr()
+        line = cli_err(capsys, "export", out, "--merge", "--out", tmp_path / "merged")
+        assert "prompt/prefix is an input to the model" in line
 
 
 @pytest.fixture(scope="module")
