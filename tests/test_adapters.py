@@ -138,6 +138,25 @@ def test_senseless_combinations_are_refused(tiny_models, methods, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "methods",
+    [
+        "[lora, freeze]",
+        "[adapters, adapters]",
+        "[adapters, lora]",
+        "[prompt, lora]",
+        "[lora, bitfit]",
+        "[prefix]",
+    ],
+)
+def test_senseless_combinations_fail_at_validation(capsys, methods):
+    """Refused from the names alone, before any model or data loads: exit 2, one line."""
+    line = cli_err(capsys, "train", f"methods={methods}")
+    assert (
+        "must come before" in line or "listed 2 times" in line or "cannot" in line or "base weights" in line
+    )
+
+
 def _block_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[parts.index("layer") + 1]) if "layer" in parts else None

@@ -186,6 +186,9 @@ class Config(Strict):
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
         if self.eval.mmlu_shots is not None and self.task != "causal_lm":
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
+        from leantune.methods._blocks import check_method_list  # no torch: order rules by name only
+
+        check_method_list(self.task, [m.name for m in self.methods])
         return self
 
     @property

@@ -80,15 +80,6 @@ def check_listed_once(method: str, methods: tuple[str, ...]) -> None:
         raise UserError(f"{method} is listed {methods.count(method)} times in methods; list it once")
 
 
-def check_after_freeze_only(method: str, methods: tuple[str, ...]) -> None:
-    """`freeze` decides which blocks train; a freeze listed after `method` would come too late."""
-    if method in methods and "freeze" in methods[methods.index(method) + 1 :]:
-        raise UserError(
-            f"freeze must come before {method} (freeze decides which blocks {method} attaches to): "
-            f"write methods: [freeze, {method}, ...]"
-        )
-
-
 def breakdown(model) -> dict[str, dict[str, int]]:
     """Trainable parameters per block (`outside_blocks`: embeddings, head, prompts) and per kind, where a
     kind names the method whose weights they are (lora, adapters, prompt, ia3), `head`, or `base` (the
@@ -160,16 +151,9 @@ def train_base_subset(model, method: str, ctx, explicit: list[int] | None, pick,
     """BitFit-style methods: freeze everything, then train the base weights `pick(module_name, param_name,
     module)` selects, in the target blocks and outside the blocks where they still trained (so a
     `freeze` of the embeddings holds), plus a classification head. Returns the selected parameter names."""
-    check_listed_once(method, ctx.methods)
-    check_after_freeze_only(method, ctx.methods)
-    peft_methods = {"lora", "lora_sp", "adalora", "dynamic_rank", "split_lora", "prefix", "prompt", "ptuning"}
-    others = [n for n in ctx.methods if n in peft_methods | {"ia3"}]
-    if others or hasattr(model, "peft_config"):
-        other = others[0] if others else "a peft method"
-        raise UserError(
-            f"{method} trains base weights, which a {other} adapter does not save; use one of them "
-            f"(lora trains biases too with methods.N.bias: all)"
-        )
+    check_method_list(ctx.task, ctx.methods)
+    if hasattr(model, "peft_config"):
+        raise UserError(f"{method} trains base weights, which a peft adapter does not save; use one of them")
     _, blocks = blocks_of(model, method)
     targets = target_blocks(model, method, explicit, len(blocks))
     in_block = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
@@ -206,3 +190,56 @@ def count_selected(model, names: list[str]) -> dict[str, Any]:
             where = str(block_of[id(p)]) if id(p) in block_of else "outside_blocks"
             per_block[where] = per_block.get(where, 0) + p.numel()
     return {"trainable": total, "trainable_per_block": per_block}
+
+
+# peft methods: each wraps the model once and freezes every weight that is not its own when it does.
+PEFT_METHODS = frozenset(
+    {"lora", "lora_sp", "adalora", "dynamic_rank", "split_lora", "prefix", "prompt", "ptuning", "ia3"}
+)
+PROMPT_FAMILY = frozenset({"prefix", "prompt", "ptuning", "ia3"})
+ONCE = frozenset({"adapters", "bitfit", "layernorm"}) | PROMPT_FAMILY
+BASE_SUBSET = frozenset({"bitfit", "layernorm"})
+
+
+def check_method_list(task: str, names: list[str] | tuple[str, ...]) -> None:
+    """The combinations that make no sense, refused from the names alone (config validation calls this,
+    so they fail before any model loads; each method's `apply` calls it again for direct use)."""
+    names = tuple(names)
+    for name in sorted(ONCE & set(names)):
+        check_listed_once(name, names)
+    if "freeze" in names:
+        before = [n for n in names[: names.index("freeze")] if n in ATTACHING]
+        if before:
+            raise UserError(
+                f"freeze must come before {before[0]} (freeze decides which blocks {before[0]} attaches to): "
+                f"write methods: [freeze, {before[0]}, ...]"
+            )
+    if "adapters" in names:
+        later = [n for n in names[names.index("adapters") + 1 :] if n in PEFT_METHODS | {"quant"}]
+        if later:
+            raise UserError(
+                f"{later[0]} must come before adapters (peft freezes every weight but its own when it "
+                f"wraps the model, adapters included): write methods: [..., {later[0]}, adapters]"
+            )
+        if "full" in names:
+            raise UserError("adapters keep the base frozen, which `full` undoes: drop one of them")
+    for name in names:
+        if name in PROMPT_FAMILY:
+            others = [n for n in names if n in PEFT_METHODS and n != name]
+            if others:
+                raise UserError(
+                    f"{name} cannot be combined with {others[0]}: peft wraps a model with one adapter type; "
+                    "keep one"
+                )
+        if name in BASE_SUBSET:
+            others = [n for n in names if n in PEFT_METHODS]
+            if others:
+                raise UserError(
+                    f"{name} trains base weights, which a {others[0]} adapter does not save; use one of them "
+                    f"(lora trains biases too with methods.N.bias: all)"
+                )
+    if "prefix" in names and task == "classification":
+        raise UserError(
+            "prefix: peft 0.21 cannot prefix-tune a sequence-classification model (it takes no past key "
+            "values); use prompt, ptuning or lora"
+        )

@@ -33,22 +33,6 @@ PROJECTIONS = {
     "attn": ("attention.output.dense", "self_attn.o_proj", "attn.c_proj", "self_attention.dense"),
     "ffn": ("output.dense", "mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h"),
 }
-# peft prompt-learning methods and every LoRA-family method freeze all weights that are not their own when
-# they wrap the model, adapters included: they must come before adapters.
-PEFT_WRAPPERS = frozenset(
-    {
-        "lora",
-        "lora_sp",
-        "adalora",
-        "dynamic_rank",
-        "split_lora",
-        "prefix",
-        "prompt",
-        "ptuning",
-        "ia3",
-        "quant",
-    }
-)
 
 
 class AdaptersConfig(MethodConfig):
@@ -114,18 +98,7 @@ def bottleneck_width(hidden: int, reduction_factor: int) -> int:
 
 
 def check_order(ctx: MethodContext) -> None:
-    names = ctx.methods
-    _blocks.check_listed_once("adapters", names)
-    _blocks.check_after_freeze_only("adapters", names)
-    if "adapters" in names:
-        later = [n for n in names[names.index("adapters") + 1 :] if n in PEFT_WRAPPERS]
-        if later:
-            raise UserError(
-                f"{later[0]} must come before adapters (peft freezes every weight but its own when it "
-                f"wraps the model, adapters included): write methods: [..., {later[0]}, adapters]"
-            )
-    if "full" in names:
-        raise UserError("adapters keep the base frozen, which `full` undoes: drop one of them")
+    _blocks.check_method_list(ctx.task, ctx.methods)
 
 
 def attach(model, sites: tuple[str, ...], layers: list[int], width: int, activation: str) -> dict[str, Any]:

@@ -74,14 +74,11 @@ def frozen_module_names(model, cfg: FreezeConfig) -> list[str]:
 
 
 def check_order(model, ctx: MethodContext) -> None:
-    names = ctx.methods
-    here = names.index("freeze") if "freeze" in names else 0
-    before = [n for n in names[:here] if n in _blocks.ATTACHING]
-    if before or hasattr(model, "peft_config"):
-        first = before[0] if before else "a peft method"
+    _blocks.check_method_list(ctx.task, ctx.methods)
+    if hasattr(model, "peft_config"):
         raise UserError(
-            f"freeze must come before {first} (freeze decides which blocks {first} attaches to): "
-            f"write methods: [freeze, {first}, ...]"
+            "freeze must come before the peft method that wraps this model (freeze decides which blocks "
+            "it attaches to): write methods: [freeze, ...]"
         )
 
 

@@ -73,7 +73,7 @@ def layer_selection(model, cfg: LoraConfig, ctx: MethodContext) -> dict[str, Any
 def apply(model, cfg: LoraConfig, ctx: MethodContext):
     import peft
 
-    _blocks.check_after_freeze_only(cfg.name, ctx.methods)
+    _blocks.check_method_list(ctx.task, ctx.methods)
     if hasattr(model, "peft_config"):
         raise UserError(
             f"{cfg.name} cannot be stacked on another peft adapter (peft wraps a model once); keep one"

@@ -25,10 +25,6 @@ from leantune.errors import UserError
 from leantune.methods import _blocks
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
 
-PEFT_METHODS = frozenset(
-    {"lora", "lora_sp", "adalora", "dynamic_rank", "split_lora", "prefix", "prompt", "ptuning", "ia3"}
-)
-
 
 class PrefixConfig(MethodConfig):
     name: Literal["prefix"] = "prefix"
@@ -67,14 +63,9 @@ class Ia3Config(MethodConfig):
 
 
 def _check_combination(model, cfg, ctx: MethodContext) -> None:
-    _blocks.check_listed_once(cfg.name, ctx.methods)
-    _blocks.check_after_freeze_only(cfg.name, ctx.methods)
-    others = [n for n in ctx.methods if n in PEFT_METHODS and n != cfg.name]
-    if others or hasattr(model, "peft_config"):
-        other = others[0] if others else "another peft method"
-        raise UserError(
-            f"{cfg.name} cannot be combined with {other}: peft wraps a model with one adapter type; keep one"
-        )
+    _blocks.check_method_list(ctx.task, ctx.methods)
+    if hasattr(model, "peft_config"):
+        raise UserError(f"{cfg.name} cannot be combined with another peft method: peft wraps a model once")
 
 
 def context_length(model) -> int | None:
