@@ -117,7 +117,9 @@ def attach(model, sites: tuple[str, ...], layers: list[int], width: int, activat
                 )
             hidden = _out_features(proj)
             weight = next(proj.parameters())
-            adapter = adapter_cls(hidden, width, activation).to(device=weight.device, dtype=weight.dtype)
+            dtype = getattr(proj, "leantune_source_dtype", None)  # a quantised base layer: its source dtype
+            dtype = dtype or (weight.dtype if weight.is_floating_point() else None)
+            adapter = adapter_cls(hidden, width, activation).to(device=weight.device, dtype=dtype)
             block.add_module(f"adapter_{site}", adapter)
             proj.register_forward_hook(lambda _m, _args, out, a=adapter: a(out))
     return {"layers": list(layers), "sites": list(sites), "hidden": hidden, "bottleneck": width}
