@@ -68,7 +68,11 @@ CONFIGS: dict[str, tuple[list[dict], str]] = {
 }
 
 # method -> why it cannot run this contract on the tiny model (an explicit skip, never a silent pass).
-SKIPS: dict[str, str] = {}
+SKIPS: dict[str, str] = {
+    "prefix": "peft 0.21 cannot prefix-tune a sequence-classification model (no past key values), and this "
+    "contract runs classification; prefix's train -> save -> reload on a causal LM is in "
+    "tests/test_peft_family.py (test_save_reload_gives_identical_logits)",
+}
 
 # method -> (the error its reloaded model raises today, why). Everything before the reload is checked;
 # the reload must fail exactly so (the test fails once it is fixed: then remove the entry).

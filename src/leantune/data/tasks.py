@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from leantune.config import DataConfig
 from leantune.data.sources import Record, carve, load_source
 from leantune.errors import UserError
+from leantune.settings import DataConfig
 
 IGNORE_INDEX = -100
 

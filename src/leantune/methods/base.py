@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
-    from leantune.config import Config
     from leantune.memory.contribution import MemoryContribution
+    from leantune.settings import DataConfig, ModelConfig, TrainConfig
 
 
 class MethodConfig(BaseModel):
@@ -86,12 +86,21 @@ class RunLogView(Protocol):
         """Append one record (with a "step" key) to the run's metrics.jsonl."""
 
 
+class RunConfigView(Protocol):
+    """What runtimes read of the run config (`leantune.config.Config`, a layer above the methods)."""
+
+    task: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+
 @runtime_checkable
 class TrainerView(Protocol):
     """Everything a `MethodRuntime` may use of the trainer (`leantune.train.loop.Trainer` implements it;
     `tests/test_method_contract.py` checks that the methods use nothing else)."""
 
-    cfg: Config  # the whole validated run config (read only)
+    cfg: RunConfigView  # the validated run config (read only)
     state: TrainStateView
     run_dir: Path  # the run folder (for a method's own files, e.g. a plot)
     world: int  # number of processes (methods that cannot run distributed refuse > 1)

@@ -104,6 +104,13 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return get_method(name).config_cls
 
 
+def check_method_list(task: str, names: list[str]) -> None:
+    """Refuse, by names alone (no torch), method lists whose composition makes no sense."""
+    from leantune.methods._blocks import check_method_list as check
+
+    check(task, names)
+
+
 def describe_method(name: str, width: int = 100) -> str:
     """The first sentence of the method module's docstring: what `leantune methods` shows beside it."""
     import re

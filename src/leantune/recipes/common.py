@@ -46,8 +46,11 @@ def load_trained_model(run_dir: Path, cfg: Config):
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
-        model = PeftModel.from_pretrained(reload_methods(base, cfg, run_dir), str(folder))
+        base = reload_methods(
+            load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names), cfg, run_dir
+        )
+        model = PeftModel.from_pretrained(base, str(folder))
+        _keep_extra_saves(base, model)
         return _after_load(model, cfg)
     model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
     return reload_methods(model, cfg, run_dir)
@@ -63,7 +66,17 @@ def _after_load(model, cfg: Config):
     return model
 
 
+def _keep_extra_saves(base, wrapper) -> None:
+    """What a reload hook re-attached outside peft's weights (e.g. bottleneck adapters) must still be
+    written when the PeftModel on top saves (`leantune export`): hooks list such writers on the base."""
+    from leantune.methods.registry import extend_save
+
+    for write in getattr(base, "leantune_save_extras", None) or ():
+        extend_save(wrapper, write)
+
+
 def reload_methods(model, cfg: Config, run_dir: Path):
+
     from leantune.methods import get_method
 
     for mcfg in cfg.methods:

@@ -8,6 +8,9 @@ the checkpoint's trained weights. The destination must not exist: export never o
 quantised base (`[quant, lora]`) is refused --merge: its codes cannot absorb the update, and merging onto
 the unquantised weights would give a model that was never trained or evaluated; its adapter exports as
 is.
+Bottleneck adapters and peft's prompt/prefix methods are refused --merge too: they are not a change of
+the base weights. Without --merge they export as the run saved them (base or peft adapter, plus the
+method's own files, e.g. adapters.safetensors + adapters.json).
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None, checkpoint: 
         raise UserError(
             f"{run_dir} trained on a quantised base, whose 4/8-bit codes cannot absorb the LoRA update: "
             "export without --merge and merge the adapter onto the unquantised base"
+        )
+    unmergeable = next(
+        (m.leantune_unmergeable for m in model.modules() if hasattr(m, "leantune_unmergeable")), None
+    )
+    if merge and unmergeable:
+        raise UserError(f"{run_dir} cannot be exported with --merge: {unmergeable}; export without --merge")
+    if merge and getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        raise UserError(
+            f"{run_dir} cannot be exported with --merge: its learned prompt/prefix is an input to the model, "
+            "not a change of the base weights; export without --merge"
         )
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
