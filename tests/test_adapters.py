@@ -125,7 +125,7 @@ def test_bad_adapter_configs_are_one_line(tiny_models, capsys):
     [
         ("[lora, freeze]", "freeze must come before lora"),
         ("[adapters, freeze]", "freeze must come before adapters"),
-        ("[adapters, adapters]", "adapters is listed 2 times"),
+        ("[adapters, adapters]", "'adapters' is listed twice"),
         ("[{name: freeze, layers: 3}, adapters]", "freeze froze all 3 blocks"),
         ("[{name: freeze, layers: 3}, lora]", "freeze froze all 3 blocks"),
         ("[adapters, lora]", "lora must come before adapters"),
@@ -152,9 +152,7 @@ def test_senseless_combinations_are_refused(tiny_models, methods, message):
 def test_senseless_combinations_fail_at_validation(capsys, methods):
     """Refused from the names alone, before any model or data loads: exit 2, one line."""
     line = cli_err(capsys, "train", f"methods={methods}")
-    assert (
-        "must come before" in line or "listed 2 times" in line or "cannot" in line or "base weights" in line
-    )
+    assert "must come before" in line or "listed twice" in line or "cannot" in line or "base weights" in line
 
 
 def _block_of(name: str) -> int | None:

@@ -75,11 +75,6 @@ def target_blocks(model, method: str, explicit: list[int] | None, n_blocks: int)
     return chosen
 
 
-def check_listed_once(method: str, methods: tuple[str, ...]) -> None:
-    if methods.count(method) > 1:
-        raise UserError(f"{method} is listed {methods.count(method)} times in methods; list it once")
-
-
 def breakdown(model) -> dict[str, dict[str, int]]:
     """Trainable parameters per block (`outside_blocks`: embeddings, head, prompts) and per kind, where a
     kind names the method whose weights they are (lora, adapters, prompt, ia3), `head`, or `base` (the
@@ -197,16 +192,13 @@ PEFT_METHODS = frozenset(
     {"lora", "lora_sp", "adalora", "dynamic_rank", "split_lora", "prefix", "prompt", "ptuning", "ia3"}
 )
 PROMPT_FAMILY = frozenset({"prefix", "prompt", "ptuning", "ia3"})
-ONCE = frozenset({"adapters", "bitfit", "layernorm"}) | PROMPT_FAMILY
 BASE_SUBSET = frozenset({"bitfit", "layernorm"})
 
 
 def check_method_list(task: str, names: list[str] | tuple[str, ...]) -> None:
     """The combinations that make no sense, refused from the names alone (config validation calls this,
     so they fail before any model loads; each method's `apply` calls it again for direct use)."""
-    names = tuple(names)
-    for name in sorted(ONCE & set(names)):
-        check_listed_once(name, names)
+    names = tuple(names)  # a method listed twice is refused by the config, for every method
     if "freeze" in names:
         before = [n for n in names[: names.index("freeze")] if n in ATTACHING]
         if before:
