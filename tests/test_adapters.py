@@ -173,6 +173,19 @@ def test_freeze_then_lora_keeps_lora_out_of_frozen_blocks(six_block_bert):
     assert {_block_of(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n} == {1}
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        "{name: lora_sp, r: 4}",
+        "{name: dynamic_rank, budget: 1GiB}",
+        "{name: adalora, init_r: 4, target_r: 2}",
+    ],
+)
+def test_every_lora_kind_skips_the_frozen_blocks(six_block_bert, method):
+    model = _wrap(six_block_bert, "classification", f"[{{name: freeze, layers: 4}}, {method}]")
+    assert {_block_of(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n} == {4, 5}
+
+
 def test_unified_counts_add_up(six_block_bert):
     from leantune.methods import adapters, freeze, lora
 

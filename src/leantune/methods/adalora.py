@@ -43,7 +43,7 @@ class AdaLoraMethodConfig(MethodConfig):
 def apply(model, cfg: AdaLoraMethodConfig, ctx: MethodContext):
     import peft
 
-    from leantune.methods.lora import PEFT_TASK, check_targets, heads_to_save
+    from leantune.methods.lora import PEFT_TASK, check_targets, heads_to_save, layer_selection
 
     if cfg.target_r > cfg.init_r:
         raise UserError(f"adalora: target_r={cfg.target_r} exceeds init_r={cfg.init_r}; lower target_r")
@@ -67,6 +67,7 @@ def apply(model, cfg: AdaLoraMethodConfig, ctx: MethodContext):
         tfinal=0,
         deltaT=cfg.delta_t,
         orth_reg_weight=cfg.orth_reg_weight,
+        **layer_selection(model, cfg, ctx),
     )
     try:
         return _penalise_only_in_training(peft.get_peft_model(model, config))

@@ -59,13 +59,18 @@ def heads_to_save(model, ctx: MethodContext) -> list[str] | None:
     return [h for h in CLASSIFICATION_HEADS if h in children] or None
 
 
-def layer_selection(model, cfg: LoraConfig, ctx: MethodContext) -> dict[str, Any]:
-    """peft's `layers_to_transform`/`layers_pattern` for the blocks this LoRA goes into ({}: every layer)."""
-    if cfg.layers is None and not _blocks.frozen_blocks(model):
+def layer_selection(model, cfg: MethodConfig, ctx: MethodContext) -> dict[str, Any]:
+    """peft's `layers_to_transform`/`layers_pattern` for the blocks this LoRA goes into ({}: every layer).
+
+    Shared by every method that builds a peft LoRA-type adapter (lora, lora_sp, dynamic_rank, adalora), so
+    all of them skip the blocks `freeze` froze; `layers` in the method's own config (where it has one)
+    names blocks explicitly instead."""
+    explicit = getattr(cfg, "layers", None)
+    if explicit is None and not _blocks.frozen_blocks(model):
         return {}
     prefix, blocks = _blocks.blocks_of(model, cfg.name)
-    layers = _blocks.target_blocks(model, cfg.name, cfg.layers, len(blocks))
-    if layers == list(range(len(blocks))) and cfg.layers is None:
+    layers = _blocks.target_blocks(model, cfg.name, explicit, len(blocks))
+    if layers == list(range(len(blocks))) and explicit is None:
         return {}
     return {"layers_to_transform": layers, "layers_pattern": prefix.rsplit(".", 1)[-1]}
 
