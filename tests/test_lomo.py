@@ -213,10 +213,10 @@ def test_adalomo_loss_falls_with_no_gradient_or_adamw_state(base_overrides):
 def test_lora_then_lomo_tunes_lora_only(base_overrides):
     prep = prepare(load_config(None, [*base_overrides, "methods=[lora, lomo]", "train.max_steps=3"]))
     prep.out.mkdir(parents=True, exist_ok=True)
-    initial = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    initial = {n: p.detach().cpu().clone() for n, p in prep.model.named_parameters()}
     trainer = prep.trainer()
     trainer.fit()
-    changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p, initial[n])}
+    changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p.cpu(), initial[n])}
     trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
     assert changed and changed <= trainable and any("lora_B" in n for n in changed)
     assert trainer.runtimes[0].report()["hooked_params"] == len(trainable)

@@ -92,14 +92,15 @@ def small_csv(tmp_path_factory) -> Path:
 
 
 def _snapshot(model) -> dict[str, tuple[torch.Tensor, bool]]:
-    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    return {n: (p.detach().cpu().clone(), p.requires_grad) for n, p in model.named_parameters()}
 
 
 @torch.no_grad()
 def _logits(model, batch) -> torch.Tensor:
     was = model.training
     model.eval()
-    out = model(**batch).logits.detach().clone()
+    device = next(model.parameters()).device  # the suite also runs where training used CUDA
+    out = model(**{k: v.to(device) for k, v in batch.items()}).logits.detach().cpu().clone()
     model.train(was)
     return out
 

@@ -182,7 +182,7 @@ class Probe(MethodRuntime):
 def _fit(overrides: list[str]):
     prep = prepare(load_config(None, overrides))
     prep.out.mkdir(parents=True, exist_ok=True)
-    initial = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    initial = {n: p.detach().cpu().clone() for n, p in prep.model.named_parameters()}
     trainer = prep.trainer()
     probe = Probe()
     trainer.runtimes.append(probe)
@@ -196,7 +196,7 @@ def test_full_mezo_moves_every_weight_without_gradients(base_overrides):
     )
     assert probe.grads == [0, 0, 0] and probe.opt_state == [0, 0, 0]
     for name, p in trainer.module.named_parameters():
-        assert not torch.equal(p, initial[name]), name  # every parameter is perturbed and updated
+        assert not torch.equal(p.cpu(), initial[name]), name  # every parameter is perturbed and updated
     report = trainer.runtimes[0].report()
     assert report["steps"] == 3 and report["forward_passes"] == 6
     assert report["dropout_modules_disabled"] > 0
@@ -205,7 +205,7 @@ def test_full_mezo_moves_every_weight_without_gradients(base_overrides):
 def test_lora_then_mezo_tunes_lora_only(base_overrides):
     trainer, probe, initial = _fit([*base_overrides, "methods=[lora, mezo]", "train.max_steps=3"])
     assert probe.grads == [0, 0, 0] and probe.opt_state == [0, 0, 0]
-    changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p, initial[n])}
+    changed = {n for n, p in trainer.module.named_parameters() if not torch.equal(p.cpu(), initial[n])}
     trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
     assert changed == trainable and any("lora_B" in n for n in changed)
 

@@ -41,10 +41,10 @@ def _train_steps(overrides: list[str], steps: int = 6):
     """Build a run in process and train a few steps; return (model before, model after) states."""
     prep = prepare(load_config(None, [*overrides, f"train.max_steps={steps}", "train.save_every=1000"]))
     prep.out.mkdir(parents=True)
-    before = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
+    before = {n: p.detach().cpu().clone() for n, p in prep.model.named_parameters()}
     trainer = prep.trainer()
     trainer.fit()
-    after = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    after = {n: p.detach().cpu().clone() for n, p in trainer.module.named_parameters()}
     return prep, before, after
 
 

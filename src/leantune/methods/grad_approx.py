@@ -281,6 +281,12 @@ class GradApproxRuntime(MethodRuntime):
             raise UserError("grad_approx: runs on one process (estimated gradients bypass DDP); launch one")
         if self.cfg.task_loss_lr is None:
             self.inner_lr = trainer.cfg.train.lr  # the peak rate: warmup would make step 0's look-ahead void
+        device = next(trainer.module.parameters()).device
+        if next(self.g.parameters()).device != device:  # G is built before the trainer moves the model
+            self.g.to(device)
+            # load_state_dict casts each state tensor to its parameter's device: the moments a resume
+            # loaded follow G (found on CUDA, where G stayed on the CPU and the first step failed)
+            self.g_opt.load_state_dict(self.g_opt.state_dict())
 
     def on_step_start(self, trainer) -> None:
         cfg, step = self.cfg, trainer.state.step
