@@ -78,6 +78,20 @@ class DataConfig(Strict):
     split_seed: int = Field(42, ge=0, le=MAX_SEED)
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    format: Literal["text", "alpaca", "sharegpt", "messages"] = Field(
+        "text",
+        description="causal LM: `text` uses text_column/label_column; alpaca (instruction/input/output), "
+        "sharegpt (conversations: [{from, value}]) and messages (messages: [{role, content}]) are rendered "
+        "with the tokenizer's chat template, only assistant turns in the loss (docs/chat.md).",
+    )
+    system_prompt: str | None = Field(
+        None, description="Chat formats: a system turn put first where a conversation has none."
+    )
+    packing: bool = Field(
+        False,
+        description="causal LM: pack training examples into rows of model.max_length; positions restart "
+        "per example and a block-diagonal mask keeps attention inside each (docs/chat.md).",
+    )
 
 
 class TrainConfig(Strict):
@@ -206,6 +220,24 @@ class Config(Strict):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
+        if self.data.format != "text" and self.task != "causal_lm":
+            raise ValueError(
+                f"data.format={self.data.format} is chat data for task causal_lm; set task=causal_lm"
+            )
+        if self.data.format != "text" and self.eval.generate:
+            raise ValueError(
+                "eval.generate scores text_column/label_column targets, not chat records; "
+                "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
+            )
+        if self.data.packing:
+            if self.task != "causal_lm":
+                raise ValueError(
+                    "data.packing packs causal-LM examples; set task=causal_lm or data.packing=false"
+                )
+            if self.train.cache_frozen_prefix:
+                raise ValueError("data.packing and train.cache_frozen_prefix cannot be combined; drop one")
+            if self.model.dtype != "float32":
+                raise ValueError("data.packing builds a float32 attention mask; set model.dtype=float32")
         if self.eval.mmlu_shots is not None and self.task != "causal_lm":
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
         return self

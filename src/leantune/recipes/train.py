@@ -141,6 +141,10 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
+    if cfg.data.packing:
+        from leantune.data.packing import check_packing
+
+        check_packing(model, len(tok), cfg.model.name)
     params = count_params(model)
     from leantune.models.flop_profile import flop_profile
 
