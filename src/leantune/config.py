@@ -26,9 +26,11 @@ from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, method_config_class
 from leantune.numbers import check_number
 
-Task = Literal["classification", "causal_lm", "seq2seq"]
+Task = Literal["classification", "causal_lm", "seq2seq", "reward"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
 LM_METRICS = ("loss", "perplexity")
+#: a reward model: held-out pair accuracy (r_chosen > r_rejected) and the Bradley-Terry loss
+REWARD_METRICS = ("accuracy", "loss")
 #: scored on generated text (eval/generation.py); need eval.generate=true
 GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 
@@ -86,6 +88,11 @@ class DataConfig(Strict):
     )
     system_prompt: str | None = Field(
         None, description="Chat formats: a system turn put first where a conversation has none."
+    )
+    chosen_column: str = Field("chosen", description="task reward: the preferred response.")
+    rejected_column: str = Field("rejected", description="task reward: the dispreferred response.")
+    prompt_column: str | None = Field(
+        None, description="task reward: a prompt put before both responses (null: responses alone)."
     )
     packing: bool = Field(
         False,
@@ -204,7 +211,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        known = CLASSIFICATION_METRICS if self.task == "classification" else LM_METRICS + GENERATION_METRICS
+        known = {"classification": CLASSIFICATION_METRICS, "reward": REWARD_METRICS}.get(
+            self.task, LM_METRICS + GENERATION_METRICS
+        )
         if self.eval.metric is not None and self.eval.metric not in known:
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
@@ -214,9 +223,11 @@ class Config(Strict):
                 "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "
                 "set it false"
             )
-        if self.task != "causal_lm" and self.data.label_column is None:
+        if self.task in ("classification", "seq2seq") and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
-        if self.eval.generate and (self.task == "classification" or self.data.label_column is None):
+        if self.eval.generate and (
+            self.task in ("classification", "reward") or self.data.label_column is None
+        ):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
@@ -229,6 +240,8 @@ class Config(Strict):
                 "eval.generate scores text_column/label_column targets, not chat records; "
                 "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
             )
+        if self.task == "reward" and self.train.cache_frozen_prefix:
+            raise ValueError("train.cache_frozen_prefix does not support task reward; set it false")
         if self.data.packing:
             if self.task != "causal_lm":
                 raise ValueError(
@@ -244,7 +257,7 @@ class Config(Strict):
 
     @property
     def metric(self) -> str:
-        return self.eval.metric or ("accuracy" if self.task == "classification" else "loss")
+        return self.eval.metric or ("accuracy" if self.task in ("classification", "reward") else "loss")
 
 
 def describe_validation_error(

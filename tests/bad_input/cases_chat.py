@@ -268,6 +268,30 @@ def _cases() -> list[Case]:
             files={"other.csv": 'text\nfine film\n""\n'},
             setup=_finished_run,
         ),
+        Case(
+            id="reward-missing-chosen",
+            family="chat",
+            what="task reward on data without a `chosen` column",
+            argv=train("task=reward", "model.name=@GPT2@"),
+            phrase="column 'chosen' not found",
+            files=with_data(),
+        ),
+        Case(
+            id="reward-metric",
+            family="chat",
+            what="eval.metric f1 on a reward model",
+            argv=train("task=reward", "eval.metric=f1"),
+            phrase="eval.metric 'f1' is not a reward metric",
+            files=with_data(),
+        ),
+        Case(
+            id="reward-plan",
+            family="chat",
+            what="leantune plan on a reward model",
+            argv=("plan", "@BASE@", "task=reward", "--memory-budget", "1GiB"),
+            phrase="does not plan reward models",
+            files=with_data(),
+        ),
     ]
     return out
 

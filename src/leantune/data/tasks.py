@@ -4,6 +4,8 @@
 - causal_lm: `text_column` is the prompt, `label_column` the response (prompt tokens are masked out of
   the loss); with `label_column: null` the whole text is the target (plain language modelling);
 - seq2seq: `text_column` is the source, `label_column` the target;
+- reward: `chosen_column` / `rejected_column` responses, each after `prompt_column` when set (preference
+  pairs for a Bradley-Terry reward model, models/reward.py);
 - causal_lm with `data.format` alpaca / sharegpt / messages: chat records rendered with the tokenizer's
   chat template, only assistant turns in the loss (data/chat.py); `data.packing` packs them (packing.py).
 """
@@ -151,6 +153,8 @@ def encode(
         enc = tok(texts, pairs, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))]
+    if task == "reward":
+        return _preference_pairs(rows, tok, cfg, max_length, source)
     if task == "causal_lm" and cfg.format != "text":
         from leantune.data.chat import encode_chat
 
@@ -174,6 +178,33 @@ def encode(
             for i in range(len(rows))
         ]
     return [_causal_example(r, tok, cfg, max_length, source) for r in rows]
+
+
+def _preference_pairs(rows: list[Record], tok, cfg: DataConfig, max_length: int, source: str) -> list[dict]:
+    """Chosen and rejected token ids per pair: [prompt +] response; too long, the start is dropped (the
+    reward head reads the last token, so the response's end must stay)."""
+    check_columns(rows, cfg, ("chosen_column", "rejected_column", "prompt_column"), source)
+
+    def ids(prompt: str | None, response: str) -> list[int]:
+        if prompt is None:
+            return tok(response)["input_ids"][-max_length:]
+        both = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+        return both[-max_length:]
+
+    out = []
+    for r in rows:
+        prompt = _text(r, cfg.prompt_column, source) if cfg.prompt_column else None
+        chosen = ids(prompt, _text(r, cfg.chosen_column, source))
+        rejected = ids(prompt, _text(r, cfg.rejected_column, source))
+        out.append(
+            {
+                "input_ids": chosen,
+                "attention_mask": [1] * len(chosen),
+                "rejected_input_ids": rejected,
+                "rejected_attention_mask": [1] * len(rejected),
+            }
+        )
+    return out
 
 
 def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: str) -> dict:
@@ -205,7 +236,6 @@ def collate(features: list[dict], pad_id: int) -> Batch:
     """
     import torch
 
-    longest = max(len(f["input_ids"]) for f in features)
     batch = Batch()
     batch.tokens = sum(len(f["input_ids"]) for f in features)
     for key in features[0]:
@@ -213,8 +243,8 @@ def collate(features: list[dict], pad_id: int) -> Batch:
         if not isinstance(values[0], list):
             batch[key] = torch.tensor(values)
             continue
-        width = max(len(v) for v in values) if key == "labels" else longest
-        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+        width = max(len(v) for v in values)
+        fill = {"input_ids": pad_id, "rejected_input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
         batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values])
     if "position_ids" in batch:
         from leantune.data.packing import packed_attention_mask

@@ -93,6 +93,8 @@ def run_generate(
     cfg = load_run_config(run_dir)
     if cfg.task == "classification":
         raise UserError(f"{run_dir} is a classification run; `leantune predict` labels text with it")
+    if cfg.task == "reward":
+        raise UserError(f"{run_dir} is a reward model run; it scores text, it does not generate")
     chat = cfg.task == "causal_lm" and cfg.data.format != "text"
     rows = read_prompts(file, chat) if file is not None else [{"prompt": prompt}]
     setup_torch(cfg.train.seed, cfg.train.num_threads)
