@@ -212,3 +212,33 @@ def test_generate_and_predict_refuse_the_other_task(classification_run, chat_run
     cli_err(capsys, "generate", chat_run, "hi", "--temperature", "nan")
     cli_err(capsys, "generate", chat_run)
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_chat_run_answers_through_its_template(tmp_path, capsys):
+    """The real chat model: two LoRA steps on messages data, then `generate` through its ChatML template
+    still answers what the base model answers (OFFLINE.md: "The capital of France is Paris.")."""
+    from leantune.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    run = _train(
+        [
+            "task=causal_lm",
+            "model.name=embedded:smollm2",
+            f"data.source={data}",
+            "data.format=messages",
+            "data.packing=true",
+            "model.max_length=64",
+            "train.batch_size=2",
+            "train.max_steps=2",
+            "train.lr=1e-5",
+            "train.num_threads=1",
+            "train.save_every=null",
+            "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}",
+        ]
+    )
+    capsys.readouterr()
+    assert main(["generate", str(run), "What is the capital of France?", "--max-new-tokens", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
