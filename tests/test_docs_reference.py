@@ -22,7 +22,7 @@ def test_reference_lists_every_method_and_command():
     from leantune.methods.registry import shipped_methods
 
     text = docs_gen.reference_markdown(ROOT)
-    for name in shipped_methods():
+    for name in shipped_methods():  # not methods another test registered in this process
         assert f"### `{name}`" in text
     commands = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices
     for command in commands:

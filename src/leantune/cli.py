@@ -77,6 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split of a built-in/hf source (default: test)")
     e.add_argument("--out", type=Path, help="also write the metrics to this JSON file (must not exist)")
 
+    g = sub.add_parser("generate", help="generate text with a finished causal-LM or seq2seq run")
+    g.add_argument("run_dir", type=Path)
+    g.add_argument("prompt", nargs="?", help="the prompt (a chat run wraps it in its chat template)")
+    g.add_argument("--file", type=Path, help='a .jsonl file of {"prompt": ...} (or {"messages": [...]})')
+    g.add_argument("--out", type=Path, help="with --file: write generations.jsonl here (must not exist)")
+    g.add_argument(
+        "--max-new-tokens", type=_positive_int, metavar="N", help="default: the run's eval.max_new_tokens"
+    )
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    g.add_argument("--top-p", type=float, help="sample from the top-p probability mass (default: greedy)")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampled decoding (default 0)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per batch (8)")
+
+    pr = sub.add_parser("predict", help="label a .csv/.tsv/.jsonl file with a finished classification run")
+    pr.add_argument("run_dir", type=Path)
+    pr.add_argument("data", type=Path, help="rows with the run's text column(s)")
+    pr.add_argument("--out", type=Path, required=True, help="predictions .csv or .jsonl (must not exist)")
+    pr.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", help="default: the run's eval.batch_size"
+    )
+
     x = sub.add_parser("export", help="write a run's model as a plain HF folder")
     x.add_argument("run_dir", type=Path)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
@@ -175,6 +196,24 @@ def dispatch(ns: argparse.Namespace) -> None:
             raise UserError("give a run folder (leantune eval RUN_DIR); --model is for --mmlu K only")
         else:
             run_eval(ns.run_dir, ns.data, ns.split, ns.out, ns.generate)
+    elif ns.command == "generate":
+        from leantune.recipes.generate import run_generate
+
+        run_generate(
+            ns.run_dir,
+            ns.prompt,
+            ns.file,
+            ns.out,
+            ns.max_new_tokens,
+            ns.temperature,
+            ns.top_p,
+            ns.seed,
+            ns.batch_size,
+        )
+    elif ns.command == "predict":
+        from leantune.recipes.predict import run_predict
+
+        run_predict(ns.run_dir, ns.data, ns.out, ns.batch_size)
     elif ns.command == "export":
         from leantune.recipes.export import run_export
 

@@ -30,6 +30,7 @@ from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.conf
     GENERATION_METRICS,
     LM_METRICS,
     MAX_SEED,
+    REWARD_METRICS,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -83,7 +84,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        known = CLASSIFICATION_METRICS if self.task == "classification" else LM_METRICS + GENERATION_METRICS
+        known = {"classification": CLASSIFICATION_METRICS, "reward": REWARD_METRICS}.get(
+            self.task, LM_METRICS + GENERATION_METRICS
+        )
         if self.eval.metric is not None and self.eval.metric not in known:
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
@@ -93,12 +96,34 @@ class Config(Strict):
                 "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "
                 "set it false"
             )
-        if self.task != "causal_lm" and self.data.label_column is None:
+        if self.task in ("classification", "seq2seq") and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
-        if self.eval.generate and (self.task == "classification" or self.data.label_column is None):
+        if self.eval.generate and (
+            self.task in ("classification", "reward") or self.data.label_column is None
+        ):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
+        if self.data.format != "text" and self.task != "causal_lm":
+            raise ValueError(
+                f"data.format={self.data.format} is chat data for task causal_lm; set task=causal_lm"
+            )
+        if self.data.format != "text" and self.eval.generate:
+            raise ValueError(
+                "eval.generate scores text_column/label_column targets, not chat records; "
+                "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
+            )
+        if self.task == "reward" and self.train.cache_frozen_prefix:
+            raise ValueError("train.cache_frozen_prefix does not support task reward; set it false")
+        if self.data.packing:
+            if self.task != "causal_lm":
+                raise ValueError(
+                    "data.packing packs causal-LM examples; set task=causal_lm or data.packing=false"
+                )
+            if self.train.cache_frozen_prefix:
+                raise ValueError("data.packing and train.cache_frozen_prefix cannot be combined; drop one")
+            if self.model.dtype != "float32":
+                raise ValueError("data.packing builds a float32 attention mask; set model.dtype=float32")
         if self.eval.mmlu_shots is not None and self.task != "causal_lm":
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
         check_method_list(self.task, [m.name for m in self.methods])  # by name only: no torch
@@ -106,7 +131,7 @@ class Config(Strict):
 
     @property
     def metric(self) -> str:
-        return self.eval.metric or ("accuracy" if self.task == "classification" else "loss")
+        return self.eval.metric or ("accuracy" if self.task in ("classification", "reward") else "loss")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -24,9 +24,11 @@ from pydantic import (
 from leantune.errors import UserError
 from leantune.numbers import check_number
 
-Task = Literal["classification", "causal_lm", "seq2seq"]
+Task = Literal["classification", "causal_lm", "seq2seq", "reward"]
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
 LM_METRICS = ("loss", "perplexity")
+#: a reward model: held-out pair accuracy (r_chosen > r_rejected) and the Bradley-Terry loss
+REWARD_METRICS = ("accuracy", "loss")
 #: scored on generated text (eval/generation.py); need eval.generate=true
 GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 
@@ -76,6 +78,25 @@ class DataConfig(Strict):
     split_seed: int = Field(42, ge=0, le=MAX_SEED)
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    format: Literal["text", "alpaca", "sharegpt", "messages"] = Field(
+        "text",
+        description="causal LM: `text` uses text_column/label_column; alpaca (instruction/input/output), "
+        "sharegpt (conversations: [{from, value}]) and messages (messages: [{role, content}]) are rendered "
+        "with the tokenizer's chat template, only assistant turns in the loss (docs/chat.md).",
+    )
+    system_prompt: str | None = Field(
+        None, description="Chat formats: a system turn put first where a conversation has none."
+    )
+    chosen_column: str = Field("chosen", description="task reward: the preferred response.")
+    rejected_column: str = Field("rejected", description="task reward: the dispreferred response.")
+    prompt_column: str | None = Field(
+        None, description="task reward: a prompt put before both responses (null: responses alone)."
+    )
+    packing: bool = Field(
+        False,
+        description="causal LM: pack training examples into rows of model.max_length; positions restart "
+        "per example and a block-diagonal mask keeps attention inside each (docs/chat.md).",
+    )
 
 
 class TrainConfig(Strict):

@@ -3,7 +3,11 @@
 - classification: `text_column` (+ `text_pair_column`) -> `label_column`, mapped to ids by label names;
 - causal_lm: `text_column` is the prompt, `label_column` the response (prompt tokens are masked out of
   the loss); with `label_column: null` the whole text is the target (plain language modelling);
-- seq2seq: `text_column` is the source, `label_column` the target.
+- seq2seq: `text_column` is the source, `label_column` the target;
+- reward: `chosen_column` / `rejected_column` responses, each after `prompt_column` when set (preference
+  pairs for a Bradley-Terry reward model, models/reward.py);
+- causal_lm with `data.format` alpaca / sharegpt / messages: chat records rendered with the tokenizer's
+  chat template, only assistant turns in the loss (data/chat.py); `data.packing` packs them (packing.py).
 """
 
 from __future__ import annotations
@@ -149,6 +153,12 @@ def encode(
         enc = tok(texts, pairs, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))]
+    if task == "reward":
+        return _preference_pairs(rows, tok, cfg, max_length, source)
+    if task == "causal_lm" and cfg.format != "text":
+        from leantune.data.chat import encode_chat
+
+        return encode_chat(rows, tok, cfg.format, cfg.system_prompt, max_length, source)
     check_columns(rows, cfg, ("text_column", "label_column"), source)
     if task == "seq2seq":
         if cfg.label_column is None:
@@ -170,6 +180,33 @@ def encode(
     return [_causal_example(r, tok, cfg, max_length, source) for r in rows]
 
 
+def _preference_pairs(rows: list[Record], tok, cfg: DataConfig, max_length: int, source: str) -> list[dict]:
+    """Chosen and rejected token ids per pair: [prompt +] response; too long, the start is dropped (the
+    reward head reads the last token, so the response's end must stay)."""
+    check_columns(rows, cfg, ("chosen_column", "rejected_column", "prompt_column"), source)
+
+    def ids(prompt: str | None, response: str) -> list[int]:
+        if prompt is None:
+            return tok(response)["input_ids"][-max_length:]
+        both = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+        return both[-max_length:]
+
+    out = []
+    for r in rows:
+        prompt = _text(r, cfg.prompt_column, source) if cfg.prompt_column else None
+        chosen = ids(prompt, _text(r, cfg.chosen_column, source))
+        rejected = ids(prompt, _text(r, cfg.rejected_column, source))
+        out.append(
+            {
+                "input_ids": chosen,
+                "attention_mask": [1] * len(chosen),
+                "rejected_input_ids": rejected,
+                "rejected_attention_mask": [1] * len(rejected),
+            }
+        )
+    return out
+
+
 def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: str) -> dict:
     """Prompt + response + EOS; too long, the prompt loses its *start*, so the target is always learnt."""
     prompt = tok(_text(row, cfg.text_column, source))["input_ids"]
@@ -186,18 +223,31 @@ def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def collate(features: list[dict], pad_id: int):
-    """Pad to the longest example in the batch (dynamic padding): ids with `pad_id`, labels with -100."""
+class Batch(dict):
+    """A collated batch of tensors; `tokens` counts its real (not padding) tokens."""
+
+    tokens: int = 0
+
+
+def collate(features: list[dict], pad_id: int) -> Batch:
+    """Pad to the longest example in the batch (dynamic padding): ids with `pad_id`, labels with -100.
+
+    Packed rows (they carry `position_ids`, data/packing.py) get a 4-D block-diagonal causal mask.
+    """
     import torch
 
-    longest = max(len(f["input_ids"]) for f in features)
-    batch: dict[str, torch.Tensor] = {}
+    batch = Batch()
+    batch.tokens = sum(len(f["input_ids"]) for f in features)
     for key in features[0]:
         values = [f[key] for f in features]
         if not isinstance(values[0], list):
             batch[key] = torch.tensor(values)
             continue
-        width = max(len(v) for v in values) if key == "labels" else longest
-        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+        width = max(len(v) for v in values)
+        fill = {"input_ids": pad_id, "rejected_input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
         batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values])
+    if "position_ids" in batch:
+        from leantune.data.packing import packed_attention_mask
+
+        batch["attention_mask"] = packed_attention_mask(batch["position_ids"])
     return batch

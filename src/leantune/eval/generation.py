@@ -46,7 +46,7 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
-def _prompt_ids(tok, text: str, task: str, max_length: int) -> list[int]:
+def prompt_ids(tok, text: str, task: str, max_length: int) -> list[int]:
     """The model input, tokenised as in training (data/tasks.py); a long causal prompt keeps its end."""
     if task == "seq2seq":
         return tok(text, truncation=True, max_length=max_length)["input_ids"]
@@ -77,28 +77,47 @@ def generate_texts(
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy (or beam) continuations of `sources`, decoded without special tokens and stripped."""
+    encoded = [prompt_ids(tok, s, task, max_length) for s in sources]
+    return generate_from_ids(model, tok, encoded, task, max_new_tokens, num_beams, batch_size)
+
+
+def generate_from_ids(
+    model,
+    tok,
+    encoded: list[list[int]],
+    task: str,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    batch_size: int = 16,
+    sampling: dict | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Continuations of tokenised prompts: greedy/beam, or sampled with `sampling` (temperature, top_p:
+    the caller seeds torch); a progress bar on stderr with `progress` and more than one batch."""
     import torch
+    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id
-    encoded = [_prompt_ids(tok, s, task, max_length) for s in sources]
     # Longest first: similar lengths share a batch (less padding), and memory trouble shows at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    out: list[str] = [""] * len(sources)
+    out: list[str] = [""] * len(encoded)
+    decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False, "num_beams": num_beams}
+    starts = range(0, len(order), batch_size)
+    bar = tqdm(starts, desc="generate", unit="batch", leave=False, disable=not progress or len(starts) < 2)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for start in bar:
             idx = order[start : start + batch_size]
             ids, mask = _padded([encoded[i] for i in idx], pad_id, left=task != "seq2seq")
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=tok.eos_token_id,
+                **decoding,
             )
             if task != "seq2seq":  # a decoder returns prompt + continuation: keep the continuation
                 generated = generated[:, ids.shape[1] :]

@@ -36,7 +36,12 @@ def evaluate(
     for start in bar:
         batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
         out = model(**batch)
-        if task == "classification":
+        if task == "reward":  # logits are (chosen, rejected) rewards (models/reward.py); a tie is wrong
+            preds += (out.logits[:, 0] > out.logits[:, 1]).long().tolist()
+            labels += [1] * len(out.logits)
+            loss_sum += float(out.loss) * len(out.logits)
+            tokens += len(out.logits)
+        elif task == "classification":
             preds += out.logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
             loss_sum += float(out.loss) * len(batch["labels"])
@@ -53,6 +58,8 @@ def evaluate(
         labels = [lab for part in parts for lab in part[1]]
         loss_sum = sum(part[2] for part in parts)
         tokens = sum(part[3] for part in parts)
+    if task == "reward":
+        return {"accuracy": sum(preds) / max(len(preds), 1), "loss": loss_sum / max(tokens, 1)}
     if task == "classification":
         return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
     return lm_metrics(loss_sum, tokens)

@@ -14,6 +14,7 @@ _AUTO_CLASS = {
     "classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
+    "reward": "AutoModelForSequenceClassification",  # one output: the reward (models/reward.py)
 }
 
 
@@ -179,6 +180,8 @@ def load_model(
             "label2id": {n: i for i, n in enumerate(names)},
             "ignore_mismatched_sizes": True,  # a fine-tuned classifier with another label count: new head
         }
+    elif task == "reward":
+        kwargs |= {"num_labels": 1, "ignore_mismatched_sizes": True}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "LOAD REPORT" on a new head is expected
     transformers.logging.disable_progress_bar()  # a bar for a 1-second load is noise

@@ -51,9 +51,18 @@ def load_trained_model(run_dir: Path, cfg: Config):
         )
         model = PeftModel.from_pretrained(base, str(folder))
         _keep_extra_saves(base, model)
-        return _after_load(model, cfg)
+        return _with_task_hooks(_after_load(model, cfg), cfg)
     model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
-    return reload_methods(model, cfg, run_dir)
+    return _with_task_hooks(reload_methods(model, cfg, run_dir), cfg)
+
+
+def _with_task_hooks(model, cfg: Config):
+    """A reward model scores preference pairs (the Bradley-Terry loss hooks of models/reward.py)."""
+    if cfg.task == "reward":
+        from leantune.models.reward import attach_pair_loss
+
+        attach_pair_loss(model)
+    return model
 
 
 def _after_load(model, cfg: Config):

@@ -31,7 +31,7 @@ def run_eval(
     generate = generate or cfg.eval.generate
     if out_json is not None and generate:
         check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
-    if generate and (cfg.task == "classification" or cfg.data.label_column is None):
+    if generate and (cfg.task in ("classification", "reward") or cfg.data.label_column is None):
         raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
     is_file = (
         source is not None

@@ -124,6 +124,10 @@ def run_plan(
     json_out: Path | None = None,
     allow_quantize: bool = False,
 ) -> dict:
+    if cfg.task == "reward":
+        raise UserError(
+            "leantune plan does not plan reward models yet; plan the same model as classification"
+        )
     if json_out is not None:
         check_new_file(json_out, "--json")
     plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce, allow_quantize)

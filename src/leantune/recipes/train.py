@@ -15,6 +15,7 @@ from typing import Any
 from leantune.config import Config, dump_config
 from leantune.errors import UserError
 from leantune.methods.registry import MethodSpec
+from leantune.models.reward import attach_pair_loss, method_task
 from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
 from leantune.train.features import build_features
 
@@ -74,7 +75,7 @@ class Prepared:
         from leantune.train.loop import Trainer
 
         names = tuple(m.name for m in self.cfg.methods)
-        ctx = MethodContext(task=self.cfg.task, seed=self.cfg.train.seed, methods=names)
+        ctx = MethodContext(task=method_task(self.cfg.task), seed=self.cfg.train.seed, methods=names)
         runtimes = [
             spec.runtime(self.model, mcfg, ctx)
             for spec, mcfg in zip(self.specs, self.cfg.methods, strict=True)
@@ -138,9 +139,15 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
-    model = apply_methods(model, cfg.methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
+    if cfg.task == "reward":
+        attach_pair_loss(model)
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
+    if cfg.data.packing:
+        from leantune.data.packing import check_packing
+
+        check_packing(model, len(tok), cfg.model.name)
     params = count_params(model)
     from leantune.models.flop_profile import flop_profile
 

@@ -9,8 +9,10 @@ from leantune.config import Config
 def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
     """Tokenised train/validation/test examples; fills in inferred label names (shared with baselines).
 
-    Each split is a memory-mapped Arrow file (`ArrowFeatures`), so what stays resident does not grow with
-    the number of examples; the raw records are dropped when this returns.
+    With `data.packing` the training split holds packed rows (data/packing.py), validation and test
+    keep one example per row. Each split is a memory-mapped Arrow file (`ArrowFeatures`), so what
+    stays resident does not grow with the number of examples; the raw records are dropped when this
+    returns.
     """
     from leantune.data.arrow_features import write_features
     from leantune.data.tasks import check_columns, encode, infer_label_names, load_raw_splits
@@ -19,19 +21,24 @@ def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
     if cfg.task == "classification" and cfg.data.label_names is None:
         check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
         cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
-    enc = {
-        split: write_features(
-            lambda rows, split=split: encode(
-                cfg.task,
-                rows,
-                tok,
-                cfg.data,
-                cfg.model.max_length,
-                cfg.data.label_names,
-                f"{cfg.data.source} [{split}]",
-            ),
-            getattr(raw, split),
+
+    def encode_split(rows, split: str) -> list[dict]:
+        features = encode(
+            cfg.task,
+            rows,
+            tok,
+            cfg.data,
+            cfg.model.max_length,
+            cfg.data.label_names,
+            f"{cfg.data.source} [{split}]",
         )
+        if cfg.data.packing and split == "train":  # evaluation scores each example alone (same loss)
+            from leantune.data.packing import pack
+
+            return pack(features, cfg.model.max_length)
+        return features
+
+    return {
+        split: write_features(lambda rows, split=split: encode_split(rows, split), getattr(raw, split))
         for split in ("train", "validation", "test")
     }
-    return enc

@@ -249,7 +249,7 @@ class Trainer:
         for j, idx in enumerate(group):
             batch = collate([self.train_data[i] for i in idx], self.pad_id)
             st.samples += len(idx) * self.world
-            st.tokens += int(batch["attention_mask"].sum()) * self.world
+            st.tokens += batch.tokens * self.world  # real tokens (a packed mask is 4-D)
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             sync = j == len(group) - 1  # DDP all-reduces on the last micro-batch only
             cached = nullcontext()

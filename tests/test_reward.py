@@ -1,0 +1,96 @@
+"""Reward models (task: reward): the Bradley-Terry loss on preference pairs, learnt above chance."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from leantune.config import DataConfig
+from leantune.data.tasks import collate, encode
+from tests.conftest import FILLER, NEGATIVE, POSITIVE, write_csv
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """The preferred response carries a positive word, the other a negative one, among the same filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(FILLER, 4)
+        at = rng.randrange(5)
+        chosen, rejected = list(words), list(words)
+        chosen.insert(at, rng.choice(POSITIVE))
+        rejected.insert(at, rng.choice(NEGATIVE))
+        rows.append(
+            {"prompt": "what did you think", "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+        )
+    return rows
+
+
+def test_pair_loss_is_bradley_terry_on_separate_rewards(tiny_models):
+    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.reward import attach_pair_loss
+
+    tok = load_tokenizer(str(tiny_models["gpt2"]))
+    model = load_model(str(tiny_models["gpt2"]), "reward").eval()
+    assert model.config.num_labels == 1
+    rows = preference_rows(3, 0)
+    rows[1]["chosen"] += " and the film went on for a long long time"  # pairs of unequal lengths
+    cfg = DataConfig(prompt_column="prompt")
+    features = encode("reward", rows, tok, cfg, 64, None, "x")
+    with torch.no_grad():
+        alone = [
+            [
+                float(model(input_ids=torch.tensor([f[k]])).logits[0, 0])
+                for k in ("input_ids", "rejected_input_ids")
+            ]
+            for f in features
+        ]
+        out = attach_pair_loss(model)(**collate(features, tok.pad_token_id))
+    margins = torch.tensor([c - r for c, r in alone])
+    expected = float(-torch.nn.functional.logsigmoid(margins).mean())
+    assert abs(float(out.loss) - expected) < 1e-5
+    assert torch.allclose(out.logits, torch.tensor(alone), atol=1e-5)
+    # the prompt comes first, then the response, both in every sequence
+    assert tok.decode(features[0]["input_ids"], skip_special_tokens=True).startswith("what did you think")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reward_model_ranks_held_out_pairs_above_chance(tiny_models, tmp_path, method):
+    from leantune.config import load_config
+    from leantune.recipes.evaluate import run_eval
+    from leantune.recipes.train import run_train
+
+    data = write_csv(tmp_path / "prefs.csv", preference_rows(240, 1))
+    extra = (
+        ["methods=[full]", "train.lr=3e-3"]
+        if method == "full"
+        else ["methods=[{name: lora, r: 16, target_modules: all-linear}]", "train.lr=1e-2"]
+    )
+    cfg = load_config(
+        None,
+        [
+            "task=reward",
+            f"model.name={tiny_models['llama']}",
+            "model.max_length=32",
+            f"data.source={data}",
+            "data.prompt_column=prompt",
+            "train.batch_size=16",
+            "train.epochs=4",
+            "train.num_threads=1",
+            "train.save_every=null",
+            "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
+    assert cfg.metric == "accuracy"
+    summary = run_train(cfg)
+    test = summary["test"]
+    assert summary["data"]["test"] == 24
+    assert test["accuracy"] >= 0.75, test  # chance is 0.5
+    assert test["loss"] < 0.6931  # below the loss of equal rewards, log 2
+    # the saved run reloads (adapter or full) and scores the same held-out pairs the same way
+    again = run_eval(tmp_path / "run", None, "test")
+    assert again["accuracy"] == pytest.approx(test["accuracy"], abs=1e-12)
