@@ -1,8 +1,9 @@
 """The baseline we measure ourselves against: the same job done with transformers.Trainer + peft.
 
 `python -m leantune.bench.hf_baseline [CONFIG.yaml] key=value ... output.dir=DIR` reads a leantune config
-and runs it the way a Hugging Face user would, writing a summary.json with the keys the bench runner
-reads (and a metrics.jsonl of the logged losses), so the two compare like for like.
+and runs it the way a Hugging Face user would, writing the summary.json a leantune run writes (the same
+`leantune.train.summary.RunSummary`, which the bench runner reads) and a metrics.jsonl of the logged
+losses, so the two compare like for like.
 
 What is identical to `leantune train`, on purpose: the data rows and splits (leantune.data.tasks), the
 tokenisation and max_length, the model loading (leantune.models.loader), the seeding before the head and
