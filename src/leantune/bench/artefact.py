@@ -115,7 +115,8 @@ def build_artefact(
     peak: dict | None,
     flops: dict,
 ) -> dict:
-    train = summary["train"]
+    """One run's artefact: where it came from, its time, its memory and size, its metrics, and the
+    method and machine reports; the report and the docs read only this, never the run folder."""
     cfg = portable(summary["config"], run_dir)
     overrides, command = portable(overrides, run_dir), portable(command, run_dir)
     return {
@@ -136,6 +137,20 @@ def build_artefact(
         "machine": summary["machine"],
         "world_size": summary.get("world_size", 1),
         "data": summary["data"],
+        **_timing(summary, wall_time_s),
+        **_footprint(summary, run_dir),
+        "metrics": _metrics(summary),
+        "baseline": summary.get("baseline"),
+        "method_reports": summary.get("method_reports") or {},  # e.g. grad_approx's cosines and step times
+        "matmul_peak": peak,
+        "flops": flops,
+    }
+
+
+def _timing(summary: dict, wall_time_s: float) -> dict:
+    """How long the run took, from the outside (the runner's wall time) and the inside (summary.json)."""
+    train = summary["train"]
+    return {
         # the whole subprocess (imports, loading, training, evaluation, saving) as the runner saw it
         "wall_time_s": wall_time_s,
         "run_wall_time_s": summary.get("wall_time_s"),
@@ -148,6 +163,12 @@ def build_artefact(
         "epochs_completed": train["epochs_completed"],
         "samples_per_s": train["samples_per_s"],
         "tokens_per_s": train["tokens_per_s"],
+    }
+
+
+def _footprint(summary: dict, run_dir: Path) -> dict:
+    """Memory (the CUDA peak where there is one, else the process's RSS), parameters and size on disk."""
+    return {
         "memory": summary["memory"],
         "peak_memory_bytes": summary["memory"].get(
             "cuda_max_allocated_bytes", summary["memory"]["peak_rss_bytes"]
@@ -155,20 +176,20 @@ def build_artefact(
         "params": params_with_active_share(summary),
         "model_size_bytes": dir_size(run_dir / "model"),  # the adapter / model folder, tokenizer included
         "weights_size_bytes": weights_size(run_dir / "model"),
-        # test: the weights the run kept (leantune restores the best by validation); validation: its last
-        # evaluation (the final weights); best: the best validation value and its step
-        "metrics": {
-            "test": summary.get("test") or {},
-            "validation": summary.get("validation") or {},
-            "mmlu": summary.get("mmlu"),  # k-shot accuracy after training (eval.mmlu_shots), else None
-            "best": {
-                "metric": train.get("metric"),
-                "value": train.get("best_metric"),
-                "step": train.get("best_step"),
-            },
+    }
+
+
+def _metrics(summary: dict) -> dict:
+    """test: the weights the run kept (leantune restores the best by validation); validation: its last
+    evaluation (the final weights); best: the best validation value and its step."""
+    train = summary["train"]
+    return {
+        "test": summary.get("test") or {},
+        "validation": summary.get("validation") or {},
+        "mmlu": summary.get("mmlu"),  # k-shot accuracy after training (eval.mmlu_shots), else None
+        "best": {
+            "metric": train.get("metric"),
+            "value": train.get("best_metric"),
+            "step": train.get("best_step"),
         },
-        "baseline": summary.get("baseline"),
-        "method_reports": summary.get("method_reports") or {},  # e.g. grad_approx's cosines and step times
-        "matmul_peak": peak,
-        "flops": flops,
     }

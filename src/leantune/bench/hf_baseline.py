@@ -1,8 +1,9 @@
 """The baseline we measure ourselves against: the same job done with transformers.Trainer + peft.
 
 `python -m leantune.bench.hf_baseline [CONFIG.yaml] key=value ... output.dir=DIR` reads a leantune config
-and runs it the way a Hugging Face user would, writing a summary.json with the keys the bench runner
-reads (and a metrics.jsonl of the logged losses), so the two compare like for like.
+and runs it the way a Hugging Face user would, writing the summary.json a leantune run writes (the same
+`leantune.train.summary.RunSummary`, which the bench runner reads) and a metrics.jsonl of the logged
+losses, so the two compare like for like.
 
 What is identical to `leantune train`, on purpose: the data rows and splits (leantune.data.tasks), the
 tokenisation and max_length, the model loading (leantune.models.loader), the seeding before the head and
@@ -36,6 +37,8 @@ import time
 from pathlib import Path
 
 from leantune.errors import EXIT_USER_ERROR, UserError
+from leantune.train.run_info import count_params, machine, setup_torch, versions
+from leantune.train.summary import RunSummary, TrainStats, per_second
 
 
 def check_supported(cfg) -> None:
@@ -103,44 +106,75 @@ def _apply_method(model, cfg):
 
 
 def run_baseline(cfg) -> dict:
+    """Set up exactly as `leantune train` does, train with transformers.Trainer, score, write the run."""
     t_start = time.perf_counter()
     check_supported(cfg)
+    out = _check_output(cfg)
+    tok, data, model, params = _prepare(cfg)
+    _fresh_output(out, cfg)
+    clock: dict[str, float] = {"step_sum": 0.0}
+    log_lines: list[dict] = []
+    args = _training_args(cfg, out, total_steps(len(data["train"]), cfg.train))
+    trainer, result = _train(model, tok, data, args, _timing_callback(clock, log_lines))
+    train_time = clock["train_end"] - clock["train_begin"]  # train_runtime, unrounded
+    t_eval = time.perf_counter()
+    validation = _score(trainer.model, data, "validation", cfg, tok)
+    eval_time = time.perf_counter() - t_eval
+    test = _score(trainer.model, data, "test", cfg, tok)
+    summary = _summary(cfg, out, params, data, trainer, (train_time, eval_time), validation, test)
+    summary.baseline = _framework_report(cfg, args, clock, result)
+    _write_metrics(out, log_lines, validation, trainer.state)
+    trainer.model.save_pretrained(str(out / "model"))  # the adapter (or full model), for the size column
+    tok.save_pretrained(str(out / "model"))
+    summary.wall_time_s = time.perf_counter() - t_start
+    summary.write(out / "summary.json")
+    print(
+        f"hf_baseline: {summary.train.steps} steps in {train_time:.1f} s, "
+        f"{summary.train.samples_per_s:.1f} samples/s, test {test}"
+    )
+    return summary.to_dict()
+
+
+def _check_output(cfg) -> Path:
+    """Refuse a folder that holds a run before anything is loaded (a mistake never costs a run)."""
     out = Path(cfg.output.dir)
     if out.exists() and any(out.iterdir()) and not cfg.output.overwrite:
         raise UserError(f"output folder {out} already holds a run; set output.overwrite=true or another dir")
+    return out
 
+
+def _prepare(cfg):
+    """Tokenizer, features, model and parameter counts, seeded at the same points as `leantune train`
+    (`recipes.train.prepare`), so both runs start from the same head and adapter weights."""
+    from leantune.models.flop_profile import flop_profile
+    from leantune.models.loader import load_model, load_tokenizer
     from leantune.train.features import build_features
-    from leantune.train.run_info import count_params, machine, setup_torch, versions
 
     setup_torch(cfg.train.seed, cfg.train.num_threads)
-    import torch
-    import transformers
-    from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
-
-    from leantune.atomic import write_json_atomic
-    from leantune.config import dump_config
-    from leantune.eval.loop import evaluate
-    from leantune.memory.measure import peak_memory
-    from leantune.models.loader import load_model, load_tokenizer
-
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init as leantune train
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = _apply_method(model, cfg)
     params = count_params(model)
-    from leantune.models.flop_profile import flop_profile
-
     params["flop_profile"] = flop_profile(model)  # same FLOP count as leantune's runs
+    return tok, data, model, params
+
+
+def _fresh_output(out: Path, cfg) -> None:
+    """An empty run folder holding only the config (an earlier run there was allowed by overwrite)."""
+    from leantune.config import dump_config
 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    tc = cfg.train
-    steps = total_steps(len(data["train"]), tc)
-    log_lines: list[dict] = []
-    clock = {"step_sum": 0.0}
+
+
+def _timing_callback(clock: dict[str, float], log_lines: list[dict]):
+    """A TrainerCallback that times training and each step into `clock` and keeps the logged losses in
+    `log_lines` (our metrics.jsonl); it logs the last step too, as leantune does."""
+    from transformers import TrainerCallback
 
     class Log(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -169,7 +203,16 @@ def run_baseline(cfg) -> dict:
                     }
                 )
 
-    args = TrainingArguments(
+    return Log()
+
+
+def _training_args(cfg, out: Path, steps: int):
+    """TrainingArguments equal to leantune's train section (see the module docstring for what differs)."""
+    import torch
+    from transformers import TrainingArguments
+
+    tc = cfg.train
+    return TrainingArguments(
         output_dir=str(out / "hf_trainer"),
         per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.grad_accum,
@@ -198,6 +241,13 @@ def run_baseline(cfg) -> dict:
         label_names=["labels"],  # a PeftModel hides the signature Trainer would infer this from
         disable_tqdm=True,
     )
+
+
+def _train(model, tok, data, args, callback):
+    """Run the counting Trainer; returns it (its model, state and counts) and `train()`'s result."""
+    import transformers
+    from transformers import DataCollatorWithPadding
+
     transformers.logging.set_verbosity_error()
     trainer = _counting_trainer_class()(
         model=model,
@@ -205,81 +255,80 @@ def run_baseline(cfg) -> dict:
         train_dataset=data["train"],
         data_collator=DataCollatorWithPadding(tok),
         processing_class=tok,
-        callbacks=[Log()],
+        callbacks=[callback],
     )
-    result = trainer.train()
-    train_time = clock["train_end"] - clock["train_begin"]  # train_runtime, unrounded
-    model = trainer.model
-    pad_id, num_labels = tok.pad_token_id, len(cfg.data.label_names)
-    t_eval = time.perf_counter()
+    return trainer, trainer.train()
 
-    def score(split: str) -> dict:
-        rows = data[split]
-        return evaluate(model, rows, cfg.task, cfg.eval.batch_size, pad_id, 0, 1, num_labels) if rows else {}
 
-    validation = score("validation")
-    eval_time = time.perf_counter() - t_eval
-    test = score("test")
-    metric, method = cfg.metric, cfg.methods[0].name
-    summary = {
-        "run_dir": str(out),
-        "task": cfg.task,
-        "methods": [m.name for m in cfg.methods],
-        "params": params,
-        "data": {split: len(rows) for split, rows in data.items()},
-        "train": {
-            "steps": trainer.state.global_step,
-            "epochs_completed": int(trainer.state.epoch or 0),
-            "stopped_early": False,
-            "resumed": False,
-            "train_time_s": train_time,
-            "eval_time_s": eval_time,
-            "samples_per_s": trainer.samples / max(train_time, 1e-9),
-            "tokens_per_s": trainer.tokens / max(train_time, 1e-9),
-            "best_step": trainer.state.global_step if metric in validation else None,
-            "best_metric": validation.get(metric),
-            "metric": metric,
-        },
-        "validation": {"step": trainer.state.global_step, **validation} if validation else {},
-        "test": test,
-        "memory": peak_memory(),
-        "world_size": 1,
-        "versions": versions(),
-        "machine": machine(),
-        "config": cfg.model_dump(mode="json"),
-        "baseline": {
-            "framework": "transformers.Trainer" + (" + peft" if method == "lora" else ""),
-            "optim": getattr(args.optim, "value", args.optim),
-            "warmup_steps": args.warmup_steps,
-            "step_time_s": clock["step_sum"],
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "trainer_samples_per_s": result.metrics.get("train_samples_per_second"),
-        },
+def _score(model, data, split: str, cfg, tok) -> dict:
+    """leantune's own evaluation of one split (empty split: no metrics), single process."""
+    from leantune.eval.loop import evaluate
+
+    rows = data[split]
+    if not rows:
+        return {}
+    return evaluate(
+        model, rows, cfg.task, cfg.eval.batch_size, tok.pad_token_id, 0, 1, len(cfg.data.label_names)
+    )
+
+
+def _summary(cfg, out: Path, params, data, trainer, times, validation: dict, test: dict) -> RunSummary:
+    """The same summary.json a leantune run writes, so the bench runner reads both alike; the
+    "validation" step and the best step are the last one (the Trainer evaluates only at the end)."""
+    from leantune.memory.measure import peak_memory
+
+    train_time, eval_time = times
+    step, metric = trainer.state.global_step, cfg.metric
+    stats = TrainStats(
+        steps=step,
+        epochs_completed=int(trainer.state.epoch or 0),
+        stopped_early=False,
+        resumed=False,
+        train_time_s=train_time,
+        eval_time_s=eval_time,
+        samples_per_s=per_second(trainer.samples, train_time),
+        tokens_per_s=per_second(trainer.tokens, train_time),
+        best_step=step if metric in validation else None,
+        best_metric=validation.get(metric),
+        metric=metric,
+    )
+    return RunSummary(
+        run_dir=str(out),
+        task=cfg.task,
+        methods=[m.name for m in cfg.methods],
+        params=params,
+        data={split: len(rows) for split, rows in data.items()},
+        train=stats,
+        validation={"step": step, **validation} if validation else {},
+        test=test,
+        memory=peak_memory(),
+        world_size=1,
+        versions=versions(),
+        machine=machine(),
+        config=cfg.model_dump(mode="json"),
+    )
+
+
+def _framework_report(cfg, args, clock: dict[str, float], result) -> dict:
+    """summary.json's "baseline": what the Trainer itself did and measured, beside our own timing."""
+    return {
+        "framework": "transformers.Trainer" + (" + peft" if cfg.methods[0].name == "lora" else ""),
+        "optim": getattr(args.optim, "value", args.optim),
+        "warmup_steps": args.warmup_steps,
+        "step_time_s": clock["step_sum"],
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "trainer_samples_per_s": result.metrics.get("train_samples_per_second"),
     }
+
+
+def _write_metrics(out: Path, log_lines: list[dict], validation: dict, state) -> None:
+    """metrics.jsonl in leantune's format: the logged losses, then the final validation record."""
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as fh:
         for line in log_lines:
             fh.write(json.dumps(line) + "\n")
         if validation:
-            fh.write(
-                json.dumps(
-                    {
-                        "step": trainer.state.global_step,
-                        "epoch": trainer.state.epoch,
-                        "split": "validation",
-                        **validation,
-                    }
-                )
-                + "\n"
-            )
-    model.save_pretrained(str(out / "model"))  # the adapter (or full model), for the size-on-disk column
-    tok.save_pretrained(str(out / "model"))
-    summary["wall_time_s"] = time.perf_counter() - t_start
-    write_json_atomic(out / "summary.json", summary)
-    print(
-        f"hf_baseline: {summary['train']['steps']} steps in {train_time:.1f} s, "
-        f"{summary['train']['samples_per_s']:.1f} samples/s, test {test}"
-    )
-    return summary
+            record = {"step": state.global_step, "epoch": state.epoch, "split": "validation", **validation}
+            fh.write(json.dumps(record) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

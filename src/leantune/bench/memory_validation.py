@@ -81,68 +81,97 @@ def _reset_peak() -> bool:
 
 
 def measure_one(setting: dict, model_name: str, threads: int) -> dict:
-    import gc
-
+    """Measure one grid setting (a warm-up, then two steady optimizer steps) beside the memory model's
+    estimate for the same model, batch and sequence length."""
     import torch
 
     from leantune.memory.estimate import estimate_memory, gradient_checkpointing, probe_batch
-    from leantune.methods import MethodContext, apply_methods
-    from leantune.methods.registry import method_config_class
-    from leantune.models.loader import load_model
-    from leantune.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cuda = torch.cuda.is_available()
-    rss0 = _status_kib("VmRSS") * 1024
-    model = load_model(model_name, "classification", "float32", ["neg", "pos"])
-    rss_loaded = _status_kib("VmRSS") * 1024
-    configs = [method_config_class(m["name"])(**m) for m in GRID_METHODS[setting["method"]]]
-    model = apply_methods(model, configs, MethodContext(task="classification", seed=0))
-    if cuda:
-        model = model.cuda()
-    model.train()
-    optimizer = build_optimizer(model, 1e-4, 0.0)
+    model, optimizer, weights_rss_delta = _load_for_setting(setting, model_name)
     b, s = setting["batch_size"], setting["seq_len"]
     with gradient_checkpointing(model, setting["recompute"]):
         batch = probe_batch(model, "classification", b, s)
-        # Warm-up at the full size, without the optimizer: libraries (oneDNN, MKL) keep per-shape workspace
-        # from their first call; it is measured here, apart from the steady-state step.
-        gc.collect()
-        warm_base = _status_kib("VmRSS") * 1024
-        _reset_peak()
-        model(**batch).loss.backward()
-        optimizer.zero_grad(set_to_none=True)
-        first_step = _status_kib("VmHWM") * 1024 - warm_base
-        gc.collect()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            cuda_base = torch.cuda.memory_allocated()
-        baseline = _status_kib("VmRSS") * 1024
-        reset = _reset_peak()
-        t0 = time.perf_counter()
-        for _ in range(2):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_s = (time.perf_counter() - t0) / 2
-        peak = _status_kib("VmHWM") * 1024
-        measured = {
-            "rss_step_delta": peak - baseline,
-            "hwm_reset": reset,
-            "rss_first_fwd_bwd_delta": first_step,
-        }
-        if cuda:
-            measured["cuda_step_delta"] = torch.cuda.max_memory_allocated() - cuda_base
+        first_step = _warm_up(model, optimizer, batch)
+        steady, step_s = _measure_steps(model, optimizer, batch)
+    measured = {
+        "rss_step_delta": steady["rss_step_delta"],
+        "hwm_reset": steady["hwm_reset"],
+        "rss_first_fwd_bwd_delta": first_step,
+        **({"cuda_step_delta": steady["cuda_step_delta"]} if "cuda_step_delta" in steady else {}),
+    }
     est = estimate_memory(model, "classification", b, s, "adamw", setting["recompute"])
     return {
         **setting,
         "estimate": est.totals(),
         "measured": measured,
-        "weights_rss_delta": rss_loaded - rss0,
+        "weights_rss_delta": weights_rss_delta,
         "step_s": step_s,
     }
+
+
+def _load_for_setting(setting: dict, model_name: str):
+    """The model with the setting's methods applied (on the GPU where there is one), in train mode, its
+    optimizer, and the RSS that loading the weights took."""
+    import torch
+
+    from leantune.methods import MethodContext, apply_methods
+    from leantune.methods.registry import method_config_class
+    from leantune.models.loader import load_model
+    from leantune.train.optim import build_optimizer
+
+    rss0 = _status_kib("VmRSS") * 1024
+    model = load_model(model_name, "classification", "float32", ["neg", "pos"])
+    rss_loaded = _status_kib("VmRSS") * 1024
+    configs = [method_config_class(m["name"])(**m) for m in GRID_METHODS[setting["method"]]]
+    model = apply_methods(model, configs, MethodContext(task="classification", seed=0))
+    if torch.cuda.is_available():
+        model = model.cuda()
+    model.train()
+    return model, build_optimizer(model, 1e-4, 0.0), rss_loaded - rss0
+
+
+def _warm_up(model, optimizer, batch) -> int:
+    """One forward/backward at the full size, without the optimizer, and the RSS it added: libraries
+    (oneDNN, MKL) keep per-shape workspace from their first call, measured here apart from the
+    steady-state step."""
+    import gc
+
+    gc.collect()
+    warm_base = _status_kib("VmRSS") * 1024
+    _reset_peak()
+    model(**batch).loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    return _status_kib("VmHWM") * 1024 - warm_base
+
+
+def _measure_steps(model, optimizer, batch) -> tuple[dict, float]:
+    """Two full optimizer steps from a settled baseline: the peak RSS (and CUDA) above it, and the mean
+    seconds per step."""
+    import gc
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+    baseline = _status_kib("VmRSS") * 1024
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    for _ in range(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step_s = (time.perf_counter() - t0) / 2
+    peak = _status_kib("VmHWM") * 1024
+    measured = {"rss_step_delta": peak - baseline, "hwm_reset": reset}
+    if cuda:
+        measured["cuda_step_delta"] = torch.cuda.max_memory_allocated() - cuda_base
+    return measured, step_s
 
 
 def _error(est: int, measured: int) -> float:

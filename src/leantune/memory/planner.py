@@ -245,8 +245,6 @@ def plan_ranks(
     """Greedy doubling in importance order under (1 - safety_margin) x budget; raises UserError naming
     the smallest budget that would fit. `quantize_with`: what the quant method's `plan_for` says a
     quantised base saves (default: `RankCost.quantized_base`'s 4-bit NF4 estimate)."""
-    from leantune.errors import UserError
-
     limit = budget * (1 - safety_margin) * (1 + 1e-12)  # a budget the error message names must fit
 
     order = sorted(importance, key=lambda n: (-importance[n], n))
@@ -254,9 +252,53 @@ def plan_ranks(
     minimal = {n: 0 for n in order}
     minimal[order[0]] = 1  # a PEFT adapter needs at least one LoRA layer
     targets[order[0]] = max(targets[order[0]], 1)
+    allowed = {"recompute": allow_recompute, "quantize": allow_quantize, "batch_reduce": allow_batch_reduce}
+    fit = _fit_smallest_plan(cost, minimal, batch_size, recompute, limit, allowed, quantize_with)
+    if fit.cost.total(minimal, fit.batch, fit.recompute) > limit:
+        _refuse_budget(fit, minimal, order[0], budget, safety_margin, allowed)
+    ranks, blocked = _grow_ranks(fit, minimal, order, targets, limit, limit_name(budget, safety_margin))
+    layers = _explain_layers(fit, importance, order, ranks, targets, blocked, cap, min_share, uniform)
+    estimate = fit.cost.breakdown(ranks, fit.batch, fit.recompute)
+    return Plan(
+        budget,
+        fit.batch,
+        fit.recompute,
+        complexity,
+        cap,
+        estimate,
+        layers,
+        fit.changes,
+        safety_margin,
+        fit.quantize,
+    )
+
+
+@dataclass
+class _Fit:
+    """Where the levers left the smallest plan: the cost model (quantised or not), batch, recomputation,
+    whether a 4-bit base was possible at all, and the changes made, in the order they were made."""
+
+    cost: RankCost
+    batch: int
+    recompute: bool
+    quantize: bool
+    can_quantize: bool
+    changes: list[str]
+
+
+def _fit_smallest_plan(
+    cost: RankCost,
+    minimal: dict[str, int],
+    batch: int,
+    recompute: bool,
+    limit: float,
+    allowed: dict[str, bool],
+    quantize_with: MemoryContribution | None,
+) -> _Fit:
+    """Pull the allowed levers, cheapest loss first (recomputation, then a 4-bit base, then halving the
+    batch), only while the smallest useful plan does not fit: each costs speed or quality."""
     changes: list[str] = []
-    batch = batch_size
-    if cost.total(minimal, batch, recompute) > limit and allow_recompute and not recompute:
+    if cost.total(minimal, batch, recompute) > limit and allowed["recompute"] and not recompute:
         before = cost.breakdown(minimal, batch, False)["activations"]
         recompute = True
         after = cost.breakdown(minimal, batch, True)["activations"]
@@ -264,7 +306,7 @@ def plan_ranks(
     quantize = False
     quantized = cost.quantized_base(quantize_with)
     can_quantize = quantized.weight_saving > 0
-    if cost.total(minimal, batch, recompute) > limit and allow_quantize and can_quantize:
+    if cost.total(minimal, batch, recompute) > limit and allowed["quantize"] and can_quantize:
         quantize, before = True, cost.breakdown(minimal, batch, recompute)["weights"]
         cost = quantized
         after = cost.breakdown(minimal, batch, recompute)["weights"]
@@ -272,28 +314,48 @@ def plan_ranks(
             f"{quantized.contribution.note or 'quantised base'}: weights {fmt_bytes(before)} -> "
             f"{fmt_bytes(after)}"
         )
-    while cost.total(minimal, batch, recompute) > limit and allow_batch_reduce and batch > 1:
+    while cost.total(minimal, batch, recompute) > limit and allowed["batch_reduce"] and batch > 1:
         changes.append(f"batch size {batch} -> {batch // 2}")
         batch //= 2
-    if cost.total(minimal, batch, recompute) > limit:
-        need = math.ceil(cost.total(minimal, batch, recompute) / (1 - safety_margin))
-        what = f"rank 1 on {order[0]} only, batch {batch}" + (", recomputation on" if recompute else "")
-        what += ", 4-bit base" if quantize else ""
-        allowed = [
-            what
-            for what, off in (
-                ("recomputation", not allow_recompute),
-                ("a 4-bit base", not allow_quantize and can_quantize),
-                ("a smaller batch", not allow_batch_reduce),
-            )
-            if off
-        ]
-        more = f", or allow {' and '.join(allowed)}" if allowed else ""
-        raise UserError(
-            f"memory budget {fmt_bytes(budget)} is too small: the smallest plan ({what}) needs "
-            f"{fmt_bytes(need)} ({need} bytes{margin_note(safety_margin)}): raise the budget to at least "
-            f"that{more}"
+    return _Fit(cost, batch, recompute, quantize, can_quantize, changes)
+
+
+def _refuse_budget(
+    fit: _Fit, minimal: dict[str, int], top: str, budget: int, safety_margin: float, allowed: dict[str, bool]
+) -> None:
+    """The one-line refusal: what the smallest plan is, the budget it needs, and the levers not allowed."""
+    from leantune.errors import UserError
+
+    need = math.ceil(fit.cost.total(minimal, fit.batch, fit.recompute) / (1 - safety_margin))
+    what = f"rank 1 on {top} only, batch {fit.batch}" + (", recomputation on" if fit.recompute else "")
+    what += ", 4-bit base" if fit.quantize else ""
+    not_allowed = [
+        lever
+        for lever, off in (
+            ("recomputation", not allowed["recompute"]),
+            ("a 4-bit base", not allowed["quantize"] and fit.can_quantize),
+            ("a smaller batch", not allowed["batch_reduce"]),
         )
+        if off
+    ]
+    more = f", or allow {' and '.join(not_allowed)}" if not_allowed else ""
+    raise UserError(
+        f"memory budget {fmt_bytes(budget)} is too small: the smallest plan ({what}) needs "
+        f"{fmt_bytes(need)} ({need} bytes{margin_note(safety_margin)}): raise the budget to at least "
+        f"that{more}"
+    )
+
+
+def _grow_ranks(
+    fit: _Fit,
+    minimal: dict[str, int],
+    order: list[str],
+    targets: dict[str, int],
+    limit: float,
+    limit_text: str,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Double each layer's rank towards its target, most important first, in rounds, while the whole
+    step fits; a layer whose next doubling does not fit stops there, and the reason is kept."""
     ranks = dict(minimal)
     blocked: dict[str, str] = {}
     grew = True
@@ -304,16 +366,29 @@ def plan_ranks(
                 continue
             nxt = 1 if ranks[name] == 0 else min(2 * ranks[name], targets[name])
             trial = {**ranks, name: nxt}
-            need = cost.total(trial, batch, recompute)
+            need = fit.cost.total(trial, fit.batch, fit.recompute)
             if need <= limit:
                 ranks, grew = trial, True
             else:
-                blocked[name] = (
-                    f"{ranks[name]}->{nxt} would need {fmt_bytes(need)} > {limit_name(budget, safety_margin)}"
-                )
+                blocked[name] = f"{ranks[name]}->{nxt} would need {fmt_bytes(need)} > {limit_text}"
+    return ranks, blocked
+
+
+def _explain_layers(
+    fit: _Fit,
+    importance: dict[str, float],
+    order: list[str],
+    ranks: dict[str, int],
+    targets: dict[str, int],
+    blocked: dict[str, str],
+    cap: int,
+    min_share: float,
+    uniform: bool,
+) -> list[LayerPlan]:
+    """One LayerPlan per layer, in model order, each with the reason for its rank."""
     position = {n: i + 1 for i, n in enumerate(order)}
     layers = []
-    for name in cost.layers:
+    for name in fit.cost.layers:
         imp, r, t = importance[name], ranks[name], targets[name]
         head = f"importance #{position[name]} of {len(order)} (share {imp:.3f})"
         if t == 0:
@@ -323,18 +398,9 @@ def plan_ranks(
         else:
             rule = f"uniform target = cap {cap}" if uniform else f"target {t} = cap {cap} x share / top share"
             why = f"rank {r}: {head}; {rule}, fits in budget"
-        layers.append(
-            LayerPlan(
-                name,
-                imp,
-                t,
-                r,
-                cost.lora_param_bytes(name, r) + cost.rank_activation_bytes(name, r, batch),
-                why,
-            )
-        )
-    estimate = cost.breakdown(ranks, batch, recompute)
-    return Plan(budget, batch, recompute, complexity, cap, estimate, layers, changes, safety_margin, quantize)
+        bytes_ = fit.cost.lora_param_bytes(name, r) + fit.cost.rank_activation_bytes(name, r, fit.batch)
+        layers.append(LayerPlan(name, imp, t, r, bytes_, why))
+    return layers
 
 
 def margin_note(safety_margin: float) -> str:

@@ -12,67 +12,91 @@ ARCHS = ("bert", "gpt2", "llama", "t5")
 
 
 def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised `arch` model (2 or 3 blocks of width 32) with the embedded MiniLM
+    tokenizer to `out_dir`: the tests' stand-in for each architecture family."""
     import torch
-    import transformers
 
     from leantune.models.loader import load_tokenizer
 
-    tok = load_tokenizer("embedded:minilm")
-    vocab = len(tok)
-    ids = {
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.cls_token_id,
-        "eos_token_id": tok.sep_token_id,
-    }
-    torch.manual_seed(seed)
-    if arch == "bert":
-        cfg = transformers.BertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            pad_token_id=tok.pad_token_id,
-        )
-        model = transformers.BertForSequenceClassification(cfg)
-    elif arch == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=128, **ids
-        )
-        model = transformers.GPT2LMHeadModel(cfg)
-    elif arch == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            **ids,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    elif arch == "t5":
-        cfg = transformers.T5Config(
-            vocab_size=vocab,
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=2,
-            decoder_start_token_id=tok.pad_token_id,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.sep_token_id,
-        )
-        model = transformers.T5ForConditionalGeneration(cfg)
-    else:
+    if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture '{arch}'; choose from {ARCHS}")
+    tok = load_tokenizer("embedded:minilm")
+    torch.manual_seed(seed)
+    model = _TINY[arch](tok)
     out = Path(out_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _special_ids(tok) -> dict[str, int]:
+    """The decoders' pad/bos/eos, taken from the BERT-style tokenizer every tiny model shares."""
+    return {
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.cls_token_id,
+        "eos_token_id": tok.sep_token_id,
+    }
+
+
+def _tiny_bert(tok):
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _tiny_gpt2(tok):
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=128, **_special_ids(tok)
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _tiny_llama(tok):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,  # grouped-query attention, as in the real Llama family
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **_special_ids(tok),
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _tiny_t5(tok):
+    import transformers
+
+    cfg = transformers.T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+_TINY = {"bert": _tiny_bert, "gpt2": _tiny_gpt2, "llama": _tiny_llama, "t5": _tiny_t5}
 
 
 if __name__ == "__main__":  # python -m leantune.models.tiny bert runs/tiny-bert  (e.g. for the smoke bench)

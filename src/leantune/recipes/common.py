@@ -1,5 +1,6 @@
 """Pieces the recipes share: loading a finished run, reporting; seeding/threads, versions, machine and
-parameter counts come from `leantune.train.run_info` (the HF baseline in `bench` needs them too)."""
+parameter counts come from `leantune.train.run_info` and the console table from `leantune.train.summary`
+(the HF baseline in `bench` needs them too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from leantune.config import Config, load_config
 from leantune.errors import UserError
 from leantune.train.run_info import VERSIONED, count_params, machine, setup_torch, versions
+from leantune.train.summary import format_table
 
 __all__ = [
     "VERSIONED",
@@ -93,10 +95,3 @@ def reload_methods(model, cfg: Config, run_dir: Path):
         if spec.reload is not None:
             model = spec.reload(model, mcfg, run_dir)
     return model
-
-
-def format_table(rows: list[tuple[str, str]], title: str) -> str:
-    width = max(len(k) for k, _ in rows)
-    lines = [title, "-" * max(len(title), width + 20)]
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)

@@ -23,16 +23,41 @@ def run_eval(
     out_json: Path | None = None,
     generate: bool = False,
 ) -> dict:
-    from leantune.data.tasks import encode, load_raw_splits
-
+    """Score the run's final model on `split` of `source` (default: the run's own data); every input is
+    checked before the model loads, and `out_json` is written only when everything worked."""
     cfg = load_run_config(run_dir)
+    generate = _check_eval_outputs(cfg, out_json, generate or cfg.eval.generate)
+    data_cfg, split, rows = _eval_rows(cfg, source, split)
+    setup_torch(cfg.train.seed, cfg.train.num_threads)
+    n, metrics, predictions = _score_rows(run_dir, cfg, data_cfg, rows, generate)
+    result = {"run_dir": str(run_dir), "data": data_cfg.source, "split": split, "n": n, **metrics}
+    if out_json is not None:
+        _write_eval_result(out_json, result, predictions)
+    print(
+        format_table(
+            [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()], "leantune eval"
+        )
+    )
+    return result
+
+
+def _check_eval_outputs(cfg, out_json: Path | None, generate: bool) -> bool:
+    """Refuse an existing --out (and its predictions file) and a --generate the run cannot do, before
+    anything is loaded: a mistake never overwrites earlier results."""
     if out_json is not None:
         check_new_file(out_json, "--out")
-    generate = generate or cfg.eval.generate
     if out_json is not None and generate:
         check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
     if generate and (cfg.task in ("classification", "reward") or cfg.data.label_column is None):
         raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
+    return generate
+
+
+def _eval_rows(cfg, source: str | None, split: str):
+    """The data config and raw rows to score. A file is used whole (one split, no subsampling: the run's
+    split settings are about training); another source gives `split`, carved as in training."""
+    from leantune.data.tasks import load_raw_splits
+
     is_file = (
         source is not None
         and not source.startswith(("builtin:", "hf:"))
@@ -52,11 +77,16 @@ def run_eval(
         split = "train"  # a single file is one split; use all of it
     if split not in ("train", "validation", "test"):
         raise UserError(f"--split must be train, validation or test, not '{split}'")
-    raw = load_raw_splits(data_cfg)
-    rows = getattr(raw, split)
+    rows = getattr(load_raw_splits(data_cfg), split)
     if not rows:
         raise UserError(f"split '{split}' of {data_cfg.source} is empty; pick another --split")
-    setup_torch(cfg.train.seed, cfg.train.num_threads)
+    return data_cfg, split, rows
+
+
+def _score_rows(run_dir: Path, cfg, data_cfg, rows: list, generate: bool) -> tuple[int, dict, list | None]:
+    """Tokenise with the run's own tokenizer, load the trained model, and score: the number of examples,
+    the metrics (plus generation metrics when asked) and the generated predictions (or None)."""
+    from leantune.data.tasks import encode
     from leantune.eval.loop import evaluate
     from leantune.models.loader import load_tokenizer
 
@@ -81,22 +111,19 @@ def run_eval(
         rows = rows[:cap] if cap else rows
         generated, predictions = run_generation_eval(cfg, tok, model, rows, data_cfg=data_cfg)
         metrics = {**metrics, **generated}
-    result = {"run_dir": str(run_dir), "data": data_cfg.source, "split": split, "n": len(features), **metrics}
-    if out_json is not None:
-        from leantune.atomic import write_json_atomic
+    return len(features), metrics, predictions
 
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_json, result)
-        if predictions is not None:
-            from leantune.eval.generation import write_predictions
 
-            write_predictions(out_json.with_suffix(".predictions.jsonl"), predictions)
-    print(
-        format_table(
-            [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()], "leantune eval"
-        )
-    )
-    return result
+def _write_eval_result(out_json: Path, result: dict, predictions: list | None) -> None:
+    """--out: the result JSON (atomic) and, with generation, the predictions beside it."""
+    from leantune.atomic import write_json_atomic
+
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_json, result)
+    if predictions is not None:
+        from leantune.eval.generation import write_predictions
+
+        write_predictions(out_json.with_suffix(".predictions.jsonl"), predictions)
 
 
 def run_mmlu_eval(

@@ -16,10 +16,11 @@ from leantune.config import Config, dump_config
 from leantune.errors import UserError
 from leantune.methods.registry import MethodSpec
 from leantune.models.reward import attach_pair_loss, method_task
-from leantune.recipes.common import count_params, format_table, machine, setup_torch, versions
+from leantune.recipes.common import count_params, machine, setup_torch, versions
 from leantune.train.features import build_features
+from leantune.train.summary import RunSummary, TrainStats, format_summary, per_second, quality_warnings
 
-__all__ = ["build_features", "prepare", "run_train"]
+__all__ = ["build_features", "format_summary", "prepare", "quality_warnings", "run_train"]
 
 
 def _check_output(cfg: Config, resume: bool, force_resume: bool) -> tuple[Path, list[str]]:
@@ -235,21 +236,32 @@ def _start_writing(prep: Prepared, folder, resume: bool) -> None:
 
 
 def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
-    cfg, out, acc, tok, data = prep.cfg, prep.out, prep.accelerator, prep.tokenizer, prep.data
-
-    from leantune.atomic import write_json_atomic
-    from leantune.eval.loop import evaluate
-    from leantune.memory.measure import peak_memory
-
+    """Train, score the final model, and (on the main process) save it and write summary.json."""
+    acc = prep.accelerator
     trainer = prep.trainer()
     resumed = trainer.resume() if resume else False
     state = trainer.fit()
     trainer.restore_best()
+    test, predictions = _final_test(prep, trainer)
+    summary = _build_summary(prep, trainer, state, resumed, test, _final_mmlu(prep, trainer))
+    if acc.is_main_process:
+        _write_results(prep, trainer, summary, predictions, t_start)
+    trainer.log.close()
+    acc.wait_for_everyone()
+    return summary.to_dict()
+
+
+def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
+    """The test metrics of the final (best) model, plus generation metrics and the predictions behind
+    them when eval.generate is on; every process scores its share."""
+    from leantune.eval.loop import evaluate
+
+    cfg, tok, acc = prep.cfg, prep.tokenizer, prep.accelerator
     test = {}
-    if data["test"]:
+    if prep.data["test"]:
         test = evaluate(
             trainer.module,
-            data["test"],
+            prep.data["test"],
             cfg.task,
             cfg.eval.batch_size,
             tok.pad_token_id,
@@ -265,71 +277,91 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
             cfg, tok, trainer.module, prep.generation_rows["test"], acc.process_index, acc.num_processes
         )
         test.update(generated)
-    mmlu = None
-    if prep.mmlu_records is not None:
-        from leantune.eval.mmlu import mmlu_accuracy
+    return test, predictions
 
-        mmlu = mmlu_accuracy(
-            trainer.module,
-            tok,
-            prep.mmlu_records,
-            cfg.eval.mmlu_shots,
-            cfg.eval.mmlu_questions,
-            seed=cfg.train.seed,
-            rank=acc.process_index,
-            world=acc.num_processes,
-        )
-        mmlu.pop("predictions")
+
+def _final_mmlu(prep: Prepared, trainer) -> dict | None:
+    """k-shot MMLU accuracy after training (eval.mmlu_shots), without the per-question predictions."""
+    if prep.mmlu_records is None:
+        return None
+    from leantune.eval.mmlu import mmlu_accuracy
+
+    cfg, acc = prep.cfg, prep.accelerator
+    mmlu = mmlu_accuracy(
+        trainer.module,
+        prep.tokenizer,
+        prep.mmlu_records,
+        cfg.eval.mmlu_shots,
+        cfg.eval.mmlu_questions,
+        seed=cfg.train.seed,
+        rank=acc.process_index,
+        world=acc.num_processes,
+    )
+    mmlu.pop("predictions")
+    return mmlu
+
+
+def _build_summary(
+    prep: Prepared, trainer, state, resumed: bool, test: dict, mmlu: dict | None
+) -> RunSummary:
+    """The run's summary, gathered on every process (the weights digest is a collective call); peak
+    memory is read here, after the test evaluation and before the model is saved."""
+    from leantune.memory.measure import peak_memory
+
+    cfg = prep.cfg
     digests = trainer.weights_digest()
-    summary = {
-        "run_dir": str(out),
-        "task": cfg.task,
-        "methods": [m.name for m in cfg.methods],
-        "method_reports": method_reports(prep.specs, cfg.methods, trainer),
-        "params": _params_after_training(prep.params, trainer.module),
-        "data": {split: len(rows) for split, rows in data.items()},
-        "train": {
-            "steps": state.step,
-            "epochs_completed": state.epoch,
-            "stopped_early": state.stopped_early,
-            "skipped_steps": state.skipped_steps,
-            "resumed": resumed,
-            **({"resume_forced_changes": prep.resume_changes} if prep.resume_changes else {}),
-            "train_time_s": state.train_time_s,
-            "epoch_train_time_s": state.epoch_train_time_s,
-            "eval_time_s": state.eval_time_s,
-            "samples_per_s": state.samples / max(state.train_time_s, 1e-9),
-            "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
-            "best_step": state.best_step,
-            "best_metric": state.best_metric,
-            "metric": cfg.metric,
-            **({"prefix_cache": trainer.prefix_cache.report()} if trainer.prefix_cache else {}),
-        },
-        "validation": state.last_eval,
-        "test": test,
-        **({"mmlu": mmlu} if mmlu is not None else {}),
-        "memory": peak_memory(),
-        "world_size": acc.num_processes,
-        "weights_sha256_per_rank": digests,
-        "versions": versions(),
-        "machine": machine(),
-        "config": cfg.model_dump(mode="json"),
-    }
-    if acc.is_main_process:
-        _save_model(trainer.module, tok, out / "model", summary)
-        if predictions is not None:
-            from leantune.eval.generation import write_predictions
+    stats = TrainStats(
+        steps=state.step,
+        epochs_completed=state.epoch,
+        stopped_early=state.stopped_early,
+        skipped_steps=state.skipped_steps,
+        resumed=resumed,
+        resume_forced_changes=prep.resume_changes or None,
+        train_time_s=state.train_time_s,
+        epoch_train_time_s=state.epoch_train_time_s,
+        eval_time_s=state.eval_time_s,
+        samples_per_s=per_second(state.samples, state.train_time_s),
+        tokens_per_s=per_second(state.tokens, state.train_time_s),
+        best_step=state.best_step,
+        best_metric=state.best_metric,
+        metric=cfg.metric,
+        prefix_cache=trainer.prefix_cache.report() if trainer.prefix_cache else None,
+    )
+    return RunSummary(
+        run_dir=str(prep.out),
+        task=cfg.task,
+        methods=[m.name for m in cfg.methods],
+        method_reports=method_reports(prep.specs, cfg.methods, trainer),
+        params=_params_after_training(prep.params, trainer.module),
+        data={split: len(rows) for split, rows in prep.data.items()},
+        train=stats,
+        validation=state.last_eval,
+        test=test,
+        mmlu=mmlu,
+        memory=peak_memory(),
+        world_size=prep.accelerator.num_processes,
+        weights_sha256_per_rank=digests,
+        versions=versions(),
+        machine=machine(),
+        config=cfg.model_dump(mode="json"),
+    )
 
-            write_predictions(out / "predictions.jsonl", predictions)
-        summary["wall_time_s"] = time.perf_counter() - t_start
-        summary["warnings"] = quality_warnings(summary)
-        write_json_atomic(out / "summary.json", summary)
-        print(format_summary(summary))
-        for warning in summary["warnings"]:
-            print(f"leantune: warning: {warning}", file=sys.stderr)
-    trainer.log.close()
-    acc.wait_for_everyone()
-    return summary
+
+def _write_results(prep: Prepared, trainer, summary: RunSummary, predictions, t_start: float) -> None:
+    """The main process's writes, model first: summary.json last, so its presence means a finished run.
+    The model card is made from the summary as it stands before the wall time and warnings are added."""
+    out = prep.out
+    _save_model(trainer.module, prep.tokenizer, out / "model", summary.to_dict())
+    if predictions is not None:
+        from leantune.eval.generation import write_predictions
+
+        write_predictions(out / "predictions.jsonl", predictions)
+    summary.wall_time_s = time.perf_counter() - t_start
+    summary.warnings = quality_warnings(summary)
+    summary.write(out / "summary.json")
+    print(format_summary(summary))
+    for warning in summary.warnings:
+        print(f"leantune: warning: {warning}", file=sys.stderr)
 
 
 def dry_run(cfg: Config, resume: bool = False, force_resume: bool = False) -> dict:
@@ -368,21 +400,6 @@ def start_banner(prep: Prepared, resume: bool) -> str:
     )
 
 
-def quality_warnings(summary: dict) -> list[str]:
-    """A classification run that ends at or below the majority class learned nothing: say so loudly."""
-    for split in ("test", "validation"):
-        metrics = summary.get(split) or {}
-        acc, majority = metrics.get("accuracy"), metrics.get("majority_accuracy")
-        if acc is not None and majority is not None:
-            if acc <= majority + 1e-9:
-                return [
-                    f"{split} accuracy {acc:.4f} is at or below the majority class ({majority:.4f}): the "
-                    "run did not learn the task; try a larger train.lr or more epochs, and check the labels"
-                ]
-            return []
-    return []
-
-
 def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str, dict]:
     """Each method's own numbers: its static report plus what its runtime measured during training."""
     runtimes = iter(trainer.runtimes)
@@ -414,55 +431,3 @@ def _save_model(module, tok, dest: Path, summary: dict | None = None) -> None:
             (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
 
     write_folder_atomic(dest, write)
-
-
-def format_summary(s: dict) -> str:
-    p, t, m = s["params"], s["train"], s["memory"]
-    rows = [
-        ("methods", " + ".join(s["methods"])),
-        ("trainable params", f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)"),
-        (
-            "steps",
-            f"{t['steps']} ({t['epochs_completed']} epochs)"
-            + (f", {t['skipped_steps']} skipped for a NaN/inf loss" if t.get("skipped_steps") else ""),
-        ),
-        ("wall time", f"{s.get('wall_time_s', 0):.1f} s (training {t['train_time_s']:.1f} s)"),
-        ("samples/s", f"{t['samples_per_s']:.1f}"),
-        (
-            "peak memory",
-            f"{m['peak_rss_bytes'] / 2**20:.0f} MiB RSS"
-            + (
-                f", {m['cuda_max_allocated_bytes'] / 2**20:.0f} MiB CUDA"
-                if "cuda_max_allocated_bytes" in m
-                else ""
-            ),
-        ),
-    ]
-    for split in ("validation", "test"):
-        metrics = s.get(split) or {}
-        shown = [
-            k
-            for k in (
-                "accuracy",
-                "f1",
-                "precision",
-                "recall",
-                "mcc",
-                "majority_accuracy",
-                "loss",
-                "perplexity",
-                "bleu",
-                "chrf",
-                "rouge1",
-                "rouge2",
-                "rougeL",
-                "exact_match",
-            )
-            if k in metrics
-        ]
-        rows += [(f"{split} {k}", f"{metrics[k]:.4f}") for k in shown]
-    if "mmlu" in s:
-        mmlu = s["mmlu"]
-        rows.append((f"MMLU {mmlu['shots']}-shot accuracy", f"{mmlu['accuracy']:.4f} (n={mmlu['n']})"))
-    rows.append(("run folder", s["run_dir"]))
-    return format_table(rows, "leantune summary")
