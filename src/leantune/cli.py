@@ -27,13 +27,7 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="leantune", description="Efficient fine-tuning of transformer language models.")
-    from leantune import __version__
-
-    p.add_argument("--version", action="version", version=f"leantune {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune from a YAML config (default: the embedded MiniLM + LoRA job)")
     t.add_argument(
         "args",
@@ -60,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(the result is then no longer one reproducible run)",
     )
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a finished run on a dataset, or a run / base model on MMLU")
     e.add_argument("run_dir", type=Path, nargs="?", help="a run folder (or give --model with --mmlu)")
     e.add_argument("--model", help="with --mmlu: score this untrained model (e.g. embedded:smollm2) instead")
@@ -77,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split of a built-in/hf source (default: test)")
     e.add_argument("--out", type=Path, help="also write the metrics to this JSON file (must not exist)")
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text with a finished causal-LM or seq2seq run")
     g.add_argument("run_dir", type=Path)
     g.add_argument("prompt", nargs="?", help="the prompt (a chat run wraps it in its chat template)")
@@ -90,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of sampled decoding (default 0)")
     g.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per batch (8)")
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="label a .csv/.tsv/.jsonl file with a finished classification run")
     pr.add_argument("run_dir", type=Path)
     pr.add_argument("data", type=Path, help="rows with the run's text column(s)")
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, metavar="N", help="default: the run's eval.batch_size"
     )
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="write a run's model as a plain HF folder")
     x.add_argument("run_dir", type=Path)
     x.add_argument("--merge", action="store_true", help="fold LoRA into the base weights")
@@ -108,11 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="destination folder (default: RUN_DIR/merged or RUN_DIR/exported)"
     )
 
+
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("fetch", help="download and cache a built-in dataset now (it is fetched on first use)")
     f.add_argument("name", help="e.g. rotten_tomatoes")
 
+
+def _add_methods(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("methods", help="list the available methods")
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="run a benchmark suite, one JSON artefact per run and repeat")
     b.add_argument("suite", help="a suite name in benchmarks/suites/ or a suite YAML path")
     b.add_argument(
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--dry-run", action="store_true", help="validate the suite and list its runs; run nothing")
 
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("plan", help="print the per-layer LoRA rank plan for a memory budget (no training)")
     pl.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="as for `train`")
     pl.add_argument(
@@ -149,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", type=Path, help="also write the plan to this JSON file (must not exist)")
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="write report.md and report.html from a suite's artefacts")
     r.add_argument("suite", help="a suite name or YAML path")
     r.add_argument("--results", type=Path, metavar="DIR", help="results root (default: benchmarks/results)")
-    return p
 
 
 def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -161,98 +172,145 @@ def _split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _run_train(ns: argparse.Namespace) -> None:
+    from leantune.config import load_config
+    from leantune.recipes.train import run_train
+
+    path, overrides = _split_train_args(ns.args)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise UserError(f"'{bad[0]}' is not key=value; only the first argument may be a config file")
+    if ns.force_resume and not ns.resume:
+        raise UserError("--force-resume only applies with --resume")
+    cfg = load_config(path, overrides)
+    if ns.print_config:
+        from leantune.config import dump_config
+
+        print(dump_config(cfg), end="")
+    elif ns.dry_run:
+        from leantune.recipes.train import dry_run
+
+        dry_run(cfg, resume=ns.resume, force_resume=ns.force_resume)
+    else:
+        run_train(cfg, resume=ns.resume, force_resume=ns.force_resume)
+
+
+def _run_eval(ns: argparse.Namespace) -> None:
+    from leantune.recipes.evaluate import run_eval, run_mmlu_eval
+
+    if ns.mmlu is not None and (ns.data or ns.generate):
+        raise UserError("--mmlu scores MMLU only; drop --data/--generate or run them separately")
+    if ns.mmlu is None and (ns.mmlu_questions or ns.mmlu_subjects):
+        raise UserError("--mmlu-questions/--mmlu-subjects need --mmlu K")
+    if ns.mmlu is not None:
+        run_mmlu_eval(ns.run_dir, ns.model, ns.mmlu, ns.mmlu_questions, ns.mmlu_subjects, ns.out)
+    elif ns.model is not None or ns.run_dir is None:
+        raise UserError("give a run folder (leantune eval RUN_DIR); --model is for --mmlu K only")
+    else:
+        run_eval(ns.run_dir, ns.data, ns.split, ns.out, ns.generate)
+
+
+def _run_generate(ns: argparse.Namespace) -> None:
+    from leantune.recipes.generate import run_generate
+
+    run_generate(
+        ns.run_dir,
+        ns.prompt,
+        ns.file,
+        ns.out,
+        ns.max_new_tokens,
+        ns.temperature,
+        ns.top_p,
+        ns.seed,
+        ns.batch_size,
+    )
+
+
+def _run_predict(ns: argparse.Namespace) -> None:
+    from leantune.recipes.predict import run_predict
+
+    run_predict(ns.run_dir, ns.data, ns.out, ns.batch_size)
+
+
+def _run_export(ns: argparse.Namespace) -> None:
+    from leantune.recipes.export import run_export
+
+    run_export(ns.run_dir, ns.merge, ns.out, ns.checkpoint)
+
+
+def _run_fetch(ns: argparse.Namespace) -> None:
+    from leantune.data.builtin import load_builtin
+
+    splits, _ = load_builtin(ns.name)
+    print(f"{ns.name}: {sum(len(v) for v in splits.values())} rows cached")
+
+
+def _run_methods(ns: argparse.Namespace) -> None:
+    from leantune.methods.registry import available_methods, describe_method
+
+    names = available_methods()
+    width = max(map(len, names))
+    print("\n".join(f"{n:<{width}}  {describe_method(n)}" for n in names))
+
+
+def _run_bench(ns: argparse.Namespace) -> None:
+    from leantune.bench.runner import run_bench
+
+    run_bench(
+        ns.suite,
+        results=ns.results,
+        repeat=ns.repeat,
+        rerun=ns.rerun,
+        only=ns.only,
+        extra=ns.extra,
+        dry_run=ns.dry_run,
+        work=ns.work,
+    )
+
+
+def _run_plan(ns: argparse.Namespace) -> None:
+    from leantune.config import load_config
+    from leantune.recipes.plan import run_plan
+
+    path, overrides = _split_train_args(ns.args)
+    cfg = load_config(path, overrides)
+    run_plan(cfg, ns.memory_budget, ns.allow_recompute, ns.allow_batch_reduce, ns.json, ns.allow_quantize)
+
+
+def _run_report(ns: argparse.Namespace) -> None:
+    from leantune.bench.report import run_report
+
+    run_report(ns.suite, ns.results)
+
+
+# command -> (declares its arguments, runs it); the order is `leantune --help`'s
+COMMANDS = {
+    "train": (_add_train, _run_train),
+    "eval": (_add_eval, _run_eval),
+    "generate": (_add_generate, _run_generate),
+    "predict": (_add_predict, _run_predict),
+    "export": (_add_export, _run_export),
+    "fetch": (_add_fetch, _run_fetch),
+    "methods": (_add_methods, _run_methods),
+    "bench": (_add_bench, _run_bench),
+    "plan": (_add_plan, _run_plan),
+    "report": (_add_report, _run_report),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="leantune", description="Efficient fine-tuning of transformer language models.")
+    from leantune import __version__
+
+    p.add_argument("--version", action="version", version=f"leantune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return p
+
+
 def dispatch(ns: argparse.Namespace) -> None:
-    if ns.command == "train":
-        from leantune.config import load_config
-        from leantune.recipes.train import run_train
-
-        path, overrides = _split_train_args(ns.args)
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise UserError(f"'{bad[0]}' is not key=value; only the first argument may be a config file")
-        if ns.force_resume and not ns.resume:
-            raise UserError("--force-resume only applies with --resume")
-        cfg = load_config(path, overrides)
-        if ns.print_config:
-            from leantune.config import dump_config
-
-            print(dump_config(cfg), end="")
-        elif ns.dry_run:
-            from leantune.recipes.train import dry_run
-
-            dry_run(cfg, resume=ns.resume, force_resume=ns.force_resume)
-        else:
-            run_train(cfg, resume=ns.resume, force_resume=ns.force_resume)
-    elif ns.command == "eval":
-        from leantune.recipes.evaluate import run_eval, run_mmlu_eval
-
-        if ns.mmlu is not None and (ns.data or ns.generate):
-            raise UserError("--mmlu scores MMLU only; drop --data/--generate or run them separately")
-        if ns.mmlu is None and (ns.mmlu_questions or ns.mmlu_subjects):
-            raise UserError("--mmlu-questions/--mmlu-subjects need --mmlu K")
-        if ns.mmlu is not None:
-            run_mmlu_eval(ns.run_dir, ns.model, ns.mmlu, ns.mmlu_questions, ns.mmlu_subjects, ns.out)
-        elif ns.model is not None or ns.run_dir is None:
-            raise UserError("give a run folder (leantune eval RUN_DIR); --model is for --mmlu K only")
-        else:
-            run_eval(ns.run_dir, ns.data, ns.split, ns.out, ns.generate)
-    elif ns.command == "generate":
-        from leantune.recipes.generate import run_generate
-
-        run_generate(
-            ns.run_dir,
-            ns.prompt,
-            ns.file,
-            ns.out,
-            ns.max_new_tokens,
-            ns.temperature,
-            ns.top_p,
-            ns.seed,
-            ns.batch_size,
-        )
-    elif ns.command == "predict":
-        from leantune.recipes.predict import run_predict
-
-        run_predict(ns.run_dir, ns.data, ns.out, ns.batch_size)
-    elif ns.command == "export":
-        from leantune.recipes.export import run_export
-
-        run_export(ns.run_dir, ns.merge, ns.out, ns.checkpoint)
-    elif ns.command == "fetch":
-        from leantune.data.builtin import load_builtin
-
-        splits, _ = load_builtin(ns.name)
-        print(f"{ns.name}: {sum(len(v) for v in splits.values())} rows cached")
-    elif ns.command == "methods":
-        from leantune.methods.registry import available_methods, describe_method
-
-        names = available_methods()
-        width = max(map(len, names))
-        print("\n".join(f"{n:<{width}}  {describe_method(n)}" for n in names))
-    elif ns.command == "bench":
-        from leantune.bench.runner import run_bench
-
-        run_bench(
-            ns.suite,
-            results=ns.results,
-            repeat=ns.repeat,
-            rerun=ns.rerun,
-            only=ns.only,
-            extra=ns.extra,
-            dry_run=ns.dry_run,
-            work=ns.work,
-        )
-    elif ns.command == "plan":
-        from leantune.config import load_config
-        from leantune.recipes.plan import run_plan
-
-        path, overrides = _split_train_args(ns.args)
-        cfg = load_config(path, overrides)
-        run_plan(cfg, ns.memory_budget, ns.allow_recompute, ns.allow_batch_reduce, ns.json, ns.allow_quantize)
-    elif ns.command == "report":
-        from leantune.bench.report import run_report
-
-        run_report(ns.suite, ns.results)
+    COMMANDS[ns.command][1](ns)
 
 
 def main(argv: list[str] | None = None) -> int:
