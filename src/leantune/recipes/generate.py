@@ -79,17 +79,8 @@ def run_generate(
     batch_size: int = 8,
 ) -> list[dict]:
     """Generate for one prompt or a file of them; print (or write `out`) and return the records."""
-    if (prompt is None) == (file is None):
-        raise UserError('give a prompt (leantune generate RUN_DIR "text") or --file prompts.jsonl, not both')
-    if prompt is not None and not prompt.strip():
-        raise UserError("the prompt is empty; pass some text")
-    if out is not None:
-        if file is None:
-            raise UserError("--out writes the generations of --file; a single prompt prints its text")
-        check_new_file(out, "--out")
+    _check_request(prompt, file, out, seed)
     sampling = _sampling(temperature, top_p)
-    if not 0 <= seed <= 2**32 - 1:
-        raise UserError(f"--seed must be between 0 and {2**32 - 1}, not {seed}")
     cfg = load_run_config(run_dir)
     if cfg.task == "classification":
         raise UserError(f"{run_dir} is a classification run; `leantune predict` labels text with it")
@@ -98,37 +89,57 @@ def run_generate(
     chat = cfg.task == "causal_lm" and cfg.data.format != "text"
     rows = read_prompts(file, chat) if file is not None else [{"prompt": prompt}]
     setup_torch(cfg.train.seed, cfg.train.num_threads)
-    from leantune.data.chat import chat_prompt_ids
-    from leantune.eval.generation import generate_from_ids, prompt_ids
+    from leantune.eval.generation import generate_from_ids
     from leantune.models.loader import load_tokenizer
 
     tok = load_tokenizer(str(run_dir / "model"))
-    max_length = cfg.model.max_length
-    encoded = []
-    for row in rows:
-        if chat:
-            ids = chat_prompt_ids(tok, row.get("messages") or row["prompt"], cfg.data.system_prompt)
-            encoded.append(ids[-max_length:])
-        else:
-            encoded.append(prompt_ids(tok, row["prompt"], cfg.task, max_length))
+    encoded = _encode_prompts(tok, rows, cfg, chat)
     model = load_trained_model(run_dir, cfg)
     import torch
 
     torch.manual_seed(seed)
+    new_tokens = max_new_tokens or cfg.eval.max_new_tokens
     texts = generate_from_ids(
-        model,
-        tok,
-        encoded,
-        cfg.task,
-        max_new_tokens or cfg.eval.max_new_tokens,
-        batch_size=batch_size,
-        sampling=sampling,
-        progress=True,
+        model, tok, encoded, cfg.task, new_tokens, batch_size=batch_size, sampling=sampling, progress=True
     )
     records = [
         {**{k: v for k, v in row.items() if k != "_line"}, "generation": text}
         for row, text in zip(rows, texts, strict=True)
     ]
+    _emit(records, texts, file, out)
+    return records
+
+
+def _check_request(prompt: str | None, file: Path | None, out: Path | None, seed: int) -> None:
+    """What the command line asks must make sense before anything loads."""
+    if (prompt is None) == (file is None):
+        raise UserError('give a prompt (leantune generate RUN_DIR "text") or --file prompts.jsonl, not both')
+    if prompt is not None and not prompt.strip():
+        raise UserError("the prompt is empty; pass some text")
+    if out is not None:
+        if file is None:
+            raise UserError("--out writes the generations of --file; a single prompt prints its text")
+        check_new_file(out, "--out")
+    if not 0 <= seed <= 2**32 - 1:
+        raise UserError(f"--seed must be between 0 and {2**32 - 1}, not {seed}")
+
+
+def _encode_prompts(tok, rows: list[dict], cfg, chat: bool) -> list[list[int]]:
+    """Token ids of each prompt: a chat run's through its chat template, cut to the last max_length."""
+    from leantune.data.chat import chat_prompt_ids
+    from leantune.eval.generation import prompt_ids
+
+    max_length = cfg.model.max_length
+    if chat:
+        return [
+            chat_prompt_ids(tok, row.get("messages") or row["prompt"], cfg.data.system_prompt)[-max_length:]
+            for row in rows
+        ]
+    return [prompt_ids(tok, row["prompt"], cfg.task, max_length) for row in rows]
+
+
+def _emit(records: list[dict], texts: list[str], file: Path | None, out: Path | None) -> None:
+    """A single prompt prints its text; a file prints JSONL, or writes it atomically to `out`."""
     if out is not None:
         from leantune.atomic import write_text_atomic
 
@@ -139,4 +150,3 @@ def run_generate(
         print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), end="")
     else:
         print(texts[0])
-    return records
