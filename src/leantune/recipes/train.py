@@ -111,6 +111,9 @@ def _absolute_local_paths(cfg: Config) -> None:
 
 
 def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Prepared:
+    from leantune.train import distributed
+
+    mode = distributed.resolve_mode(cfg)  # refuses an impossible launch on every rank, before anything
     _absolute_local_paths(cfg)
     out, changed = _check_output(cfg, resume, force_resume)
     setup_torch(cfg.train.seed, cfg.train.num_threads)
@@ -118,6 +121,9 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    if mode != "single":
+        distributed.init_process_group(cfg)  # our backend and timeout; accelerate adopts the group
 
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.models.loader import load_model, load_tokenizer
@@ -128,6 +134,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
+    distributed.check_world(len(data["train"]), acc.num_processes)
     identity = _run_identity(cfg, data)
     if resume:
         from leantune.recipes.resume import check_resume_identity
@@ -199,15 +206,17 @@ def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> 
     t_start = time.perf_counter()
     prep = prepare(cfg, resume, force_resume)
     from leantune.runfolder import RunFolder
+    from leantune.train.distributed import guard
 
     folder = RunFolder(prep.out)
-    prep.accelerator.wait_for_everyone()  # every rank has checked the output folder before rank 0 writes
     try:
-        if prep.accelerator.is_main_process:
-            folder.acquire()  # held until the run ends: a second run on this folder is refused
-            _start_writing(prep, folder, resume)
-        prep.accelerator.wait_for_everyone()
-        return _train_and_report(prep, resume, t_start)
+        with guard(prep.out / "checkpoints"):  # a lost rank: one line naming it, not a hang
+            prep.accelerator.wait_for_everyone()  # every rank checked the output folder before rank 0 writes
+            if prep.accelerator.is_main_process:
+                folder.acquire()  # held until the run ends: a second run on this folder is refused
+                _start_writing(prep, folder, resume)
+            prep.accelerator.wait_for_everyone()
+            return _train_and_report(prep, resume, t_start)
     finally:
         folder.release()
 
@@ -247,6 +256,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
             acc.process_index,
             acc.num_processes,
             trainer.num_labels,
+            lockstep=trainer.fsdp,
         )
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
@@ -272,6 +282,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
         )
         mmlu.pop("predictions")
     digests = trainer.weights_digest()
+    export_state = trainer.export_state_dict()  # FSDP: whole tensors on rank 0 (every rank takes part)
     summary = {
         "run_dir": str(out),
         "task": cfg.task,
@@ -300,13 +311,14 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
         **({"mmlu": mmlu} if mmlu is not None else {}),
         "memory": peak_memory(),
         "world_size": acc.num_processes,
+        "distributed": "fsdp" if trainer.fsdp else ("ddp" if acc.num_processes > 1 else "none"),
         "weights_sha256_per_rank": digests,
         "versions": versions(),
         "machine": machine(),
         "config": cfg.model_dump(mode="json"),
     }
     if acc.is_main_process:
-        _save_model(trainer.module, tok, out / "model", summary)
+        _save_model(trainer.module, tok, out / "model", summary, export_state)
         if predictions is not None:
             from leantune.eval.generation import write_predictions
 
@@ -332,9 +344,9 @@ def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str,
     return out
 
 
-def _save_model(module, tok, dest: Path, summary: dict) -> None:
+def _save_model(module, tok, dest: Path, summary: dict, state_dict: dict | None = None) -> None:
     """A PEFT model saves its adapter, others everything, with a model card; written to a temp folder,
-    then renamed."""
+    then renamed. `state_dict`: the whole tensors of a sharded (FSDP) model, gathered on this rank."""
     from leantune.atomic import write_folder_atomic
     from leantune.models.embedded import portable_name
     from leantune.recipes.card import model_card
@@ -344,7 +356,7 @@ def _save_model(module, tok, dest: Path, summary: dict) -> None:
     )
 
     def write(folder: Path) -> None:
-        module.save_pretrained(str(folder))
+        module.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(str(folder))
         (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
 
