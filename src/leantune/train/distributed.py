@@ -224,6 +224,9 @@ def guard(checkpoints=None) -> Iterator[None]:
         _leave(rank)
         raise
     except (Exception, _Terminated) as exc:
+        # The launcher SIGTERMs the survivors as soon as one worker died, while this rank is still
+        # finding out which one: finish the probe (torchrun waits 30 s before SIGKILL), then stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lost = lost_ranks()
         _leave(rank)
         if not lost and not isinstance(exc, _Terminated):
