@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,7 +69,7 @@ def _cmd(processes: int, args: list[str]) -> list[str]:
     ]
 
 
-def _launch(processes: int, args: list[str], log: Path, timeout: float = 120, ok: bool = True) -> int:
+def _launch(processes: int, args: list[str], log: Path, timeout: float = 240, ok: bool = True) -> int:
     with log.open("w") as fh:
         proc = subprocess.Popen(
             _cmd(processes, args), env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
@@ -251,6 +252,7 @@ def test_killed_rank_stops_the_others_then_resume(no_dropout_bert, sentiment_csv
     args = [
         *_overrides(no_dropout_bert, sentiment_csv, run),
         "train.max_steps=60",
+        "train.epochs=10",
         "train.batch_size=4",
         "train.distributed=fsdp",
         "train.distributed_timeout_s=30",
@@ -365,6 +367,10 @@ def test_bad_launch_fails_on_every_rank_in_one_line(setting, expected, tiny_mode
     )
     text = log.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("leantune: error:")]
-    assert rc != 0 and len(lines) == 2 and all(expected in ln for ln in lines), text[-3000:]
-    assert text.count("exitcode  : 2") == 2, text[-3000:]
+    # Each rank reaches the same verdict before any collective; torchrun stops the others (SIGTERM) as
+    # soon as the first exits, so a slower rank may be stopped before it prints its own line.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", text)
+    assert rc != 0 and lines and all(ln == lines[0] and expected in ln for ln in lines), text[-3000:]
+    assert "2" in codes and set(codes) <= {"2", "-15"}, text[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", text), text[-3000:]  # torchrun's own report has one
     assert not run.exists()
