@@ -151,9 +151,9 @@ def full_runs(no_dropout_bert, sentiment_csv, tmp_path_factory) -> tuple[Path, P
     return _pair(no_dropout_bert, sentiment_csv, tmp_path_factory.mktemp("fsdp-full"), "full")
 
 
-def _check_matches(fsdp: Path, single: Path) -> tuple[float, float]:
+def _check_matches(fsdp: Path, single: Path, mode: str = "fsdp") -> tuple[float, float]:
     a, b = json.loads((fsdp / "summary.json").read_text()), json.loads((single / "summary.json").read_text())
-    assert a["world_size"] == 2 and a["distributed"] == "fsdp" and b["world_size"] == 1
+    assert a["world_size"] == 2 and a["distributed"] == mode and b["world_size"] == 1
     digests = a["weights_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
     la, lb = _losses(fsdp), _losses(single)
@@ -167,7 +167,7 @@ def _check_matches(fsdp: Path, single: Path) -> tuple[float, float]:
     records = [json.loads(ln) for ln in (fsdp / "metrics.jsonl").read_text().splitlines()]
     keys = Counter((r["step"], r.get("split", "train")) for r in records)
     assert [k for k, n in keys.items() if n > 1] == [], "more than one rank wrote metrics.jsonl"
-    print(f"max relative loss difference {rel:.2e}, max weight difference {diff:.2e}")
+    print(f"{mode}: max relative loss difference {rel:.2e}, max weight difference {diff:.2e}")
     return rel, diff
 
 
@@ -245,19 +245,9 @@ def _worker_of_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
-@heavy
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker of rank 1 through /proc")
-def test_killed_rank_stops_the_others_then_resume(no_dropout_bert, sentiment_csv, tmp_path):
-    run = tmp_path / "run"
-    args = [
-        *_overrides(no_dropout_bert, sentiment_csv, run),
-        "train.max_steps=60",
-        "train.epochs=10",
-        "train.batch_size=4",
-        "train.distributed=fsdp",
-        "train.distributed_timeout_s=30",
-    ]
-    log = tmp_path / "killed.log"
+def _fault(run: Path, args: list[str], log: Path, how: signal.Signals) -> tuple[str, float, int]:
+    """Start 2 FSDP ranks, wait for a checkpoint, send `how` to rank 1; (log, seconds until rank 0's
+    line or the launcher's exit, exit code)."""
     with log.open("w") as fh:
         proc = subprocess.Popen(
             _cmd(2, args), env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
@@ -269,32 +259,85 @@ def test_killed_rank_stops_the_others_then_resume(no_dropout_bert, sentiment_csv
                 time.sleep(0.2)
             victim = _worker_of_rank(proc.pid, 1)  # torchrun's workers are its children
             assert victim is not None
-            os.kill(victim, signal.SIGKILL)
-            killed = time.monotonic()
+            os.kill(victim, how)
+            hit = time.monotonic()
+            while proc.poll() is None and "leantune: error:" not in log.read_text():
+                assert time.monotonic() < hit + 60, f"rank 0 still waits:\n{log.read_text()[-3000:]}"
+                time.sleep(0.2)
+            stopped_after = time.monotonic() - hit
+            if how == signal.SIGSTOP:
+                os.kill(victim, signal.SIGKILL)  # else torchrun waits 30 s on the frozen worker
             rc = proc.wait(timeout=60)
-            stopped_after = time.monotonic() - killed
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    text = log.read_text()
-    assert rc != 0
+    return log.read_text(), stopped_after, rc
+
+
+def _one_lost_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.startswith("leantune: error:")]
-    assert len(lines) == 1 and "rank 1 of this run was lost" in lines[0] and "--resume" in lines[0], text[
-        -3000:
-    ]
+    assert len(lines) == 1, text[-3000:]
+    assert "rank 1 of this run was lost" in lines[0] and "--resume" in lines[0], text[-3000:]
     assert "[rank0]: Traceback" not in text, text[-3000:]
-    print(f"rank 0 and the launcher stopped {stopped_after:.1f} s after rank 1 was killed: {lines[0]}")
-    assert stopped_after < 30
+    return lines[0]
+
+
+@heavy
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker of rank 1 through /proc")
+def test_killed_rank_stops_the_others_then_resume(no_dropout_bert, sentiment_csv, tmp_path):
+    """kill -9: rank 0's next collective fails at once (the socket closed); the line comes after the
+    heartbeat probe (PROBE_S), and torchrun exits."""
+    run = tmp_path / "run"
+    args = [
+        *_overrides(no_dropout_bert, sentiment_csv, run),
+        "train.max_steps=60",
+        "train.epochs=10",
+        "train.batch_size=4",
+        "train.distributed=fsdp",
+    ]
+    text, stopped_after, rc = _fault(run, args, tmp_path / "killed.log", signal.SIGKILL)
+    line = _one_lost_line(text)
+    print(f"rank 0 stopped {stopped_after:.1f} s after rank 1 was killed: {line}")
+    assert rc != 0 and stopped_after < 30
 
     last = (run / "checkpoints" / "latest").read_text().strip()
-    assert last in lines[0]
+    assert last in line
     _launch(2, [str(run / "config.yaml"), "--resume"], tmp_path / "r.log")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["resumed"] is True and summary["train"]["steps"] == 60
-    resumed_from = int(last.removeprefix("step-"))
     assert sorted(_losses(run)) == list(range(1, 61)), "the resumed run lost or repeated log lines"
-    assert resumed_from >= 5
+
+
+@heavy
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker of rank 1 through /proc")
+def test_hung_rank_stops_the_others_after_the_timeout(no_dropout_bert, sentiment_csv, tmp_path):
+    """SIGSTOP: rank 1 is alive but silent; rank 0's collective times out after
+    train.distributed_timeout_s, then the probe names rank 1 (its heartbeat stopped too)."""
+    run = tmp_path / "run"
+    args = [
+        *_overrides(no_dropout_bert, sentiment_csv, run),
+        "train.max_steps=200",
+        "train.epochs=20",
+        "train.batch_size=4",
+        "train.distributed=fsdp",
+        "train.distributed_timeout_s=10",
+    ]
+    text, stopped_after, rc = _fault(run, args, tmp_path / "hung.log", signal.SIGSTOP)
+    line = _one_lost_line(text)
+    print(f"rank 0 stopped {stopped_after:.1f} s after rank 1 froze (timeout 10 s): {line}")
+    assert rc != 0 and 10 <= stopped_after < 40
+
+
+@heavy
+def test_torchrun_auto_is_ddp_and_matches_one_process(full_runs, no_dropout_bert, sentiment_csv, tmp_path):
+    """Plain torchrun (no accelerate launcher, no ACCELERATE_USE_CPU): auto means DDP, gradients sync."""
+    _, single = full_runs
+    ddp = tmp_path / "ddp"
+    _launch(2, [*_overrides(no_dropout_bert, sentiment_csv, ddp), "train.batch_size=4"], tmp_path / "d.log")
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["distributed"] == "ddp"
+    _check_matches(ddp, single, "ddp")
 
 
 # -- bad input: one line, exit 2, before any collective ----------------------------------------------

@@ -222,6 +222,7 @@ def guard(checkpoints=None) -> Iterator[None]:
         yield
     except UserError:
         _leave(rank)
+        stop_heartbeat()
         raise
     except (Exception, _Terminated) as exc:
         # The launcher SIGTERMs the survivors as soon as one worker died, while this rank is still
@@ -229,9 +230,12 @@ def guard(checkpoints=None) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lost = lost_ranks()
         _leave(rank)
+        stop_heartbeat()
         if not lost and not isinstance(exc, _Terminated):
             raise  # a failure of our own: keep its traceback
         raise RankLost(_lost_message(rank, lost, exc, checkpoints)) from None
+    _leave(rank)  # done: a rank still finishing must not count this one as lost
+    stop_heartbeat()
 
 
 def _lost_message(rank: int, lost: list[int] | None, exc: BaseException, checkpoints) -> str:
@@ -252,7 +256,12 @@ def _lost_message(rank: int, lost: list[int] | None, exc: BaseException, checkpo
 
 
 def stop_heartbeat() -> None:
+    """Stop the heartbeat thread and wait for it: a thread inside a store call while the interpreter
+    exits aborts the process ("terminate called without an active exception")."""
     _Heartbeat.stop.set()
+    if _Heartbeat.thread is not None:
+        _Heartbeat.thread.join(timeout=10)
+        _Heartbeat.thread = None
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------------
