@@ -417,3 +417,17 @@ def test_bad_launch_fails_on_every_rank_in_one_line(setting, expected, tiny_mode
     assert "2" in codes and set(codes) <= {"2", "-15"}, text[-3000:]
     assert not re.search(r"\[rank\d\]: Traceback", text), text[-3000:]  # torchrun's own report has one
     assert not run.exists()
+
+
+def test_export_of_an_fsdp_checkpoint_joins_the_shards(full_runs, tmp_path):
+    """`leantune export --checkpoint` on DCP shards gives the weights the 1-process run checkpointed."""
+    from safetensors.torch import load_file
+
+    from leantune.cli import main
+
+    fsdp, single = full_runs
+    assert main(["export", str(fsdp), "--checkpoint", str(RESUME_FROM), "--out", str(tmp_path / "x")]) == 0
+    got = load_file(str(tmp_path / "x" / "model.safetensors"))
+    want = load_file(str(single / "checkpoints" / f"step-{RESUME_FROM:08d}" / "trainable.safetensors"))
+    assert set(want) <= set(got)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5

@@ -396,6 +396,27 @@ def _load_whole(path: Path, model: torch.nn.Module, optimizer) -> None:
     _apply_flat(model, optimizer, source, by_name)
 
 
+def read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """The whole trainable tensors of checkpoint `path`, of either kind, in one process (for export)."""
+    if not is_sharded_checkpoint(path):
+        return load_file(str(path / "trainable.safetensors"))
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(path / DCP_DIR))
+    wanted = {
+        key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith("model.")
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)), no_dist=True)
+    return {key[len("model.") :]: value for key, value in wanted.items()}
+
+
 def _sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
