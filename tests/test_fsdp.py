@@ -431,3 +431,18 @@ def test_export_of_an_fsdp_checkpoint_joins_the_shards(full_runs, tmp_path):
     want = load_file(str(single / "checkpoints" / f"step-{RESUME_FROM:08d}" / "trainable.safetensors"))
     assert set(want) <= set(got)
     assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5
+
+
+def test_the_lost_rank_line_names_the_rank_and_the_checkpoint(tmp_path):
+    from leantune.train import checkpoint as ckpt
+    from leantune.train.distributed import _lost_message, _Terminated
+
+    root = tmp_path / "checkpoints"
+    line = _lost_message(0, [1], [], RuntimeError("Connection closed by peer"), root)
+    assert line.startswith("rank 1 of this run was lost") and "no complete checkpoint yet" in line
+    (root / "step-00000005").mkdir(parents=True)
+    (root / "step-00000005" / ckpt.MANIFEST).write_text("{}")
+    (root / "latest").write_text("step-00000005")
+    line = _lost_message(1, [], [0], RuntimeError(), root)
+    assert "rank 0 stopped on an error of its own" in line and "step-00000005" in line and "--resume" in line
+    assert "SIGTERM" in _lost_message(1, [], [], _Terminated(), None)

@@ -180,8 +180,9 @@ def _store():
         return None
 
 
-def lost_ranks() -> list[int] | None:
-    """Ranks whose heartbeat stood still for PROBE_S (and that did not leave on purpose); None: unknown."""
+def probe_ranks() -> tuple[list[int], list[int]] | None:
+    """(lost, stopped): ranks whose heartbeat stood still for PROBE_S without leaving on purpose, and ranks
+    that left on purpose (stopped on an error of their own, or finished); None: the store is gone."""
     import torch.distributed as dist
 
     store = _store()
@@ -196,7 +197,7 @@ def lost_ranks() -> list[int] | None:
         left = {r for r in range(world) if store.check([_LEFT.format(r)])}
     except Exception:  # the store itself is gone: its host (the launcher, or rank 0) died
         return None
-    return [r for r in range(world) if after[r] == before[r] and r not in left]
+    return [r for r in range(world) if after[r] == before[r] and r not in left], sorted(left)
 
 
 def _leave(rank: int) -> None:
@@ -228,20 +229,27 @@ def guard(checkpoints=None) -> Iterator[None]:
         # The launcher SIGTERMs the survivors as soon as one worker died, while this rank is still
         # finding out which one: finish the probe (torchrun waits 30 s before SIGKILL), then stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        lost = lost_ranks()
+        found = probe_ranks()
         _leave(rank)
         stop_heartbeat()
-        if not lost and not isinstance(exc, _Terminated):
+        lost, stopped = found if found is not None else ([], [])
+        stopped = [r for r in stopped if r != rank]
+        if not lost and not stopped and found is not None and not isinstance(exc, _Terminated):
             raise  # a failure of our own: keep its traceback
-        raise RankLost(_lost_message(rank, lost, exc, checkpoints)) from None
+        raise RankLost(_lost_message(rank, lost, stopped, exc, checkpoints)) from None
     _leave(rank)  # done: a rank still finishing must not count this one as lost
     stop_heartbeat()
 
 
-def _lost_message(rank: int, lost: list[int] | None, exc: BaseException, checkpoints) -> str:
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _lost_message(rank: int, lost: list[int], stopped: list[int], exc: BaseException, checkpoints) -> str:
     if lost:
-        who = f"rank {lost[0]}" if len(lost) == 1 else "ranks " + ", ".join(map(str, lost))
-        what = f"{who} of this run was lost (it died or stopped responding)"
+        what = f"{_ranks(lost)} of this run was lost (it died or stopped responding)"
+    elif stopped:
+        what = f"{_ranks(stopped)} stopped on an error of its own (its line says which)"
     elif isinstance(exc, _Terminated):
         what = "the launcher stopped this process (SIGTERM), another rank failed"
     else:
