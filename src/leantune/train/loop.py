@@ -297,10 +297,10 @@ class Trainer:
                 cached = self.prefix_cache.micro_batch(idx, batch["attention_mask"])
             if self.fsdp:  # FSDP2 reduce-scatters only on the last micro-batch; autocast as prepare would
                 self.model.set_requires_gradient_sync(sync)
-                no_sync = self.acc.autocast()
+                around = self.acc.autocast()
             else:
-                no_sync = nullcontext() if sync else self.acc.no_sync(self.model)
-            with no_sync, cached:
+                around = nullcontext() if sync else self.acc.no_sync(self.model)
+            with around, cached:
                 self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
             self._running_n += 1
         grad_norm = None
