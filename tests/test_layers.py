@@ -3,16 +3,19 @@ including imports inside functions and under `if TYPE_CHECKING:` (a lazy import 
 
 Ranks (a module may import modules of its own rank or lower, never higher):
 
-    0  core       leantune (the package itself), config, errors, atomic
+    0  core       leantune (the package itself), settings (the config sections), errors, atomic,
+                  runfolder, numbers, outputs
     1  data       leantune.data.*
     2  models     leantune.models.*        (may use data: the embedded model lives in the data cache)
     3  memory     leantune.memory.*        (may use models: block structure, LoRA sites, packed weights)
     4  methods    leantune.methods.*       (private helpers `methods/_*.py` count as methods)
-    5  eval       leantune.eval.*
-    6  train      leantune.train.*         (evaluates during training: may use eval)
-    7  bench      leantune.bench.*         (measures runs: may use train and eval)
-    8  recipes    leantune.recipes.*       (the face: composes everything below)
-    9  cli        leantune.cli, leantune.__main__
+    5  config     leantune.config          (the run config: the sections plus each method's config model)
+    6  eval       leantune.eval.*
+    7  train      leantune.train.*         (evaluates during training: may use eval)
+    8  bench      leantune.bench.*         (measures runs: may use train and eval)
+    9  recipes    leantune.recipes.*       (the face: composes everything below)
+   10  cli        leantune.cli, leantune.__main__
+   11  docs_gen   the docs generator (reads the CLI parser and every config model)
 
 data < models < memory and eval < train < bench are strict, so no two packages of the same band import
 each other (no cycles). Within one package anything goes (a package is one unit of design).
@@ -33,32 +36,29 @@ PACKAGE = "leantune"
 
 RANKS: dict[str, int] = {
     "": 0,  # `import leantune` / `from leantune import __version__`
-    "config": 0,
+    "settings": 0,  # the config sections every layer reads
     "errors": 0,
     "atomic": 0,
     "runfolder": 0,
+    "numbers": 0,
+    "outputs": 0,
     "__version__": 0,  # `from leantune import __version__`
     "data": 1,
     "models": 2,
     "memory": 3,
     "methods": 4,
-    "eval": 5,
-    "train": 6,
-    "bench": 7,
-    "recipes": 8,
-    "cli": 9,
-    "__main__": 9,
+    "config": 5,  # the composed run config: the sections plus each method's own config model
+    "eval": 6,
+    "train": 7,
+    "bench": 8,
+    "recipes": 9,
+    "cli": 10,
+    "docs_gen": 11,  # the docs generator reads the CLI parser and every config model
+    "__main__": 10,
 }
 
 # (importing module, imported module) -> why it is still there.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("leantune.config", "leantune.methods.registry"): (
-        "config.py builds the union of method configs from the registry (`MethodConfig`, "
-        "`method_config_class`); config.py is owned elsewhere (issue 15): the fix is to let the methods "
-        "layer hand config its config classes, or to rank config above methods once data/ stops "
-        "importing `DataConfig` from it"
-    ),
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def layer_of(module: str) -> str:

@@ -109,3 +109,21 @@ def test_export_of_a_missing_checkpoint_names_the_ones_there_are(lora_run, capsy
     run, _, _ = lora_run
     line = cli_err(capsys, "export", run, "--checkpoint", "99")
     assert "no checkpoint '99'" in line and "step-00000002, step-00000004" in line
+
+
+def test_benchmark_artefacts_hold_no_path_of_the_machine_that_ran_them(tmp_path):
+    import sys
+
+    from leantune.bench.artefact import portable
+
+    root, run = tmp_path / "repo", tmp_path / "scratch" / "lora-r1"
+    raw = {
+        "command": [sys.executable, "-m", "leantune", "train", f"output.dir={run}"],
+        "config": {"data": {"source": f"{root}/benchmarks/data/trec.csv"}, "output": {"dir": str(run)}},
+        "steps": 3,
+    }
+    assert portable(raw, run, root) == {
+        "command": ["python", "-m", "leantune", "train", "output.dir=<run>"],
+        "config": {"data": {"source": "benchmarks/data/trec.csv"}, "output": {"dir": "<run>"}},
+        "steps": 3,
+    }

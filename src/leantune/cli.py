@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import warnings
@@ -28,6 +29,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leantune", description="Efficient fine-tuning of transformer language models.")
+    from leantune import __version__
+
+    p.add_argument("--version", action="version", version=f"leantune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (default: the embedded MiniLM + LoRA job)")
@@ -38,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a config file and/or dotted overrides such as train.lr=1e-4 methods.0.r=16",
     )
     t.add_argument("--resume", action="store_true", help="continue the run in output.dir from its checkpoint")
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full resolved config (defaults included); run nothing",
+    )
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate config, run folder, data, model and methods; print the plan and the first batch; "
+        "train nothing",
+    )
     t.add_argument(
         "--force-resume",
         action="store_true",
@@ -136,7 +151,17 @@ def dispatch(ns: argparse.Namespace) -> None:
             raise UserError(f"'{bad[0]}' is not key=value; only the first argument may be a config file")
         if ns.force_resume and not ns.resume:
             raise UserError("--force-resume only applies with --resume")
-        run_train(load_config(path, overrides), resume=ns.resume, force_resume=ns.force_resume)
+        cfg = load_config(path, overrides)
+        if ns.print_config:
+            from leantune.config import dump_config
+
+            print(dump_config(cfg), end="")
+        elif ns.dry_run:
+            from leantune.recipes.train import dry_run
+
+            dry_run(cfg, resume=ns.resume, force_resume=ns.force_resume)
+        else:
+            run_train(cfg, resume=ns.resume, force_resume=ns.force_resume)
     elif ns.command == "eval":
         from leantune.recipes.evaluate import run_eval, run_mmlu_eval
 
@@ -160,9 +185,11 @@ def dispatch(ns: argparse.Namespace) -> None:
         splits, _ = load_builtin(ns.name)
         print(f"{ns.name}: {sum(len(v) for v in splits.values())} rows cached")
     elif ns.command == "methods":
-        from leantune.methods.registry import available_methods
+        from leantune.methods.registry import available_methods, describe_method
 
-        print("\n".join(available_methods()))
+        names = available_methods()
+        width = max(map(len, names))
+        print("\n".join(f"{n:<{width}}  {describe_method(n)}" for n in names))
     elif ns.command == "bench":
         from leantune.bench.runner import run_bench
 
@@ -193,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft 0.21 calls an API transformers 5 deprecated; the user can do nothing about it
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # transformers' kernel hub warns on every offline load; an error must stay one line on stderr
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     try:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)

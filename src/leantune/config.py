@@ -1,20 +1,21 @@
-"""The run configuration: pydantic models, YAML loading and dotted `key=value` overrides.
+"""The run configuration: the sections of `leantune.settings` plus the `methods` list, YAML loading and
+dotted `key=value` overrides.
 
-Every field a user can set lives here (methods add their own models through the registry), with
-`extra="forbid"` so a typo is an error rather than a silently ignored setting. This module must stay
-cheap to import: `leantune train --help` and config validation never touch torch.
+Every field a user can set lives here or in `leantune.settings` (methods add their own models through the
+registry), with `extra="forbid"` so a typo is an error rather than a silently ignored setting. It sits
+above the methods layer (it validates each method's config with that method's model) and below
+train/eval/bench/recipes. This module must stay cheap to import: `leantune train --help` and config
+validation never touch torch.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -23,128 +24,23 @@ from pydantic import (
 )
 
 from leantune.errors import UserError
-from leantune.methods.registry import MethodConfig, method_config_class
-
-Task = Literal["classification", "causal_lm", "seq2seq"]
-CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
-LM_METRICS = ("loss", "perplexity")
-#: scored on generated text (eval/generation.py); need eval.generate=true
-GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class ModelConfig(Strict):
-    name: str = Field(
-        "embedded:minilm",
-        description="`embedded:<name>` (a model shipped by a package), a local HF folder, or a hub id.",
-    )
-    max_length: int = Field(128, gt=0, description="Inputs are truncated to this many tokens.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-
-class DataConfig(Strict):
-    source: str = Field(
-        "builtin:rotten_tomatoes",
-        description="`builtin:<name>`, a .csv/.tsv/.jsonl file, or `hf:<dataset>[:<config>]` for datasets.",
-    )
-    text_column: str = Field("text", description="Input text (classification), prompt (causal LM), source.")
-    text_pair_column: str | None = Field(None, description="Second text for pair classification.")
-    label_column: str | None = Field(
-        "label", description="Class label (classification), response (causal LM, may be null), target."
-    )
-    label_names: list[str] | None = Field(
-        None, description="Class names in id order; default: inferred from the training split."
-    )
-    train_split: str = "train"
-    validation_split: str = "validation"
-    test_split: str = "test"
-    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
-    split_seed: int = 42
-    max_train_samples: int | None = Field(None, gt=0)
-    max_eval_samples: int | None = Field(None, gt=0)
-
-
-class TrainConfig(Strict):
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Per process, per micro-batch.")
-    grad_accum: int = Field(1, gt=0)
-    group_by_length: bool = Field(
-        False,
-        description="Batch examples of similar length: less padding (1.9x samples/s on the default job at "
-        "equal accuracy, benchmarks/results/speed-levers), but batches skew towards one label where length "
-        "and label correlate, so it is opt-in (as in transformers.Trainer).",
-    )
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
-    adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
-        "auto", description="torch AdamW kernel (same arithmetic); a speed lever measured in speed-levers-2."
-    )
-    compile_blocks: bool = Field(
-        False,
-        description="torch.compile each transformer block (dynamic shapes) in place, so method hooks on "
-        "the blocks stay; a speed lever measured in speed-levers-2 (compiling costs time up front).",
-    )
-    distributed: Literal["auto", "fsdp", "ddp", "none"] = Field(
-        "auto",
-        description="Under a multi-process launch (torchrun): auto = ddp; fsdp = FSDP2 sharding per block; "
-        "none refuses several processes. fsdp and ddp need a launcher (docs/distributed.md).",
-    )
-    distributed_backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="Process-group backend: auto = nccl on CUDA GPUs, gloo on CPU."
-    )
-    distributed_timeout_s: int = Field(
-        600,
-        gt=0,
-        description="A collective (all-reduce, barrier, checkpoint) waiting longer than this on another "
-        "process fails the run with one line naming the lost rank.",
-    )
-    log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
-    save_every: int | None = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
-    keep_checkpoints: int = Field(2, gt=0)
-    early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without improvement.")
-    cache_frozen_prefix: bool = Field(
-        False,
-        description="Keep the hidden states after the frozen embeddings + lowest blocks in RAM after an "
-        "example's first pass and skip that prefix later; dropout in it is off (train/prefix_cache.py).",
-    )
-
-
-class EvalConfig(Strict):
-    batch_size: int = Field(64, gt=0)
-    metric: str | None = Field(None, description="Selects the best checkpoint; default accuracy or loss.")
-    generate: bool = Field(
-        False,
-        description="seq2seq / causal LM with a response column: also generate on validation and test and "
-        "score BLEU, chrF, ROUGE-1/2/L, exact match (slow; test generations go to predictions.jsonl).",
-    )
-    max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
-    num_beams: int = Field(1, gt=0, description="1 = greedy decoding.")
-    max_generate_samples: int | None = Field(
-        None, gt=0, description="Generate for at most this many rows of each split (speed)."
-    )
-    mmlu_shots: int | None = Field(
-        None, ge=0, description="causal LM: after training, MMLU k-shot accuracy with k shots (e.g. 0 or 5)."
-    )
-    mmlu_questions: int | None = Field(
-        None, gt=0, description="MMLU: a seeded subset of this many questions (default: all 14,042)."
-    )
-
-
-class OutputConfig(Strict):
-    dir: str = "runs/default"
-    overwrite: bool = Field(False, description="Replace an existing run directory.")
-    tensorboard: bool = True
+from leantune.methods.registry import MethodConfig, check_method_list, method_config_class
+from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.config import DataConfig`)
+    CLASSIFICATION_METRICS,
+    GENERATION_METRICS,
+    LM_METRICS,
+    MAX_SEED,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OutputConfig,
+    Strict,
+    Task,
+    TrainConfig,
+    apply_override,
+    describe_validation_error,
+    read_yaml_mapping,
+)
 
 
 class Config(Strict):
@@ -164,7 +60,7 @@ class Config(Strict):
     def _dispatch_methods(cls, value: Any) -> Any:
         if not isinstance(value, list) or not value:
             raise ValueError("must be a non-empty list such as [{name: lora}]")
-        out = []
+        out: list = []
         for i, item in enumerate(value):
             if isinstance(item, MethodConfig):
                 out.append(item)
@@ -173,6 +69,11 @@ class Config(Strict):
                 item = {"name": item}
             if not isinstance(item, dict) or "name" not in item:
                 raise ValueError(f"entry {i} needs a `name` (e.g. {{name: lora}})")
+            earlier = [j for j, m in enumerate(out) if m.name == str(item["name"])]
+            if earlier:
+                raise ValueError(
+                    f"method '{item['name']}' is listed twice (entries {earlier[0]} and {i}); list each once"
+                )
             config_cls = method_config_class(str(item["name"]))
             try:
                 out.append(config_cls.model_validate(item))
@@ -200,6 +101,7 @@ class Config(Strict):
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
         if self.eval.mmlu_shots is not None and self.task != "causal_lm":
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
+        check_method_list(self.task, [m.name for m in self.methods])  # by name only: no torch
         return self
 
     @property
@@ -207,99 +109,12 @@ class Config(Strict):
         return self.eval.metric or ("accuracy" if self.task == "classification" else "loss")
 
 
-def describe_validation_error(
-    exc: ValidationError,
-    root: type[BaseModel],
-    prefix: str = "",
-    noun: str = "config key",
-    top: str = "config",
-) -> str:
-    """One line for the first validation error: the dotted key, what is wrong, and the fix.
-
-    Shared by every YAML file we validate (configs, benchmark suites); `noun` names what a key is.
-    """
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if not loc and not prefix:  # a check across sections (a model validator): its message says it all
-        return f"{top}: {msg}"
-    key = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
-    if err["type"] == "extra_forbidden":
-        valid = _valid_keys(root, loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(valid)}"
-        return f"unknown {noun} '{key}': {fix}"
-    got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
-    return f"{noun} '{key}': {msg[0].lower()}{msg[1:]}{shown}"
-
-
-def _valid_keys(root: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model at `loc`, looking through list[...] and optional annotations."""
-    model: type[BaseModel] | None = root
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part)) if model else None
-        candidates = (field.annotation, *get_args(field.annotation)) if field else ()
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    return sorted(model.model_fields) if model else []
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping; `what` names it in the one-line errors."""
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise UserError(f"{what} {path} must hold a mapping of keys")
-    return loaded or {}
-
-
-def apply_override(tree: dict, dotted: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`lr=1e-4`, `targets=[q,v]`)."""
-    if "=" not in dotted:
-        raise UserError(f"override '{dotted}' is not key=value; write e.g. train.lr=1e-4")
-    key, raw = dotted.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    node: Any = tree
-    parts = key.strip().split(".")
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UserError(
-                    f"override '{key}': '{part}' is not an index of that list (0..{len(node) - 1})"
-                )
-            if isinstance(node[int(part)], str):  # `methods=[lora]` then `methods.0.r=16`
-                node[int(part)] = {"name": node[int(part)]}
-            node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
-        if part not in node or node[part] is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
-    last = parts[-1]
-    if not isinstance(node, (dict, list)):
-        raise UserError(f"override '{key}': '{'.'.join(parts[:-1])}' is a value, not a section")
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserError(f"override '{key}': '{last}' is not an index of that list")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file (or the built-in defaults when `path` is None), apply overrides, validate."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise UserError(f"config file not found: {p}; pass an existing YAML file (see configs/)")
         tree = read_yaml_mapping(p, "config file")
     if "methods" not in tree and any(o.startswith("methods.") for o in overrides):

@@ -6,6 +6,7 @@ run folder exactly as it was."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,9 +74,7 @@ def _swap_first_label(text: str) -> str:
 def _pointer(value: str) -> Callable[[Path], None]:
     def change(run: Path) -> None:
         for step in _checkpoints(run):  # only the pointer is left to go by
-            for f in step.iterdir():
-                f.unlink()
-            step.rmdir()
+            shutil.rmtree(step)
         (run / "checkpoints" / "latest").write_text(value)
 
     return change

@@ -155,7 +155,7 @@ def _cases() -> list[Case]:
             family="rundir",
             what="a run folder another leantune process holds",
             argv=train(),
-            phrase=f"in use by leantune pid {os.getpid()}",
+            phrase="in use by leantune pid",  # the pid itself: tests/test_runfolder.py
             files=with_data(FINISHED),
             setup=_held,
         ),

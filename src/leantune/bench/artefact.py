@@ -81,6 +81,25 @@ def params_with_active_share(summary: dict) -> dict:
     return params
 
 
+def portable(value, run_dir: Path, root: Path | None = None):
+    """`value` with this machine's paths taken out: the run's scratch folder becomes `<run>`, paths under
+    `root` (the working directory: the repository when benchmarks run) become relative, the Python
+    executable becomes `python`; an artefact then reads the same wherever it was made."""
+    import sys
+
+    root = (root or Path.cwd()).resolve()
+    if isinstance(value, dict):
+        return {k: portable(v, run_dir, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, run_dir, root) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value == sys.executable:
+        return "python"
+    value = value.replace(str(run_dir), "<run>")
+    return value.replace(f"{root}/", "")
+
+
 def build_artefact(
     *,
     suite: str,
@@ -97,7 +116,8 @@ def build_artefact(
     flops: dict,
 ) -> dict:
     train = summary["train"]
-    cfg = summary["config"]
+    cfg = portable(summary["config"], run_dir)
+    overrides, command = portable(overrides, run_dir), portable(command, run_dir)
     return {
         "schema": SCHEMA,
         "suite": suite,

@@ -26,6 +26,7 @@ from leantune.atomic import copy_atomic, write_json_atomic
 from leantune.bench.artefact import artefact_path, build_artefact, metrics_path, read_artefact
 from leantune.bench.suite import PlannedRun, Suite, load_suite, plan, resolve_suite_path
 from leantune.errors import UserError
+from leantune.outputs import check_output_root
 
 DEFAULT_RESULTS = Path("benchmarks/results")
 _MODULE = {"leantune": ["leantune", "train"], "hf_baseline": ["leantune.bench.hf_baseline"]}
@@ -65,9 +66,13 @@ def run_bench(
     work: Path | None = None,
 ) -> list[Path]:
     """Run the suite; return the artefact paths of every planned (run, repeat), fresh or reused."""
+    check_output_root(results or DEFAULT_RESULTS, "--results")
+    if work is not None:
+        check_output_root(work, "--work")
     suite = load_suite(resolve_suite_path(suite_arg))
     runs = plan(suite, extra, only, repeat)  # validates every run's config before anything starts
     folder = (results or DEFAULT_RESULTS) / suite.name
+    check_output_root(folder, "--results")
     todo = [r for r in runs if rerun or read_artefact(artefact_path(folder, r.key)) is None]
     if dry_run:
         _print_plan(suite, runs, todo, folder)

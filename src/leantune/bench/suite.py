@@ -36,7 +36,14 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_coercion(cls, value, info):
+        from leantune.numbers import check_number
+
+        return check_number(value, cls.model_fields[info.field_name].annotation)
 
 
 class RunSpec(_Strict):

@@ -32,6 +32,12 @@ def read_table(path: Path) -> list[Record]:
 def _read_table(path: Path) -> list[Record]:
     if not path.is_file():
         raise UserError(f"data file not found: {path}; fix data.source (or --data)")
+    with path.open("rb") as fh:
+        head = fh.read(1 << 16)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" export
+        raise UserError(f"{path} is UTF-16 text; save it as UTF-8")
+    if b"\0" in head:
+        raise UserError(f"{path} is a binary file (it holds NUL bytes), not text; export it as CSV/JSONL")
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
     if path.suffix not in (".csv", ".tsv"):

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from leantune.config import DataConfig
 from leantune.data.sources import Record, carve, load_source
 from leantune.errors import UserError
+from leantune.settings import DataConfig
 
 IGNORE_INDEX = -100
 
@@ -69,11 +70,28 @@ def check_columns(rows: list[Record], cfg: DataConfig, keys: tuple[str, ...], so
             )
 
 
-def _text(row: Record, col: str, source: str) -> str:
+#: what pandas, spreadsheets and JSON write for a missing value; as a whole cell it is never real text
+MISSING_MARKERS = frozenset({"nan", "NaN", "NAN", "null", "NULL", "None", "#N/A", "N/A", "<NA>"})
+
+
+def _check_present(row: Record, col: str, source: str) -> None:
+    """A missing cell (empty, null, NaN, or the text 'nan' a DataFrame export writes) names its row."""
     value = row.get(col)
+    where = f"{source} line {row.get('_line', '?')}"
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise UserError(f"{source} line {row.get('_line', '?')}: empty '{col}'; fill it in or drop the row")
-    return str(value)
+        raise UserError(f"{where}: empty '{col}'; fill it in or drop the row")
+    if (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and value.strip() in MISSING_MARKERS
+    ):
+        raise UserError(
+            f"{where}: '{col}' is {str(value).strip()!r}, a missing value (as pandas writes NaN); "
+            "fill it in or drop the row"
+        )
+
+
+def _text(row: Record, col: str, source: str) -> str:
+    _check_present(row, col, source)
+    return str(row[col])
 
 
 def label_text(raw) -> str:
@@ -86,16 +104,23 @@ def label_text(raw) -> str:
 def infer_label_names(rows: list[Record], column: str) -> list[str]:
     """Sorted distinct labels; integer labels keep their numeric order (0, 1, 2, ... 10)."""
     labels = {label_text(r[column]) for r in rows if r.get(column) is not None}
-    if all(lab.lstrip("-").isdigit() for lab in labels):
+    if all(_is_integer(lab) for lab in labels):
         return sorted(labels, key=int)
     return sorted(labels)
 
 
+def _is_integer(text: str) -> bool:
+    """'3' and '-1', not '²' or '٣' (str.isdigit accepts those, and int() then fails on some)."""
+    digits = text.removeprefix("-")
+    return digits.isascii() and digits.isdigit()
+
+
 def label_id(row: Record, column: str, names: list[str], source: str) -> int:
+    _check_present(row, column, source)
     value = label_text(row.get(column))
     if value in names:
         return names.index(value)
-    if value.isdigit() and int(value) < len(names) and not any(n.isdigit() for n in names):
+    if _is_integer(value) and int(value) < len(names) and not any(_is_integer(n) for n in names):
         return int(value)  # integer labels over named classes (e.g. 0/1 with [negative, positive])
     raise UserError(
         f"{source} line {row.get('_line', '?')}: label '{value}' is not one of the labels "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from leantune.data.tasks import IGNORE_INDEX, collate
 from leantune.eval.metrics import classification_metrics, lm_metrics
@@ -39,7 +40,10 @@ def evaluate(
         most, have = -(-len(features) // world), len(mine)
         for _ in range(-(-most // batch_size) - -(-have // batch_size)):
             model(**{k: v.to(device) for k, v in collate(features[:batch_size], pad_id).items()})
-    for start in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    # a bar only where evaluation is long enough to wonder about (and on one rank)
+    bar = tqdm(starts, desc="eval", unit="batch", leave=False, disable=rank != 0 or len(starts) < 20)
+    for start in bar:
         batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
         out = model(**batch)
         if task == "classification":

@@ -3,6 +3,7 @@ process's own peak memory as Linux reports it (resettable, so a step's peak can 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -11,19 +12,30 @@ from leantune.errors import UserError
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.I)
+#: no machine has a petabyte of memory: a larger budget is a typo (an extra zero, 1e400)
+MAX_BUDGET_BYTES = 2**50
+_SYNTAX = "write e.g. 2GiB, 512MiB, 3e9 or a fraction such as 0.5"
 
 
 def check_budget(value: str | float | int) -> str | float | int:
-    """Validate the syntax only (cheap, in the config validator); the bytes are resolved later."""
+    """Validate the syntax and range only (cheap, in the config validator); bytes are resolved later."""
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is not a memory size; {_SYNTAX}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError("must be positive: bytes (e.g. 2GiB) or a fraction of available memory (0.5)")
-        return value
-    m = _BUDGET.match(str(value))
-    if not m or m.group(2).lower() not in UNITS or float(m.group(1)) <= 0:
+        number = float(value)
+    else:
+        m = _BUDGET.match(str(value))
+        if not m or m.group(2).lower() not in UNITS:
+            raise ValueError(f"'{value}' is not a memory size; {_SYNTAX}")
+        number = float(m.group(1)) * UNITS[m.group(2).lower()]
+    if not math.isfinite(number):
+        raise ValueError(f"'{value}' is not a finite memory size; {_SYNTAX}")
+    if number <= 0:
         raise ValueError(
-            f"'{value}' is not a memory size; write e.g. 2GiB, 512MiB, 3e9 or a fraction such as 0.5"
+            f"must be positive: bytes (e.g. 2GiB) or a fraction of available memory (0.5), not {value}"
         )
+    if number > MAX_BUDGET_BYTES:
+        raise ValueError(f"'{value}' is more than a petabyte, surely a typo; {_SYNTAX}")
     return value
 
 

@@ -9,6 +9,12 @@ every step, which our `on_step_end` hook no longer has (it runs after `zero_grad
 therefore runs plain backprop and calls it after the last micro-batch of each optimizer step, i.e.
 before the optimizer update rather than after it as peft's example does: the scores are computed from
 the same gradients, one update earlier. The allocator's smoothed scores are checkpointed for --resume.
+
+peft adds AdaLoRA's orthogonality regulariser to every forward's loss, evaluation included, and a model
+loaded for inference (`PeftModel.from_pretrained`) crashes there on a `trainable_adapter_name` it never
+set. The regulariser is a training penalty, not the task loss: `_penalise_only_in_training` adds it in
+training mode only, on the trained model and (through `after_load`) on a reloaded one, so validation
+and `leantune eval` report the plain task loss, comparable with every other method's.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class AdaLoraMethodConfig(MethodConfig):
 def apply(model, cfg: AdaLoraMethodConfig, ctx: MethodContext):
     import peft
 
-    from leantune.methods.lora import PEFT_TASK, check_targets, heads_to_save
+    from leantune.methods.lora import PEFT_TASK, check_targets, heads_to_save, layer_selection
 
     if cfg.target_r > cfg.init_r:
         raise UserError(f"adalora: target_r={cfg.target_r} exceeds init_r={cfg.init_r}; lower target_r")
@@ -61,11 +67,31 @@ def apply(model, cfg: AdaLoraMethodConfig, ctx: MethodContext):
         tfinal=0,
         deltaT=cfg.delta_t,
         orth_reg_weight=cfg.orth_reg_weight,
+        **layer_selection(model, cfg, ctx),
     )
     try:
-        return peft.get_peft_model(model, config)
+        return _penalise_only_in_training(peft.get_peft_model(model, config))
     except ValueError as exc:
         raise UserError(f"adalora: {exc}; set methods.N.target_modules explicitly") from None
+
+
+def _penalise_only_in_training(peft_model):
+    import types
+
+    tuner = peft_model.base_model
+    penalised = tuner.forward
+
+    def forward(self, *args, **kwargs):
+        if self.training and hasattr(self, "trainable_adapter_name"):
+            return penalised(*args, **kwargs)
+        return self.model.forward(*args, **kwargs)
+
+    tuner.forward = types.MethodType(forward, tuner)
+    return peft_model
+
+
+def after_load(model, cfg: AdaLoraMethodConfig):
+    return _penalise_only_in_training(model)
 
 
 class AdaLoraRuntime(MethodRuntime):
@@ -136,6 +162,10 @@ def torch_zeros_like(value):
 
 SPEC = register(
     MethodSpec(
-        "adalora", AdaLoraMethodConfig, apply, runtime=lambda model, cfg, ctx: AdaLoraRuntime(model, cfg)
+        "adalora",
+        AdaLoraMethodConfig,
+        apply,
+        runtime=lambda model, cfg, ctx: AdaLoraRuntime(model, cfg),
+        after_load=after_load,
     )
 )

@@ -40,18 +40,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
-    from leantune.config import Config
     from leantune.memory.contribution import MemoryContribution
+    from leantune.settings import DataConfig, ModelConfig, TrainConfig
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's config; `name` selects the method."""
+    """Base of every method's config; `name` selects the method. Numbers are strict: no inf/NaN, and no
+    silent coercion (`r: true` is not 1, `r: 2.0` is not 2; see `leantune.numbers`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     name: str
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_coercion(cls, value: Any, info) -> Any:
+        from leantune.numbers import check_number
+
+        return check_number(value, cls.model_fields[info.field_name].annotation)
 
 
 @dataclass(frozen=True)
@@ -78,12 +86,21 @@ class RunLogView(Protocol):
         """Append one record (with a "step" key) to the run's metrics.jsonl."""
 
 
+class RunConfigView(Protocol):
+    """What runtimes read of the run config (`leantune.config.Config`, a layer above the methods)."""
+
+    task: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+
 @runtime_checkable
 class TrainerView(Protocol):
     """Everything a `MethodRuntime` may use of the trainer (`leantune.train.loop.Trainer` implements it;
     `tests/test_method_contract.py` checks that the methods use nothing else)."""
 
-    cfg: Config  # the whole validated run config (read only)
+    cfg: RunConfigView  # the validated run config (read only)
     state: TrainStateView
     run_dir: Path  # the run folder (for a method's own files, e.g. a plot)
     world: int  # number of processes (methods that cannot run distributed refuse > 1)
@@ -165,6 +182,9 @@ class MethodSpec:
     # Rebuilds, on a freshly loaded base model, what the saved weights do not hold (a quantised base):
     # `reload(model, cfg, run_dir) -> model`, called by `eval`/`export` before the adapter is loaded.
     reload: Callable | None = None
+    # Restores, on the reloaded model (adapter loaded), what loading does not: `after_load(model, cfg) ->
+    # model`, called by `eval`/`export` after `PeftModel.from_pretrained` (adalora's eval-time loss).
+    after_load: Callable | None = None
     # The memory hook: `plan_for(model, cfg) -> MemoryContribution`, what applying this method to `model`
     # as it is now would add to (negative: take from) the memory model's weights, gradients, optimizer
     # state and activations. Only for effects the planner cannot read off an already adapted model.

@@ -98,7 +98,7 @@ def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
     import peft
 
     from leantune.memory.budget import parse_budget
-    from leantune.methods.lora import check_targets, heads_to_save
+    from leantune.methods.lora import check_targets, heads_to_save, layer_selection
 
     parse_budget(cfg.budget)  # a bad budget fails before anything is written
     if isinstance(cfg.target_modules, list):
@@ -111,6 +111,7 @@ def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         modules_to_save=modules_to_save,
+        **layer_selection(model, cfg, ctx),
     )
     try:
         return peft.get_peft_model(model, lora)

@@ -2,16 +2,22 @@
 
 The lower layers of a pretrained transformer hold general features; freezing them cuts gradient memory
 and backward time roughly in proportion to k while the upper blocks still adapt.
+
+In a combination `freeze` decides which blocks train at all: it records the indices of the blocks it froze
+whole on the model, and `lora`/`adapters` listed after it attach only to the other blocks (unless their
+own `layers` names blocks). It must therefore come before them; its report gives the trainable parameters
+of the finished model per block and per method.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from leantune.errors import UserError
+from leantune.methods import _blocks
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
 
 
@@ -67,12 +73,38 @@ def frozen_module_names(model, cfg: FreezeConfig) -> list[str]:
     return names
 
 
+def check_order(model, ctx: MethodContext) -> None:
+    _blocks.check_method_list(ctx.task, ctx.methods)
+    if hasattr(model, "peft_config"):
+        raise UserError(
+            "freeze must come before the peft method that wraps this model (freeze decides which blocks "
+            "it attaches to): write methods: [freeze, ...]"
+        )
+
+
+def frozen_block_indices(model) -> set[int]:
+    """Blocks none of whose parameters trains (what freeze froze, by layers or by module patterns)."""
+    try:
+        _, blocks = _blocks.blocks_of(model, "freeze")
+    except UserError:
+        return set()
+    return {i for i, b in enumerate(blocks) if not any(p.requires_grad for p in b.parameters())}
+
+
 def apply(model, cfg: FreezeConfig, ctx: MethodContext):
+    check_order(model, ctx)
     modules = dict(model.named_modules())
     for name in frozen_module_names(model, cfg):
         for p in modules[name].parameters():
             p.requires_grad_(False)
+    _blocks.record_frozen(model, frozen_block_indices(model))
     return model
 
 
-SPEC = register(MethodSpec("freeze", FreezeConfig, apply))
+def report(model, cfg: FreezeConfig) -> dict[str, Any]:
+    """The frozen blocks and the finished model's trainable parameters per block and per method (the
+    numbers of every method in the list together; each adds up to the run's trainable count)."""
+    return {"frozen_blocks": sorted(_blocks.frozen_blocks(model)), **_blocks.breakdown(model)}
+
+
+SPEC = register(MethodSpec("freeze", FreezeConfig, apply, report=report))

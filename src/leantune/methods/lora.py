@@ -2,16 +2,18 @@
 
 peft owns the layers, saving (`save_pretrained`, loadable by `PeftModel.from_pretrained`) and merging;
 this module only maps our config onto `peft.LoraConfig` and turns peft's late, cryptic target errors
-into one early line naming the layers the model actually has.
+into one early line naming the layers the model actually has. After a `freeze`, LoRA goes only into the
+blocks that still train (peft's `layers_to_transform`), unless `layers` names blocks explicitly.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from leantune.errors import UserError
+from leantune.methods import _blocks
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
 
 PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -30,6 +32,10 @@ class LoraConfig(MethodConfig):
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = Field(
         None, description="Extra fully trained modules; the task head is added by peft for classification."
+    )
+    layers: list[int] | None = Field(
+        None,
+        description="Blocks that get LoRA; null: every block (after freeze: every block still training).",
     )
 
 
@@ -53,11 +59,33 @@ def heads_to_save(model, ctx: MethodContext) -> list[str] | None:
     return [h for h in CLASSIFICATION_HEADS if h in children] or None
 
 
+def layer_selection(model, cfg: MethodConfig, ctx: MethodContext) -> dict[str, Any]:
+    """peft's `layers_to_transform`/`layers_pattern` for the blocks this LoRA goes into ({}: every layer).
+
+    Shared by every method that builds a peft LoRA-type adapter (lora, lora_sp, dynamic_rank, adalora), so
+    all of them skip the blocks `freeze` froze; `layers` in the method's own config (where it has one)
+    names blocks explicitly instead."""
+    explicit = getattr(cfg, "layers", None)
+    if explicit is None and not _blocks.frozen_blocks(model):
+        return {}
+    prefix, blocks = _blocks.blocks_of(model, cfg.name)
+    layers = _blocks.target_blocks(model, cfg.name, explicit, len(blocks))
+    if layers == list(range(len(blocks))) and explicit is None:
+        return {}
+    return {"layers_to_transform": layers, "layers_pattern": prefix.rsplit(".", 1)[-1]}
+
+
 def apply(model, cfg: LoraConfig, ctx: MethodContext):
     import peft
 
+    _blocks.check_method_list(ctx.task, ctx.methods)
+    if hasattr(model, "peft_config"):
+        raise UserError(
+            f"{cfg.name} cannot be stacked on another peft adapter (peft wraps a model once); keep one"
+        )
     if isinstance(cfg.target_modules, list):
         check_targets(model, cfg.target_modules)
+    selection = layer_selection(model, cfg, ctx)
     modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else heads_to_save(model, ctx)
     lora = peft.LoraConfig(
         task_type=PEFT_TASK[ctx.task],
@@ -67,6 +95,7 @@ def apply(model, cfg: LoraConfig, ctx: MethodContext):
         target_modules=cfg.target_modules,
         bias=cfg.bias,
         modules_to_save=modules_to_save,
+        **selection,
     )
     try:
         return peft.get_peft_model(model, lora)
@@ -74,4 +103,10 @@ def apply(model, cfg: LoraConfig, ctx: MethodContext):
         raise UserError(f"lora: {exc}; set methods.N.target_modules explicitly") from None
 
 
-SPEC = register(MethodSpec("lora", LoraConfig, apply))
+def report(model, cfg: LoraConfig) -> dict[str, Any]:
+    """LoRA's own trainable parameters, in total and per block (the head peft trains counts as `head`)."""
+    counts = _blocks.own_counts(model, "lora")
+    return {**counts, "head": _blocks.own_counts(model, "head")["trainable"]}
+
+
+SPEC = register(MethodSpec("lora", LoraConfig, apply, report=report))

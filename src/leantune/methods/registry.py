@@ -104,6 +104,29 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return get_method(name).config_cls
 
 
+def check_method_list(task: str, names: list[str]) -> None:
+    """Refuse, by names alone (no torch), method lists whose composition makes no sense."""
+    from leantune.methods._blocks import check_method_list as check
+
+    check(task, names)
+
+
+def describe_method(name: str, width: int = 100) -> str:
+    """The first sentence of the method module's docstring: what `leantune methods` shows beside it."""
+    import re
+    import sys
+
+    doc = sys.modules[get_method(name).apply.__module__].__doc__ or ""
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    sentence = re.split(r"(?<!\bal)\.\s+(?=[A-Z(])", paragraph, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[: width - 3].rsplit(" ", 1)[0] + "..."
+
+
 def available_methods() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def shipped_methods() -> list[str]:
+    """The methods of this package, without any a program (a test) registered beside them."""
+    return [n for n in available_methods() if _REGISTRY[n].apply.__module__.startswith(f"{__package__}.")]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 from leantune.errors import UserError
@@ -21,13 +23,103 @@ def resolve_model_path(name: str) -> str:
         return str(embedded_model_dir(name.split(":", 1)[1]))
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {path} has no config.json; point model.name at a HF model folder")
+        check_model_folder(path)
         return str(path)
+    if path.is_file():
+        raise UserError(f"model.name {name} is a file; point it at the model's folder (config.json, weights)")
     # Hub ids are `name` or `org/name` (dots allowed: Qwen/Qwen2.5-0.5B); anything else is a path.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UserError(f"model path not found: {name}; set model.name to an existing folder or a hub id")
     return name
+
+
+#: files one of which a HF tokenizer folder holds (fast tokenizer, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model (or adapter) folder has a usable config and intact safetensors weights.
+
+    Checked before transformers sees the folder: it would otherwise fail deep inside (a traceback from
+    safetensors on a truncated file), fall back to unpickling a .bin, or guess a config.
+    """
+    is_adapter = (path / "adapter_config.json").is_file()
+    config = path / ("adapter_config.json" if is_adapter else "config.json")
+    if not config.is_file():
+        raise UserError(
+            f"model folder {path} has no config.json; point model.name at a HF model folder "
+            "(one that save_pretrained wrote)"
+        )
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"model folder {path}: {config.name} is not valid JSON ({exc}); copy it again"
+        ) from None
+    if not is_adapter and (not isinstance(loaded, dict) or "model_type" not in loaded):
+        raise UserError(
+            f"model folder {path}: config.json has no 'model_type' (an empty or foreign config); "
+            "copy the model's own config.json there"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
+        pickled += [f.name for f in sorted(path.glob("pytorch_model-*.bin"))]
+        if pickled:
+            raise UserError(
+                f"model folder {path} has only pickled PyTorch weights ({pickled[0]}), "
+                "which leantune does not load (unpickling can run code); convert them to safetensors "
+                "(model.save_pretrained(folder, safe_serialization=True) where you trust the file)"
+            )
+        raise UserError(
+            f"model folder {path} holds no weights (no *.safetensors file); copy the model's weights"
+        )
+    for file in weights:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise UserError(f"model folder {path}: {file.name} {problem}; copy or download it again")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(
+                f"model folder {path}: {index.name} is not a valid shard index; copy it again"
+            ) from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise UserError(f"model folder {path}: shard {missing[0]} named in {index.name} is missing")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (header length, JSON header, data size), or None."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"is truncated or not safetensors (header of {n} bytes, file of {size})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return "is not a valid safetensors file"
+    if not isinstance(header, dict):
+        return "is not a valid safetensors file"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated ({size} of {expected} bytes)"
+    return None
 
 
 def _from_pretrained(loader, name: str, **kwargs):
@@ -45,7 +137,17 @@ def _from_pretrained(loader, name: str, **kwargs):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = name if Path(name).is_dir() else resolve_model_path(name)  # adapter folders have no config.json
+    folder = Path(name).expanduser()
+    if folder.is_dir():  # a model folder, or a run's model/ (an adapter folder has no config.json)
+        check_model_folder(folder)
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(
+                f"model folder {folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
+                "tokenizer files of its base model there (tokenizer.save_pretrained)"
+            )
+        path = str(folder)
+    else:
+        path = resolve_model_path(name)
     tok = _from_pretrained(AutoTokenizer, path)
     if tok.eos_token is None and tok.sep_token is not None:
         # a WordPiece vocabulary (BERT-style) ends a sequence with [SEP]; causal LM examples need an end

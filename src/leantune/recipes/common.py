@@ -37,7 +37,8 @@ def load_trained_model(run_dir: Path, cfg: Config):
     """The run's final model: base + PEFT adapter where the run saved one, else the full saved model.
 
     Methods with a `reload` hook first rebuild on the base what the saved weights do not hold (the
-    quantised base of a `[quant, lora]` run), so the adapter is scored on the model it was trained on.
+    quantised base of a `[quant, lora]` run), so the adapter is scored on the model it was trained on;
+    `after_load` hooks then restore what loading the adapter does not.
     """
     from leantune.models.loader import load_model
 
@@ -45,13 +46,37 @@ def load_trained_model(run_dir: Path, cfg: Config):
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names)
-        return PeftModel.from_pretrained(reload_methods(base, cfg, run_dir), str(folder))
+        base = reload_methods(
+            load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names), cfg, run_dir
+        )
+        model = PeftModel.from_pretrained(base, str(folder))
+        _keep_extra_saves(base, model)
+        return _after_load(model, cfg)
     model = load_model(str(folder), cfg.task, cfg.model.dtype, cfg.data.label_names)
     return reload_methods(model, cfg, run_dir)
 
 
+def _after_load(model, cfg: Config):
+    from leantune.methods import get_method
+
+    for mcfg in cfg.methods:
+        spec = get_method(mcfg.name)
+        if spec.after_load is not None:
+            model = spec.after_load(model, mcfg)
+    return model
+
+
+def _keep_extra_saves(base, wrapper) -> None:
+    """What a reload hook re-attached outside peft's weights (e.g. bottleneck adapters) must still be
+    written when the PeftModel on top saves (`leantune export`): hooks list such writers on the base."""
+    from leantune.methods.registry import extend_save
+
+    for write in getattr(base, "leantune_save_extras", None) or ():
+        extend_save(wrapper, write)
+
+
 def reload_methods(model, cfg: Config, run_dir: Path):
+
     from leantune.methods import get_method
 
     for mcfg in cfg.methods:

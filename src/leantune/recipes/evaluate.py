@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from leantune.errors import UserError
+from leantune.outputs import check_new_file
 from leantune.recipes.common import format_table, load_run_config, load_trained_model, setup_torch
 
 
@@ -25,9 +26,11 @@ def run_eval(
     from leantune.data.tasks import encode, load_raw_splits
 
     cfg = load_run_config(run_dir)
-    if out_json is not None and out_json.exists():
-        raise UserError(f"{out_json} already exists; choose another --out")
+    if out_json is not None:
+        check_new_file(out_json, "--out")
     generate = generate or cfg.eval.generate
+    if out_json is not None and generate:
+        check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
     if generate and (cfg.task == "classification" or cfg.data.label_column is None):
         raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
     is_file = (
@@ -110,8 +113,8 @@ def run_mmlu_eval(
         raise UserError("--mmlu scores either a run folder or --model NAME; give exactly one")
     if shots < 0:
         raise UserError(f"--mmlu takes the number of shots (0 or more), not {shots}")
-    if out_json is not None and out_json.exists():
-        raise UserError(f"{out_json} already exists; choose another --out")
+    if out_json is not None:
+        check_new_file(out_json, "--out")
     from leantune.eval.mmlu import load_mmlu_records, mmlu_accuracy, select_questions
 
     records = records if records is not None else load_mmlu_records()

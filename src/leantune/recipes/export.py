@@ -8,6 +8,9 @@ the checkpoint's trained weights. The destination must not exist: export never o
 quantised base (`[quant, lora]`) is refused --merge: its codes cannot absorb the update, and merging onto
 the unquantised weights would give a model that was never trained or evaluated; its adapter exports as
 is.
+Bottleneck adapters and peft's prompt/prefix methods are refused --merge too: they are not a change of
+the base weights. Without --merge they export as the run saved them (base or peft adapter, plus the
+method's own files, e.g. adapters.safetensors + adapters.json).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from leantune.atomic import write_folder_atomic
 from leantune.errors import UserError
+from leantune.outputs import check_new_folder
 from leantune.recipes.common import load_run_config, load_trained_model
 
 
@@ -24,8 +28,7 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None, checkpoint: 
     source = checkpoint_folder(run_dir, checkpoint) if checkpoint else run_dir
     default = ("merged" if merge else "exported") + (f"-{source.name}" if checkpoint else "")
     dest = out or run_dir / default
-    if dest.exists():
-        raise UserError(f"{dest} already exists; pass another --out (export never overwrites)")
+    check_new_folder(dest, "--out")
     from leantune.models.loader import load_tokenizer
 
     model = (
@@ -37,6 +40,16 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None, checkpoint: 
         raise UserError(
             f"{run_dir} trained on a quantised base, whose 4/8-bit codes cannot absorb the LoRA update: "
             "export without --merge and merge the adapter onto the unquantised base"
+        )
+    unmergeable = next(
+        (m.leantune_unmergeable for m in model.modules() if hasattr(m, "leantune_unmergeable")), None
+    )
+    if merge and unmergeable:
+        raise UserError(f"{run_dir} cannot be exported with --merge: {unmergeable}; export without --merge")
+    if merge and getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        raise UserError(
+            f"{run_dir} cannot be exported with --merge: its learned prompt/prefix is an input to the model, "
+            "not a change of the base weights; export without --merge"
         )
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -10,11 +10,11 @@ targets, so `leantune plan configs/default.yaml --memory-budget 1GiB` works too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from leantune.config import Config
 from leantune.errors import UserError
+from leantune.outputs import check_new_file
 
 
 def _method_config(cfg: Config, budget: str | None):
@@ -124,10 +124,13 @@ def run_plan(
     json_out: Path | None = None,
     allow_quantize: bool = False,
 ) -> dict:
-    if json_out is not None and json_out.exists():
-        raise UserError(f"{json_out} exists; choose another --json path")
+    if json_out is not None:
+        check_new_file(json_out, "--json")
     plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce, allow_quantize)
     print(format_plan(plan))
     if json_out is not None:
-        json_out.write_text(json.dumps(plan, indent=2) + "\n")
+        from leantune.atomic import write_json_atomic
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_out, plan)
     return plan

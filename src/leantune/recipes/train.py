@@ -6,6 +6,7 @@ before the first byte is written, so a mistake never costs an earlier run.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,7 @@ def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> 
             if prep.accelerator.is_main_process:
                 folder.acquire()  # held until the run ends: a second run on this folder is refused
                 _start_writing(prep, folder, resume)
+                print(start_banner(prep, resume), flush=True)
             prep.accelerator.wait_for_everyone()
             return _train_and_report(prep, resume, t_start)
     finally:
@@ -294,6 +296,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
             "steps": state.step,
             "epochs_completed": state.epoch,
             "stopped_early": state.stopped_early,
+            "skipped_steps": state.skipped_steps,
             "resumed": resumed,
             **({"resume_forced_changes": prep.resume_changes} if prep.resume_changes else {}),
             "train_time_s": state.train_time_s,
@@ -324,11 +327,65 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
 
             write_predictions(out / "predictions.jsonl", predictions)
         summary["wall_time_s"] = time.perf_counter() - t_start
+        summary["warnings"] = quality_warnings(summary)
         write_json_atomic(out / "summary.json", summary)
         print(format_summary(summary))
+        for warning in summary["warnings"]:
+            print(f"leantune: warning: {warning}", file=sys.stderr)
     trainer.log.close()
     acc.wait_for_everyone()
     return summary
+
+
+def dry_run(cfg: Config, resume: bool = False, force_resume: bool = False) -> dict:
+    """Validate everything a run would (config, run folder, data, model, methods), print what it would
+    train and the first batch's shapes, and train and write nothing (`leantune train --dry-run`)."""
+    import math
+
+    from leantune.data.tasks import collate
+
+    prep = prepare(cfg, resume, force_resume)
+    train = prep.data["train"]
+    first = collate(
+        [train[i] for i in range(min(len(train), cfg.train.batch_size))], prep.tokenizer.pad_token_id
+    )
+    tc = cfg.train
+    steps = tc.epochs * math.ceil(math.ceil(len(train) / tc.batch_size) / tc.grad_accum)
+    steps = min(steps, tc.max_steps) if tc.max_steps else steps
+    shapes = {k: list(v.shape) for k, v in first.items()}
+    print(start_banner(prep, resume).replace("leantune: training", "leantune: dry run, would train", 1))
+    print(f"first batch: {', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())}; {steps} optimizer steps")
+    print(f"nothing was trained or written to {prep.out}")
+    return {"first_batch": shapes, "steps": steps, "params": prep.params}
+
+
+def start_banner(prep: Prepared, resume: bool) -> str:
+    """One line before the first step: what is trained, on what, and the memory its parameters pin."""
+    cfg, p = prep.cfg, prep.params
+    rows = "/".join(str(len(prep.data[split])) for split in ("train", "validation", "test"))
+    # weights + gradients + AdamW's two moments of the trainable part, in the model's dtype (4 bytes)
+    static = (p["total"] + 3 * p["trainable"]) * 4 / 2**20
+    return (
+        f"leantune: {'resuming' if resume else 'training'} {' + '.join(m.name for m in cfg.methods)} on "
+        f"{cfg.model.name} ({cfg.task}); data {rows} train/validation/test rows; trainable "
+        f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%); parameters and optimizer "
+        f"state ~{static:,.0f} MiB; run folder {prep.out}"
+    )
+
+
+def quality_warnings(summary: dict) -> list[str]:
+    """A classification run that ends at or below the majority class learned nothing: say so loudly."""
+    for split in ("test", "validation"):
+        metrics = summary.get(split) or {}
+        acc, majority = metrics.get("accuracy"), metrics.get("majority_accuracy")
+        if acc is not None and majority is not None:
+            if acc <= majority + 1e-9:
+                return [
+                    f"{split} accuracy {acc:.4f} is at or below the majority class ({majority:.4f}): the "
+                    "run did not learn the task; try a larger train.lr or more epochs, and check the labels"
+                ]
+            return []
+    return []
 
 
 def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str, dict]:
@@ -344,21 +401,23 @@ def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str,
     return out
 
 
-def _save_model(module, tok, dest: Path, summary: dict, state_dict: dict | None = None) -> None:
-    """A PEFT model saves its adapter, others everything, with a model card; written to a temp folder,
-    then renamed. `state_dict`: the whole tensors of a sharded (FSDP) model, gathered on this rank."""
+def _save_model(module, tok, dest: Path, summary: dict | None = None, state_dict: dict | None = None) -> None:
+    """A PEFT model saves its adapter, others everything, with a model card from `summary` (when given);
+    written to a temp folder, then renamed. `state_dict`: the whole tensors of a sharded (FSDP) model,
+    gathered on this rank."""
     from leantune.atomic import write_folder_atomic
     from leantune.models.embedded import portable_name
     from leantune.recipes.card import model_card
 
-    card = model_card(
-        summary, portable_name(summary["config"]["model"]["name"]), hasattr(module, "peft_config")
-    )
+    is_adapter = hasattr(module, "peft_config")
+    base = portable_name(summary["config"]["model"]["name"]) if summary else None
+    card = model_card(summary, base, is_adapter) if summary else None
 
     def write(folder: Path) -> None:
         module.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(str(folder))
-        (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
+        if card is not None:
+            (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template
 
     write_folder_atomic(dest, write)
 
@@ -368,7 +427,11 @@ def format_summary(s: dict) -> str:
     rows = [
         ("methods", " + ".join(s["methods"])),
         ("trainable params", f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)"),
-        ("steps", f"{t['steps']} ({t['epochs_completed']} epochs)"),
+        (
+            "steps",
+            f"{t['steps']} ({t['epochs_completed']} epochs)"
+            + (f", {t['skipped_steps']} skipped for a NaN/inf loss" if t.get("skipped_steps") else ""),
+        ),
         ("wall time", f"{s.get('wall_time_s', 0):.1f} s (training {t['train_time_s']:.1f} s)"),
         ("samples/s", f"{t['samples_per_s']:.1f}"),
         (

@@ -67,6 +67,7 @@ class TrainState:
     running_loss: float = 0.0  # loss summed since the last log line (kept so resumed logs match)
     running_n: int = 0
     last_eval: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # updates dropped for a NaN/inf loss or gradient (train.nan_policy=skip)
 
 
 class Trainer:
@@ -271,7 +272,7 @@ class Trainer:
         name = self.cfg.metric
         if name not in metrics:
             return
-        if is_better(name, metrics[name], st.best_metric):
+        if math.isfinite(metrics[name]) and is_better(name, metrics[name], st.best_metric):  # NaN: never best
             st.best_metric, st.best_step, st.bad_evals = metrics[name], st.step, 0
             best = dist_mode.gathered_trainable(self.module) if self.fsdp else None  # every rank gathers
             if self.acc.is_main_process:
@@ -286,6 +287,7 @@ class Trainer:
     def _optimizer_step(self, group: list[list[int]]):
         """Accumulate the gradients of `group`'s micro-batches, then step; return the gradient norm."""
         tc, st = self.cfg.train, self.state
+        group_loss = torch.zeros((), device=self.acc.device)
         for j, idx in enumerate(group):
             batch = collate([self.train_data[i] for i in idx], self.pad_id)
             st.samples += len(idx) * self.world
@@ -301,17 +303,50 @@ class Trainer:
             else:
                 around = nullcontext() if sync else self.acc.no_sync(self.model)
             with around, cached:
-                self._running += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
-            self._running_n += 1
-        grad_norm = None
-        if tc.max_grad_norm is not None and self.params:
+                group_loss += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
+        grad_norm = None  # logged as null where a method applied its update itself (no .grad left)
+        if tc.max_grad_norm is not None and any(p.grad is not None for p in self.params):
             grad_norm = dist_mode.full_tensor(self.acc.clip_grad_norm_(self.params, tc.max_grad_norm))
-        self.optimizer.step()
         self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
+        if not self._finite_step(group_loss, grad_norm):  # nan_policy=skip: no update, not logged
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self._running += group_loss
+        self._running_n += len(group)
+        self.optimizer.step()
         if not self.acc.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _finite_step(self, loss: torch.Tensor, grad_norm) -> bool:
+        """train.nan_policy: a NaN/inf loss or gradient norm stops the run (a UserError naming the step,
+        before the update, so no NaN reaches the weights) or, with `skip`, drops the update (counted)."""
+        loss = self.acc.reduce(loss, reduction="sum")  # every rank decides alike under DDP
+        bad = None if torch.isfinite(loss) else f"loss is {float(loss)}"
+        fp16 = self.cfg.train.mixed_precision == "fp16"  # fp16 overflow is the loss scaler's job
+        if bad is None and grad_norm is not None and not fp16 and not math.isfinite(float(grad_norm)):
+            bad = f"gradient norm is {float(grad_norm)}"
+        if bad is None:
+            return True
+        if self.cfg.train.nan_policy == "skip":
+            self.state.skipped_steps += 1
+            return False
+        raise UserError(
+            f"training stopped at step {self.state.step + 1} (epoch {self.state.epoch}): the {bad}; lower "
+            "train.lr, check the data, or set train.nan_policy=skip to drop such steps"
+        )
+
+    def check_weights_finite(self) -> None:
+        """NaN/inf trainable weights (a method's own update may make them) never end as a finished run."""
+        if self.fsdp:
+            dist_mode.resharded(self.module)
+        for name, p in self.module.named_parameters():  # under FSDP whole tensors: every rank decides alike
+            if p.requires_grad and not bool(torch.isfinite(dist_mode.full_tensor(p.detach())).all()):
+                raise UserError(
+                    f"training produced non-finite weights ({name}) by step {self.state.step}; the model "
+                    "is not saved: lower train.lr or check the data"
+                )
 
     def fit(self) -> TrainState:
         st = self.state
@@ -333,6 +368,7 @@ class Trainer:
         if st.last_eval.get("step") != st.step:
             self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
         self.acc.wait_for_everyone()
+        self.check_weights_finite()
         return st
 
     def _run_steps(self, bar) -> None:

@@ -1,0 +1,37 @@
+"""Shared by the methods that replace the trainer's optimisation step (mezo, lomo, adalomo): the checks
+that refuse settings they cannot honour, and what they read from the trainer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leantune.errors import UserError
+
+# Methods that bring their own optimisation step: at most one of them per run.
+OWN_STEP = ("mezo", "lomo", "adalomo", "grad_approx")
+
+
+def refuse_other_steps(method: str, methods: tuple[str, ...]) -> None:
+    others = [m for m in methods if m in OWN_STEP and m != method]
+    if others:
+        raise UserError(
+            f"{method} replaces the optimisation step and cannot be combined with {others[0]}, which has "
+            "its own; keep one of them in methods"
+        )
+
+
+def check_train_options(trainer, method: str, ignored: dict[str, Any]) -> None:
+    """Refuse what the method cannot do, and options it would ignore when the user set them (a default
+    that does not apply passes: `ignored` maps each such option to its neutral value)."""
+    tc = trainer.cfg.train
+    if trainer.world > 1:
+        raise UserError(f"{method} runs in a single process only; launch it without multiple processes")
+    if tc.mixed_precision == "fp16":
+        raise UserError(
+            f"{method}: train.mixed_precision=fp16 is not supported (its loss scaling bypasses the "
+            "update); use bf16 or no"
+        )
+    for key, neutral in ignored.items():
+        value = getattr(tc, key)
+        if key in tc.model_fields_set and value != neutral:
+            raise UserError(f"{method} does not use train.{key} (set to {value}); remove it")

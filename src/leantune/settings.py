@@ -1,0 +1,297 @@
+"""The sections of the run configuration (model, data, train, eval, output), strict pydantic models, and
+the YAML reading and dotted-override machinery every validated file shares.
+
+Core layer: the data, models and memory layers read their sections from here. The composed run config
+(`leantune.config.Config`) adds the `methods` list, whose entries are the methods' own config models, so
+it lives a layer above the methods; this module knows nothing of methods.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from leantune.errors import UserError
+from leantune.numbers import check_number
+
+Task = Literal["classification", "causal_lm", "seq2seq"]
+CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
+LM_METRICS = ("loss", "perplexity")
+#: scored on generated text (eval/generation.py); need eval.generate=true
+GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
+
+
+#: seeds go to torch, numpy and random (accelerate's set_seed): 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_number_coercion(cls, value: Any, info) -> Any:
+        return check_number(value, cls.model_fields[info.field_name].annotation)
+
+
+class ModelConfig(Strict):
+    name: str = Field(
+        "embedded:minilm",
+        description="`embedded:<name>` (a model shipped by a package), a local HF folder, or a hub id.",
+    )
+    max_length: int = Field(128, gt=0, description="Inputs are truncated to this many tokens.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(Strict):
+    source: str = Field(
+        "builtin:rotten_tomatoes",
+        description="`builtin:<name>`, a .csv/.tsv/.jsonl file, or `hf:<dataset>[:<config>]` for datasets.",
+    )
+    text_column: str = Field("text", description="Input text (classification), prompt (causal LM), source.")
+    text_pair_column: str | None = Field(None, description="Second text for pair classification.")
+    label_column: str | None = Field(
+        "label", description="Class label (classification), response (causal LM, may be null), target."
+    )
+    label_names: list[str] | None = Field(
+        None, description="Class names in id order; default: inferred from the training split."
+    )
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Carved from train when absent.")
+    split_seed: int = Field(42, ge=0, le=MAX_SEED)
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Per process, per micro-batch.")
+    grad_accum: int = Field(1, gt=0)
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length: less padding (1.9x samples/s on the default job at "
+        "equal accuracy, benchmarks/results/speed-levers), but batches skew towards one label where length "
+        "and label correlate, so it is opt-in (as in transformers.Trainer).",
+    )
+    lr: float = Field(5e-4, gt=0, le=1, description="Learning rate (at most 1).")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss or gradient: stop the run (exit 2, naming the step), or skip that "
+        "step's update and count it in the summary.",
+    )
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
+    adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
+        "auto", description="torch AdamW kernel (same arithmetic); a speed lever measured in speed-levers-2."
+    )
+    compile_blocks: bool = Field(
+        False,
+        description="torch.compile each transformer block (dynamic shapes) in place, so method hooks on "
+        "the blocks stay; a speed lever measured in speed-levers-2 (compiling costs time up front).",
+    )
+    distributed: Literal["auto", "fsdp", "ddp", "none"] = Field(
+        "auto",
+        description="Under a multi-process launch (torchrun): auto = ddp; fsdp = FSDP2 sharding per block; "
+        "none refuses several processes. fsdp and ddp need a launcher (docs/distributed.md).",
+    )
+    distributed_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Process-group backend: auto = nccl on CUDA GPUs, gloo on CPU."
+    )
+    distributed_timeout_s: int = Field(
+        600,
+        gt=0,
+        description="A collective (all-reduce, barrier, checkpoint) waiting longer than this on another "
+        "process fails the run with one line naming the lost rank.",
+    )
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
+    save_every: int | None = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without improvement.")
+    cache_frozen_prefix: bool = Field(
+        False,
+        description="Keep the hidden states after the frozen embeddings + lowest blocks in RAM after an "
+        "example's first pass and skip that prefix later; dropout in it is off (train/prefix_cache.py).",
+    )
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(64, gt=0)
+    metric: str | None = Field(None, description="Selects the best checkpoint; default accuracy or loss.")
+    generate: bool = Field(
+        False,
+        description="seq2seq / causal LM with a response column: also generate on validation and test and "
+        "score BLEU, chrF, ROUGE-1/2/L, exact match (slow; test generations go to predictions.jsonl).",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
+    num_beams: int = Field(1, gt=0, description="1 = greedy decoding.")
+    max_generate_samples: int | None = Field(
+        None, gt=0, description="Generate for at most this many rows of each split (speed)."
+    )
+    mmlu_shots: int | None = Field(
+        None, ge=0, description="causal LM: after training, MMLU k-shot accuracy with k shots (e.g. 0 or 5)."
+    )
+    mmlu_questions: int | None = Field(
+        None, gt=0, description="MMLU: a seeded subset of this many questions (default: all 14,042)."
+    )
+
+
+class OutputConfig(Strict):
+    dir: str = "runs/default"
+    overwrite: bool = Field(False, description="Replace an existing run directory.")
+    tensorboard: bool = True
+
+
+def describe_validation_error(
+    exc: ValidationError,
+    root: type[BaseModel],
+    prefix: str = "",
+    noun: str = "config key",
+    top: str = "config",
+) -> str:
+    """One line for the first validation error: the dotted key, what is wrong, and the fix.
+
+    Shared by every YAML file we validate (configs, benchmark suites); `noun` names what a key is.
+    """
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc and not prefix:  # a check across sections (a model validator): its message says it all
+        return f"{top}: {msg}"
+    key = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(root, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(valid)}"
+        return f"unknown {noun} '{key}': {fix}"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
+    return f"{noun} '{key}': {msg[0].lower()}{msg[1:]}{shown}"
+
+
+def _valid_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model at `loc`, looking through list[...] and optional annotations."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        candidates = (field.annotation, *get_args(field.annotation)) if field else ()
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return sorted(model.model_fields) if model else []
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key '{key}' appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A non-empty YAML file that must hold a mapping; `what` names it in the one-line errors."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a YAML file; pass the file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}; check its permissions") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{what} {path} is UTF-16 text; save it as UTF-8")
+    if b"\0" in data:
+        raise UserError(f"{what} {path} is a binary file, not YAML text; pass the YAML file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None)
+        if problem and "appears twice" in problem:
+            raise UserError(f"{what} {path}: {problem}; keep one") from None
+        raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
+    if loaded is None:
+        raise UserError(f"{what} {path} is empty (no keys); write its settings, or leave the file out")
+    if not isinstance(loaded, dict):
+        raise UserError(f"{what} {path} must hold a mapping of keys")
+    return loaded
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`lr=1e-4`, `targets=[q,v]`)."""
+    if "=" not in dotted:
+        raise UserError(f"override '{dotted}' is not key=value; write e.g. train.lr=1e-4")
+    key, raw = dotted.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "cannot parse it"
+        raise UserError(
+            f"override '{dotted}': the value is not valid YAML ({problem}); quote it or fix the brackets"
+        ) from None
+    node: Any = tree
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(
+                    f"override '{key}': '{part}' is not an index of that list (0..{len(node) - 1})"
+                )
+            if isinstance(node[int(part)], str):  # `methods=[lora]` then `methods.0.r=16`
+                node[int(part)] = {"name": node[int(part)]}
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"override '{key}': '{'.'.join(parts[:-1])}' is a value, not a section")
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"override '{key}': '{last}' is not an index of that list")
+        node[int(last)] = value
+    else:
+        node[last] = value
