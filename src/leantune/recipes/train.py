@@ -321,7 +321,8 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
         "config": cfg.model_dump(mode="json"),
     }
     if acc.is_main_process:
-        _save_model(trainer.module, tok, out / "model", summary, export_state)
+        sharded = {"state_dict": export_state} if export_state is not None else {}
+        _save_model(trainer.module, tok, out / "model", summary, **sharded)
         if predictions is not None:
             from leantune.eval.generation import write_predictions
 
