@@ -238,7 +238,7 @@ def test_a_full_disk_while_saving_the_model_is_one_line(short, tmp_path, capsys,
     import leantune.recipes.train as recipe
     from leantune.cli import main
 
-    def full(module, tok, dest, summary):
+    def full(module, tok, dest, summary, state_dict=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(dest))
 
     monkeypatch.setattr(recipe, "_save_model", full)

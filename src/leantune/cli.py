@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         dispatch(ns)
     except UserError as exc:
         print(f"leantune: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)  # a lost rank (train/distributed.py) exits 1
     except KeyboardInterrupt:
         again = "run the same command again" if ns.command == "bench" else "continue with --resume"
         print(f"leantune: interrupted; {again}", file=sys.stderr)

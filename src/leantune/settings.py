@@ -130,6 +130,20 @@ class TrainConfig(Strict):
         description="torch.compile each transformer block (dynamic shapes) in place, so method hooks on "
         "the blocks stay; a speed lever measured in speed-levers-2 (compiling costs time up front).",
     )
+    distributed: Literal["auto", "fsdp", "ddp", "none"] = Field(
+        "auto",
+        description="Under a multi-process launch (torchrun): auto = ddp; fsdp = FSDP2 sharding per block; "
+        "none refuses several processes. fsdp and ddp need a launcher (docs/distributed.md).",
+    )
+    distributed_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Process-group backend: auto = nccl on CUDA GPUs, gloo on CPU."
+    )
+    distributed_timeout_s: int = Field(
+        600,
+        gt=0,
+        description="A collective (all-reduce, barrier, checkpoint) waiting longer than this on another "
+        "process fails the run with one line naming the lost rank.",
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Also evaluate every N optimizer steps.")
     save_every: int | None = Field(50, gt=0, description="Checkpoint every N optimizer steps.")

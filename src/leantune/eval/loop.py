@@ -19,8 +19,14 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     num_labels: int = 2,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Metrics over all of `features`; every rank gets the same numbers (no rank decides alone)."""
+    """Metrics over all of `features`; every rank gets the same numbers (no rank decides alone).
+
+    `lockstep`: every rank runs the same number of forward passes (a sharded FSDP model all-gathers in
+    each one, so a rank with one batch fewer would leave the others waiting); the extra pass of a rank
+    with fewer examples repeats its first batch and is not counted.
+    """
     from accelerate.utils import gather_object
 
     was_training = model.training
@@ -30,6 +36,10 @@ def evaluate(
     preds: list[int] = []
     labels: list[int] = []
     loss_sum, tokens = 0.0, 0
+    if lockstep:  # rank 0's share is the largest: ceil(len / world) examples
+        most, have = -(-len(features) // world), len(mine)
+        for _ in range(-(-most // batch_size) - -(-have // batch_size)):
+            model(**{k: v.to(device) for k, v in collate(features[:batch_size], pad_id).items()})
     starts = range(0, len(mine), batch_size)
     # a bar only where evaluation is long enough to wonder about (and on one rank)
     bar = tqdm(starts, desc="eval", unit="batch", leave=False, disable=rank != 0 or len(starts) < 20)

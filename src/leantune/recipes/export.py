@@ -84,15 +84,14 @@ def checkpoint_folder(run_dir: Path, name: str) -> Path:
 
 
 def _with_checkpoint_weights(folder: Path, cfg):
-    """The base model with the trainable weights of checkpoint `folder` (full or partial fine-tuning)."""
-    from safetensors.torch import load_file
-
+    """The base model with the trainable weights of checkpoint `folder` (full or partial fine-tuning);
+    an FSDP checkpoint's shards are joined into whole tensors."""
     from leantune.models.loader import load_model
     from leantune.recipes.common import reload_methods
-    from leantune.train.checkpoint import load_trainable_state
+    from leantune.train.checkpoint import load_trainable_state, read_trainable
 
     model = reload_methods(
         load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names), cfg, folder
     )
-    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
+    load_trainable_state(model, read_trainable(folder))
     return model

@@ -20,7 +20,7 @@ from leantune.data.fingerprint import fingerprint_differences
 from leantune.errors import UserError
 
 SHOWN = 5
-IGNORED = ("output.",)
+IGNORED = ("output.", "train.distributed")  # where files go / how processes cooperate: same training
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -37,14 +37,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def config_differences(saved_text: str, now_text: str) -> list[str]:
+def config_differences(saved_text: str, now_text: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys whose values differ, e.g. `train.lr: 0.001 -> 0.002`.
 
     The `output` section is left out: where the run folder lives (it may have been moved) and whether
-    TensorBoard logs do not change what is trained.
+    TensorBoard logs do not change what is trained; so are the `train.distributed*` keys (DDP, FSDP or
+    one process train the same steps) and the keys in `ignore`.
     """
     a, b = _flatten(yaml.safe_load(saved_text)), _flatten(yaml.safe_load(now_text))
-    keys = sorted(k for k in set(a) | set(b) if not k.startswith(IGNORED))
+    keys = sorted(k for k in set(a) | set(b) if not k.startswith(IGNORED) and k not in ignore)
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -55,6 +56,29 @@ def _listing(diffs: list[str]) -> str:
 
 def _warn(message: str) -> None:
     print(f"leantune: warning: {message}", file=sys.stderr)
+
+
+def _rescaled(cfg: Config, out: Path) -> tuple[str, ...]:
+    """("train.batch_size",) when this launch has another number of processes than the checkpoint's and
+    its batch_size keeps the checkpoint's global batch (batch_size x processes): the same run continues
+    (train/checkpoint.py `check_world`)."""
+    from leantune.train.checkpoint import latest_checkpoint
+    from leantune.train.distributed import launch_world
+
+    path = latest_checkpoint(out / "checkpoints")
+    if path is None:
+        return ()
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    _, world = launch_world()
+    same_global = state.get("global_batch") == cfg.train.batch_size * world
+    return ("train.batch_size",) if state.get("world_size", 1) != world and same_global else ()
+
+
+def load_config_text(text: str) -> Config:
+    return Config.model_validate(yaml.safe_load(text))
 
 
 def check_resume_config(cfg: Config, out: Path, force: bool) -> list[str]:
@@ -70,7 +94,7 @@ def check_resume_config(cfg: Config, out: Path, force: bool) -> list[str]:
         # The first start inferred the label names from the data and recorded them in config.yaml; the
         # same command line must resume, and must map labels to the same ids.
         cfg.data.label_names = saved.data.label_names
-    diffs = config_differences(dump_config(saved), dump_config(cfg))
+    diffs = config_differences(dump_config(saved), dump_config(cfg), _rescaled(cfg, out))
     if diffs and not force:
         raise UserError(
             f"the config differs from the one {out} was started with ({_listing(diffs)}); resume with "
@@ -99,7 +123,8 @@ def check_resume_identity(out: Path, config_text: str, fingerprint: dict, force:
     if not identity:  # a checkpoint from before identities were recorded
         return []
     diffs = [f"data {d}" for d in fingerprint_differences(identity["data"], fingerprint)]
-    diffs += config_differences(identity["config"], config_text)
+    rescaled = _rescaled(load_config_text(config_text), out)
+    diffs += config_differences(identity["config"], config_text, rescaled)
     if diffs and not force:
         raise UserError(
             f"checkpoint {path.name} of {out} was written with other data or config ({_listing(diffs)}); "

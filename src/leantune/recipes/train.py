@@ -114,6 +114,9 @@ def _absolute_local_paths(cfg: Config) -> None:
 
 
 def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Prepared:
+    from leantune.train import distributed
+
+    mode = distributed.resolve_mode(cfg)  # refuses an impossible launch on every rank, before anything
     _absolute_local_paths(cfg)
     out, changed = _check_output(cfg, resume, force_resume)
     setup_torch(cfg.train.seed, cfg.train.num_threads)
@@ -121,6 +124,9 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    if mode != "single":
+        distributed.init_process_group(cfg)  # our backend and timeout; accelerate adopts the group
 
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.models.loader import load_model, load_tokenizer
@@ -131,6 +137,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
+    distributed.check_world(len(data["train"]), acc.num_processes)
     identity = _run_identity(cfg, data)
     if resume:
         from leantune.recipes.resume import check_resume_identity
@@ -208,16 +215,18 @@ def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> 
     t_start = time.perf_counter()
     prep = prepare(cfg, resume, force_resume)
     from leantune.runfolder import RunFolder
+    from leantune.train.distributed import guard
 
     folder = RunFolder(prep.out)
-    prep.accelerator.wait_for_everyone()  # every rank has checked the output folder before rank 0 writes
     try:
-        if prep.accelerator.is_main_process:
-            folder.acquire()  # held until the run ends: a second run on this folder is refused
-            _start_writing(prep, folder, resume)
-            print(start_banner(prep, resume), flush=True)
-        prep.accelerator.wait_for_everyone()
-        return _train_and_report(prep, resume, t_start)
+        with guard(prep.out / "checkpoints"):  # a lost rank: one line naming it, not a hang
+            prep.accelerator.wait_for_everyone()  # every rank checked the output folder before rank 0 writes
+            if prep.accelerator.is_main_process:
+                folder.acquire()  # held until the run ends: a second run on this folder is refused
+                _start_writing(prep, folder, resume)
+                print(start_banner(prep, resume), flush=True)
+            prep.accelerator.wait_for_everyone()
+            return _train_and_report(prep, resume, t_start)
     finally:
         folder.release()
 
@@ -244,8 +253,9 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     trainer.restore_best()
     test, predictions = _final_test(prep, trainer)
     summary = _build_summary(prep, trainer, state, resumed, test, _final_mmlu(prep, trainer))
+    export_state = trainer.export_state_dict()  # FSDP: whole tensors on rank 0 (every rank takes part)
     if acc.is_main_process:
-        _write_results(prep, trainer, summary, predictions, t_start)
+        _write_results(prep, trainer, summary, predictions, t_start, export_state)
     trainer.log.close()
     acc.wait_for_everyone()
     return summary.to_dict()
@@ -268,6 +278,7 @@ def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
             acc.process_index,
             acc.num_processes,
             trainer.num_labels,
+            lockstep=trainer.fsdp,
         )
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
@@ -340,6 +351,7 @@ def _build_summary(
         mmlu=mmlu,
         memory=peak_memory(),
         world_size=prep.accelerator.num_processes,
+        distributed="fsdp" if trainer.fsdp else ("ddp" if prep.accelerator.num_processes > 1 else "none"),
         weights_sha256_per_rank=digests,
         versions=versions(),
         machine=machine(),
@@ -347,11 +359,14 @@ def _build_summary(
     )
 
 
-def _write_results(prep: Prepared, trainer, summary: RunSummary, predictions, t_start: float) -> None:
+def _write_results(
+    prep: Prepared, trainer, summary: RunSummary, predictions, t_start: float, export_state: dict | None
+) -> None:
     """The main process's writes, model first: summary.json last, so its presence means a finished run.
-    The model card is made from the summary as it stands before the wall time and warnings are added."""
+    The model card is made from the summary as it stands before the wall time and warnings are added;
+    `export_state` holds the whole tensors of an FSDP-sharded model (None otherwise)."""
     out = prep.out
-    _save_model(trainer.module, prep.tokenizer, out / "model", summary.to_dict())
+    _save_model(trainer.module, prep.tokenizer, out / "model", summary.to_dict(), export_state)
     if predictions is not None:
         from leantune.eval.generation import write_predictions
 
@@ -413,9 +428,10 @@ def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str,
     return out
 
 
-def _save_model(module, tok, dest: Path, summary: dict | None = None) -> None:
+def _save_model(module, tok, dest: Path, summary: dict | None = None, state_dict: dict | None = None) -> None:
     """A PEFT model saves its adapter, others everything, with a model card from `summary` (when given);
-    written to a temp folder, then renamed."""
+    written to a temp folder, then renamed. `state_dict`: the whole tensors of a sharded (FSDP) model,
+    gathered on this rank."""
     from leantune.atomic import write_folder_atomic
     from leantune.models.embedded import portable_name
     from leantune.recipes.card import model_card
@@ -425,7 +441,7 @@ def _save_model(module, tok, dest: Path, summary: dict | None = None) -> None:
     card = model_card(summary, base, is_adapter) if summary else None
 
     def write(folder: Path) -> None:
-        module.save_pretrained(str(folder))
+        module.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(str(folder))
         if card is not None:
             (folder / "README.md").write_text(card, encoding="utf-8")  # replaces peft's empty template

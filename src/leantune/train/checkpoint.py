@@ -166,6 +166,11 @@ def _write_checkpoint_files(
     )
     if save_model is not None:
         save_model(tmp / "model")
+    _seal(tmp)
+
+
+def _seal(tmp: Path) -> None:
+    """Write the manifest (size and sha256 of every file) and flush everything to disk."""
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
     manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
     write_json_atomic(tmp / MANIFEST, manifest)
@@ -200,7 +205,6 @@ def save_checkpoint(
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in root.glob(".*.tmp"):  # the same for a pointer being replaced
         leftover.unlink(missing_ok=True)
-    final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
     try:
         _write_checkpoint_files(tmp, model, optimizer, trainer_state, torch_rng, method_tensors, save_model)
@@ -214,6 +218,12 @@ def save_checkpoint(
             f"disk full while writing checkpoint step {step} in {root}; {kept}: free space, then run the "
             "same command with --resume"
         ) from None
+    return _publish(root, tmp, step, keep)
+
+
+def _publish(root: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename the sealed temporary folder into `step-N`, point `latest` at it, prune old ones."""
+    final = root / f"step-{step:08d}"
     if final.exists():  # left by a kill between the rename and the pointer update; `latest` is older
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -308,26 +318,261 @@ def latest_checkpoint(root: Path) -> Path | None:
     return find_checkpoint(root)[0]
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int, world: int = 1) -> dict:
+def check_world(state: dict, path: Path, world: int, batch_size: int | None) -> None:
+    """A checkpoint resumes on another world size only at the same global batch (batch_size x world).
+
+    Rank r of W takes every W-th example of the epoch's order, so W ranks at batch b see, step by step,
+    the same examples as one rank at batch W*b: the run continues exactly (up to float summation order).
+    Any other world size is refused rather than silently continued differently.
+    """
+    saved_world = state.get("world_size", 1)
+    if saved_world == world:
+        return
+    saved_global = state.get("global_batch")
+    if saved_global is not None and batch_size is not None and saved_global == batch_size * world:
+        return
+    if saved_global is not None and saved_global % world == 0:
+        fix = f"set train.batch_size={saved_global // world} to keep its global batch of {saved_global}, or "
+    else:
+        fix = ""
+    raise UserError(
+        f"checkpoint {path} was written by {saved_world} process(es) and cannot resume exactly with "
+        f"{world}; {fix}launch it with {saved_world}"
+    )
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / DCP_DIR).is_dir()
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer, rank: int, world: int = 1, batch_size: int | None = None
+) -> dict:
     """Restore weights, optimizer and RNG in place; return the trainer state.
 
-    The data order is sharded by rank, so a run resumes exactly only with the world size it was saved
-    with; any other is refused rather than silently continued differently.
+    Reads both kinds: whole tensors (`trainable.safetensors`, one process or DDP) and DCP shards
+    (`dcp/`, FSDP), into a plain or a sharded model alike, on any world size `check_world` allows.
     """
     state = json.loads((path / "trainer_state.json").read_text())
+    check_world(state, path, world, batch_size)
     saved_world = state.pop("world_size", 1)
-    if saved_world != world:
-        raise UserError(
-            f"checkpoint {path} was written by {saved_world} process(es) and cannot resume "
-            f"exactly with {world}; launch it with {saved_world}"
-        )
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
+    state.pop("global_batch", None)
+    if is_sharded_checkpoint(path):
+        _load_sharded(path, model, optimizer)
+    else:
+        _load_whole(path, model, optimizer)
     restore_python_rng(state.pop("python_rng"))
     rng = load_file(str(path / "rng.safetensors"))
-    prefix = f"rank{rank}."
+    mine = rank if rank < saved_world else 0  # another world size: the streams cannot continue exactly
+    prefix = f"rank{mine}."
     restore_torch_rng(
-        {"cpu": rng[f"rank{rank}"], **{k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}}
+        {"cpu": rng[f"rank{mine}"], **{k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}}
     )
     return state
+
+
+def _load_whole(path: Path, model: torch.nn.Module, optimizer) -> None:
+    tensors = load_file(str(path / "trainable.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    if not _sharded(model):
+        load_trainable_state(model, tensors)
+        optimizer.load_state_dict(_join_optimizer(opt_tensors, meta))
+        return
+    # A checkpoint of one process (or DDP) resumed under FSDP: whole tensors in, each rank keeps its shard.
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in tensors]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+    names = _optimizer_names(model, optimizer)
+    by_name = {
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]],
+        "state": {names[int(idx)]: slots for idx, slots in meta["state"].items()},
+    }
+    source = {f"model.{n}": t for n, t in tensors.items()}
+    for idx, slots in meta["state"].items():
+        for key, value in slots.items():
+            if value == "__tensor__":
+                source[f"optim.{names[int(idx)]}.{key}"] = opt_tensors[f"{idx}.{key}"]
+    _apply_flat(model, optimizer, source, by_name)
+
+
+def read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """The whole trainable tensors of checkpoint `path`, of either kind, in one process (for export)."""
+    if not is_sharded_checkpoint(path):
+        return load_file(str(path / "trainable.safetensors"))
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(path / DCP_DIR))
+    wanted = {
+        key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith("model.")
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)), no_dist=True)
+    return {key[len("model.") :]: value for key, value in wanted.items()}
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's
+
+
+def _optimizer_names(model: torch.nn.Module, optimizer) -> dict[int, str]:
+    """Optimizer state index -> parameter name (indices count through the groups in order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in _torch_optimizer(optimizer).param_groups for p in g["params"]]
+    return {i: name_of[id(p)] for i, p in enumerate(params)}
+
+
+# -- sharded checkpoints (FSDP) through torch.distributed.checkpoint ---------------------------------
+DCP_DIR = "dcp"
+
+
+def _sharded_targets(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The flat tensor dict DCP saves/loads (this rank's shards), and the optimizer's non-tensor part.
+
+    Keys: `model.<param>` for trainable parameters, `optim.<param>.<slot>` for tensor optimizer state.
+    Non-tensor optimizer state (hyperparameters per group, any non-tensor slot) stays in our JSON, so DCP
+    only ever stores tensors: its safetensors writer keeps no pickled metadata.
+    """
+    from torch.distributed.checkpoint.state_dict import _init_optim_state, get_state_dict
+
+    from leantune.train.distributed import resharded
+
+    if _sharded(model):
+        resharded(model)
+    opt = _torch_optimizer(optimizer)
+    _init_optim_state(opt)  # a fresh optimizer has no state to load into (zero step at lr 0)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    flat = {f"model.{n}": model_sd[n] for n in trainable}
+    meta: dict = {"param_groups": optim_sd["param_groups"], "state": {}}
+    for name, slots in optim_sd["state"].items():
+        meta["state"][name] = {}
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                flat[f"optim.{name}.{key}"] = value
+                meta["state"][name][key] = "__tensor__"
+            else:
+                meta["state"][name][key] = value
+    return flat, meta
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    flat, _ = _sharded_targets(model, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)))  # reshards as needed
+    _apply_flat(model, optimizer, flat, json.loads((path / "optimizer.json").read_text()))
+
+
+def _apply_flat(model: torch.nn.Module, optimizer, source: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load `source` (the keys of `_sharded_targets`; whole tensors or this rank's shards) and the
+    optimizer's name-keyed non-tensor `meta` into a plain or sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from leantune.train.distributed import like
+
+    targets, _ = _sharded_targets(model, optimizer)
+    with torch.no_grad():
+        for key, target in targets.items():
+            if source[key] is not target:
+                target.copy_(like(source[key], target))
+    optim_sd = {
+        "state": {
+            name: {k: targets[f"optim.{name}.{k}"] if v == "__tensor__" else v for k, v in slots.items()}
+            for name, slots in meta["state"].items()
+        },
+        "param_groups": meta["param_groups"],
+    }
+    model_sd = {k[len("model.") :]: v for k, v in targets.items() if k.startswith("model.")}
+    set_state_dict(
+        model,
+        _torch_optimizer(optimizer),
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(strict=False),
+    )
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    trainer_state: dict,
+    torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
+    keep: int,
+    method_tensors: list[dict[str, torch.Tensor]] | None,
+    save_model: Callable[[Path], None] | None,
+    rank: int,
+) -> Path | None:
+    """The FSDP checkpoint: every rank calls this; each writes its own shards, rank 0 the rest.
+
+    The same atomic scheme as `save_checkpoint`: all ranks write DCP's files (safetensors, one per rank,
+    the offsets of each shard in its JSON header) into the temporary folder rank 0 named; DCP's save
+    returns on rank 0 only after every rank reported its write done; then rank 0 adds the JSON/RNG/
+    method files and the manifest and renames. A checkpoint some rank did not finish is never renamed,
+    so it is never taken as complete.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    tmp_name = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".tmp-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in root.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        tmp_name = [f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"]
+        (root / tmp_name[0]).mkdir()
+    dist.broadcast_object_list(tmp_name, src=0)
+    tmp = root / tmp_name[0]
+    flat, opt_meta = _sharded_targets(model, optimizer)
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / DCP_DIR), save_distributed=True))
+    if rank != 0:
+        return None
+    try:
+        rng: dict[str, torch.Tensor] = {}
+        for i, r in enumerate(torch_rng):
+            for kind, t in ({"cpu": r} if torch.is_tensor(r) else r).items():
+                rng[f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}"] = t.cpu()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        methods = {
+            f"{i}.{k}": v.detach().contiguous().cpu()
+            for i, tensors in enumerate(method_tensors or [])
+            for k, v in tensors.items()
+        }
+        save_file(methods, str(tmp / "methods.safetensors"))
+        write_json_atomic(tmp / "optimizer.json", opt_meta)
+        write_json_atomic(
+            tmp / "trainer_state.json",
+            {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()},
+        )
+        if save_model is not None:
+            save_model(tmp / "model")
+        _seal(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in DISK_FULL:
+            raise
+        raise UserError(
+            f"disk full while writing checkpoint step {step} in {root}; free space, then run the same "
+            "command with --resume"
+        ) from None
+    return _publish(root, tmp, step, keep)

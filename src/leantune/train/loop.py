@@ -4,6 +4,11 @@ Why our own loop and not transformers.Trainer: MeZO, LOMO, gradient approximatio
 step itself; with a loop this small each stays a plug-in. accelerate still gives devices, mixed
 precision and DDP. The loop never asks which method is running.
 
+Under `train.distributed=fsdp` (train/distributed.py) the model is sharded with FSDP2 before the
+optimizer is built and is not given to `accelerator.prepare`; everything that needs whole tensors
+(best weights, the adapter in a checkpoint, digests, the final export) gathers them collectively, and
+checkpoints are written through torch.distributed.checkpoint (train/checkpoint.py), shard by shard.
+
 Determinism and resume: the data order of epoch e depends only on (seed, e) (see batching.py), so a
 checkpoint only needs (epoch, next step in epoch) to continue exactly; RNG, optimizer and scheduler
 state travel in the checkpoint.
@@ -31,6 +36,7 @@ from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
 from leantune.methods.registry import MethodRuntime
 from leantune.train import checkpoint as ckpt
+from leantune.train import distributed as dist_mode
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
 from leantune.train.optim import (
@@ -89,7 +95,17 @@ class Trainer:
         self.step_fn = next((rt.step for rt in reversed(self.runtimes) if rt.step is not None), backprop_step)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         tc = cfg.train
-        self.model = accelerator.prepare(model)
+        self.fsdp = dist_mode.resolve_mode(cfg) == "fsdp"
+        if self.fsdp:
+            own = [rt for rt in self.runtimes if rt.step is not None or rt.reshapes_parameters]
+            if own:
+                raise UserError(
+                    "train.distributed=fsdp runs plain backprop on fixed parameter shapes; a method in "
+                    "this config brings its own step or reshapes parameters: use train.distributed=ddp"
+                )
+            self.model = dist_mode.shard_model(model)  # not through prepare: that would add DDP on top
+        else:
+            self.model = accelerator.prepare(model)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         raw_opt = build_optimizer(self.module, tc.lr, tc.weight_decay, tc.adamw_impl)
         if tc.compile_blocks:
@@ -137,7 +153,9 @@ class Trainer:
         if reshaping:  # such a method re-shapes the model to the checkpoint's before the weights load
             self._load_methods(path, json.loads((path / "trainer_state.json").read_text()).get("methods", []))
             self.sync_parameters()
-        saved = ckpt.load_checkpoint(path, self.module, self.optimizer, self.rank, self.world)
+        saved = ckpt.load_checkpoint(
+            path, self.module, self.optimizer, self.rank, self.world, self.cfg.train.batch_size
+        )
         saved.pop("identity", None)  # checked by the recipe before anything was written
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         method_states = saved.pop("methods", [])
@@ -181,13 +199,27 @@ class Trainer:
         self._running = self.acc.reduce(self._running, reduction="mean")
         self.state.running_loss, self.state.running_n = float(self._running), self._running_n
         rngs = gather_object([ckpt.torch_rng_state()])
-        if self.acc.is_main_process:
-            state = {
-                **self.state.__dict__,
-                "scheduler": self.scheduler.state_dict(),
-                "methods": [rt.state() for rt in self.runtimes],
-                **({"identity": self.identity} if self.identity else {}),
-            }
+        state = {
+            **self.state.__dict__,
+            "global_batch": self.cfg.train.batch_size * self.world,
+            "scheduler": self.scheduler.state_dict(),
+            "methods": [rt.state() for rt in self.runtimes],
+            **({"identity": self.identity} if self.identity else {}),
+        }
+        if self.fsdp:
+            ckpt.save_sharded_checkpoint(
+                self.ckpt_root,
+                self.state.step,
+                self.module,
+                self.optimizer,
+                state,
+                rngs,
+                self.cfg.train.keep_checkpoints,
+                [rt.tensors() for rt in self.runtimes],
+                self._adapter_saver(),
+                self.rank,
+            )
+        elif self.acc.is_main_process:
             ckpt.save_checkpoint(
                 self.ckpt_root,
                 self.state.step,
@@ -206,7 +238,14 @@ class Trainer:
         module = self.module
         if not hasattr(module, "peft_config"):
             return None  # the whole model is in trainable.safetensors already
+        if self.fsdp:  # whole adapter tensors, gathered by every rank now, written by rank 0 later
+            trainable = dist_mode.gathered_trainable(module)
+            return lambda folder: module.save_pretrained(str(folder), state_dict=trainable)
         return lambda folder: module.save_pretrained(str(folder))
+
+    def export_state_dict(self) -> dict | None:
+        """Under FSDP the whole model's tensors for `save_pretrained` (on rank 0; a collective), else None."""
+        return dist_mode.full_state_dict(self.module) if self.fsdp else None
 
     # -- evaluation --------------------------------------------------------------------------------
     def _evaluate(self) -> None:
@@ -222,6 +261,7 @@ class Trainer:
             self.rank,
             self.world,
             self.num_labels,
+            lockstep=self.fsdp,
         )
         if self.extra_eval is not None:
             metrics = {**metrics, **self.extra_eval(self.module)}
@@ -234,8 +274,10 @@ class Trainer:
             return
         if math.isfinite(metrics[name]) and is_better(name, metrics[name], st.best_metric):  # NaN: never best
             st.best_metric, st.best_step, st.bad_evals = metrics[name], st.step, 0
+            best = dist_mode.gathered_trainable(self.module) if self.fsdp else None  # every rank gathers
             if self.acc.is_main_process:
-                ckpt.save_tensors_atomic(ckpt.trainable_state(self.module), self.run_dir / "best.safetensors")
+                best = best if best is not None else ckpt.trainable_state(self.module)
+                ckpt.save_tensors_atomic(best, self.run_dir / "best.safetensors")
         else:
             st.bad_evals += 1
             patience = self.cfg.train.early_stopping_patience
@@ -255,11 +297,16 @@ class Trainer:
             cached = nullcontext()
             if self.prefix_cache:  # training micro-batches only: evaluation always runs the whole model
                 cached = self.prefix_cache.micro_batch(idx, batch["attention_mask"])
-            with nullcontext() if sync else self.acc.no_sync(self.model), cached:
+            if self.fsdp:  # FSDP2 reduce-scatters only on the last micro-batch; autocast as prepare would
+                self.model.set_requires_gradient_sync(sync)
+                around = self.acc.autocast()
+            else:
+                around = nullcontext() if sync else self.acc.no_sync(self.model)
+            with around, cached:
                 group_loss += self.step_fn(self.model, batch, self.acc, 1.0 / len(group)).float()
         grad_norm = None  # logged as null where a method applied its update itself (no .grad left)
         if tc.max_grad_norm is not None and any(p.grad is not None for p in self.params):
-            grad_norm = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
+            grad_norm = dist_mode.full_tensor(self.acc.clip_grad_norm_(self.params, tc.max_grad_norm))
         self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
         if not self._finite_step(group_loss, grad_norm):  # nan_policy=skip: no update, not logged
             self.optimizer.zero_grad(set_to_none=True)
@@ -292,8 +339,10 @@ class Trainer:
 
     def check_weights_finite(self) -> None:
         """NaN/inf trainable weights (a method's own update may make them) never end as a finished run."""
-        for name, p in self.module.named_parameters():
-            if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+        if self.fsdp:
+            dist_mode.resharded(self.module)
+        for name, p in self.module.named_parameters():  # under FSDP whole tensors: every rank decides alike
+            if p.requires_grad and not bool(torch.isfinite(dist_mode.full_tensor(p.detach())).all()):
                 raise UserError(
                     f"training produced non-finite weights ({name}) by step {self.state.step}; the model "
                     "is not saved: lower train.lr or check the data"
@@ -373,7 +422,10 @@ class Trainer:
         if self.state.best_step is None or not best.is_file():
             return False
         self.acc.wait_for_everyone()
-        ckpt.load_trainable_state(self.module, load_file(str(best)))
+        if self.fsdp:
+            dist_mode.load_full_trainable(self.module, load_file(str(best)))
+        else:
+            ckpt.load_trainable_state(self.module, load_file(str(best)))
         return True
 
     def weights_digest(self) -> list[str]:
@@ -381,8 +433,10 @@ class Trainer:
         from accelerate.utils import gather_object
 
         h = hashlib.sha256()
+        if self.fsdp:
+            dist_mode.resharded(self.module)
         for name, p in self.module.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad:  # under FSDP the whole tensor, gathered: every rank hashes the same bytes
                 h.update(name.encode())
-                h.update(p.detach().float().cpu().numpy().tobytes())
+                h.update(dist_mode.full_tensor(p.detach()).float().cpu().numpy().tobytes())
         return gather_object([h.hexdigest()])

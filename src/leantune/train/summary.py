@@ -92,6 +92,7 @@ class RunSummary:
     method_reports: dict[str, dict] | None = None  # leantune runs: each method's own numbers
     mmlu: dict[str, Any] | None = None  # when eval.mmlu_shots is set
     weights_sha256_per_rank: list[str] | None = None  # leantune runs: DDP must end identical
+    distributed: str | None = None  # leantune runs: fsdp, ddp or none
     baseline: dict[str, Any] | None = None  # the HF baseline: what its framework did
     wall_time_s: float | None = None  # set last, just before the summary is written
     warnings: list[str] | None = None  # leantune runs: quality_warnings
@@ -110,6 +111,7 @@ class RunSummary:
             **_present([("mmlu", self.mmlu)]),
             "memory": self.memory,
             "world_size": self.world_size,
+            **_present([("distributed", self.distributed)]),
             **_present([("weights_sha256_per_rank", self.weights_sha256_per_rank)]),
             "versions": self.versions,
             "machine": self.machine,
