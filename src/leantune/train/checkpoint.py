@@ -143,11 +143,23 @@ def _write_checkpoint_files(
     method_tensors: list[dict[str, torch.Tensor]] | None,
     save_model: Callable[[Path], None] | None,
 ) -> None:
-    tmp.mkdir()
     trainable = {k: v.contiguous() for k, v in trainable_state(model).items()}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+    _write_run_state(tmp, opt_meta, trainer_state, torch_rng, method_tensors, save_model)
+
+
+def _write_run_state(
+    tmp: Path,
+    opt_meta: dict,
+    trainer_state: dict,
+    torch_rng: list[dict[str, torch.Tensor] | torch.Tensor],
+    method_tensors: list[dict[str, torch.Tensor]] | None,
+    save_model: Callable[[Path], None] | None,
+) -> None:
+    """What every checkpoint holds besides the weights and optimizer tensors (whole or sharded): RNG,
+    method tensors, optimizer and trainer JSON, the model copy; then the manifest (`_seal`)."""
     rng: dict[str, torch.Tensor] = {}
     for i, r in enumerate(torch_rng):
         for kind, t in ({"cpu": r} if torch.is_tensor(r) else r).items():
@@ -200,25 +212,38 @@ def save_checkpoint(
     `method_tensors` the tensors of each method's runtime, in config order; `save_model(folder)`, when
     given, writes a loadable copy of the model into the checkpoint's `model/` (a peft adapter: small).
     """
+    tmp = _fresh_temp(root, step)
+    try:
+        _write_checkpoint_files(tmp, model, optimizer, trainer_state, torch_rng, method_tensors, save_model)
+    except OSError as exc:
+        _refuse_full_disk(exc, root, tmp, step)
+    return _publish(root, tmp, step, keep)
+
+
+def _fresh_temp(root: Path, step: int) -> Path:
+    """A new uniquely named temporary folder for checkpoint `step`, after clearing what a kill left."""
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp-step-*"):  # a kill while writing: never a usable checkpoint
         shutil.rmtree(leftover, ignore_errors=True)
     for leftover in root.glob(".*.tmp"):  # the same for a pointer being replaced
         leftover.unlink(missing_ok=True)
     tmp = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_checkpoint_files(tmp, model, optimizer, trainer_state, torch_rng, method_tensors, save_model)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno not in DISK_FULL:
-            raise
-        previous = find_checkpoint(root)[0]
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint"
-        raise UserError(
-            f"disk full while writing checkpoint step {step} in {root}; {kept}: free space, then run the "
-            "same command with --resume"
-        ) from None
-    return _publish(root, tmp, step, keep)
+    tmp.mkdir()
+    return tmp
+
+
+def _refuse_full_disk(exc: OSError, root: Path, tmp: Path, step: int) -> None:
+    """A write of checkpoint `step` failed: remove the partial folder; a full disk is one line naming
+    the checkpoint that is still intact, anything else is raised as it was."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if exc.errno not in DISK_FULL:
+        raise exc
+    previous = find_checkpoint(root)[0]
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint"
+    raise UserError(
+        f"disk full while writing checkpoint step {step} in {root}; {kept}: free space, then run the "
+        "same command with --resume"
+    ) from None
 
 
 def _publish(root: Path, tmp: Path, step: int, keep: int) -> Path:
@@ -532,15 +557,7 @@ def save_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    tmp_name = [None]
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".tmp-step-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in root.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
-        tmp_name = [f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"]
-        (root / tmp_name[0]).mkdir()
+    tmp_name = [_fresh_temp(root, step).name if rank == 0 else None]
     dist.broadcast_object_list(tmp_name, src=0)
     tmp = root / tmp_name[0]
     flat, opt_meta = _sharded_targets(model, optimizer)
@@ -548,31 +565,7 @@ def save_sharded_checkpoint(
     if rank != 0:
         return None
     try:
-        rng: dict[str, torch.Tensor] = {}
-        for i, r in enumerate(torch_rng):
-            for kind, t in ({"cpu": r} if torch.is_tensor(r) else r).items():
-                rng[f"rank{i}" if kind == "cpu" else f"rank{i}.{kind}"] = t.cpu()
-        save_file(rng, str(tmp / "rng.safetensors"))
-        methods = {
-            f"{i}.{k}": v.detach().contiguous().cpu()
-            for i, tensors in enumerate(method_tensors or [])
-            for k, v in tensors.items()
-        }
-        save_file(methods, str(tmp / "methods.safetensors"))
-        write_json_atomic(tmp / "optimizer.json", opt_meta)
-        write_json_atomic(
-            tmp / "trainer_state.json",
-            {**trainer_state, "world_size": len(torch_rng), "python_rng": python_rng_state()},
-        )
-        if save_model is not None:
-            save_model(tmp / "model")
-        _seal(tmp)
+        _write_run_state(tmp, opt_meta, trainer_state, torch_rng, method_tensors, save_model)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno not in DISK_FULL:
-            raise
-        raise UserError(
-            f"disk full while writing checkpoint step {step} in {root}; free space, then run the same "
-            "command with --resume"
-        ) from None
+        _refuse_full_disk(exc, root, tmp, step)
     return _publish(root, tmp, step, keep)
