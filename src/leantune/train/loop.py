@@ -206,31 +206,21 @@ class Trainer:
             "methods": [rt.state() for rt in self.runtimes],
             **({"identity": self.identity} if self.identity else {}),
         }
-        if self.fsdp:
-            ckpt.save_sharded_checkpoint(
-                self.ckpt_root,
-                self.state.step,
-                self.module,
-                self.optimizer,
-                state,
-                rngs,
-                self.cfg.train.keep_checkpoints,
-                [rt.tensors() for rt in self.runtimes],
-                self._adapter_saver(),
-                self.rank,
-            )
+        args = (
+            self.ckpt_root,
+            self.state.step,
+            self.module,
+            self.optimizer,
+            state,
+            rngs,
+            self.cfg.train.keep_checkpoints,
+            [rt.tensors() for rt in self.runtimes],
+            self._adapter_saver(),
+        )
+        if self.fsdp:  # every rank writes its shards
+            ckpt.save_sharded_checkpoint(*args, self.rank)
         elif self.acc.is_main_process:
-            ckpt.save_checkpoint(
-                self.ckpt_root,
-                self.state.step,
-                self.module,
-                self.optimizer,
-                state,
-                rngs,
-                self.cfg.train.keep_checkpoints,
-                [rt.tensors() for rt in self.runtimes],
-                self._adapter_saver(),
-            )
+            ckpt.save_checkpoint(*args)
         self.acc.wait_for_everyone()
 
     def _adapter_saver(self) -> Callable[[Path], None] | None:
