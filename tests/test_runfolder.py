@@ -269,3 +269,24 @@ def test_atomic_writes_leave_no_temporary_when_they_fail(tmp_path):
         write_text_atomic(tmp_path / "keep.json", None)  # fails mid-write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
     assert (tmp_path / "keep.json").read_text() == "old"
+
+
+def test_a_run_that_finished_in_the_folder_while_this_one_loaded_is_kept(short, tmp_path, monkeypatch):
+    """The folder is checked again under the lock, right before the first write: a run that started on an
+    empty folder must not clear another run that finished there meanwhile (no overwrite asked)."""
+    import leantune.recipes.train as recipe
+
+    real_prepare = recipe.prepare
+    run = tmp_path / "run"
+
+    def prepare_while_another_run_finishes(*args, **kwargs):
+        prep = real_prepare(*args, **kwargs)  # checked: the folder did not exist yet
+        run.mkdir(parents=True)
+        RunFolder(run).write_marker("0" * 64, "0.0")
+        (run / "summary.json").write_text('{"theirs": true}')
+        return prep
+
+    monkeypatch.setattr(recipe, "prepare", prepare_while_another_run_finishes)
+    with pytest.raises(UserError, match="already holds a run"):
+        _run(short)
+    assert (run / "summary.json").read_text() == '{"theirs": true}'

@@ -125,7 +125,11 @@ def foreign_names(out: Path) -> list[str]:
 
 
 def check_output_dir(
-    out: Path, resume: bool, overwrite: bool, has_checkpoint: Callable[[Path], bool] = lambda _: False
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    has_checkpoint: Callable[[Path], bool] = lambda _: False,
+    held: bool = False,
 ) -> None:
     """Refuse, before anything is read or written, every output folder a run may not use.
 
@@ -133,9 +137,11 @@ def check_output_dir(
     earlier start failed (no intact checkpoint, as `has_checkpoint(out)` judges, and no summary) or that
     `overwrite` allows replacing. For --resume:
     a marked run folder; files the user added beside the run are left alone (resume only writes its own).
+    `held`: this process holds the folder's lock (the check is repeated under the lock, right before the
+    first write, because another run may have finished in the folder while this one loaded its model).
     """
     _refuse_unusable(out)
-    if out.exists():
+    if out.exists() and not held:
         _refuse_in_use(out)
     if not out.exists() or all(p.name == LOCK for p in out.iterdir()):  # a lock alone: killed at its start
         if resume:

@@ -27,14 +27,17 @@ def _check_output(cfg: Config, resume: bool, force_resume: bool) -> tuple[Path, 
     """The run folder, checked before anything is read or written (see `leantune.runfolder`)."""
     from leantune.recipes.resume import check_resume_config
     from leantune.runfolder import check_output_dir
-    from leantune.train.checkpoint import latest_checkpoint
 
     out = Path(cfg.output.dir).expanduser()
-    check_output_dir(
-        out, resume, cfg.output.overwrite, lambda run: latest_checkpoint(run / "checkpoints") is not None
-    )
+    check_output_dir(out, resume, cfg.output.overwrite, _has_checkpoint)
     changed = check_resume_config(cfg, out, force_resume) if resume else []
     return out, changed
+
+
+def _has_checkpoint(run: Path) -> bool:
+    from leantune.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run / "checkpoints") is not None
 
 
 def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
@@ -235,10 +238,12 @@ def _start_writing(prep: Prepared, folder, resume: bool) -> None:
     """The first writes of a run: clear an earlier run's own files, mark the folder, save the config."""
     from leantune import __version__
     from leantune.atomic import write_text_atomic
-    from leantune.runfolder import config_sha256
+    from leantune.runfolder import check_output_dir, config_sha256
 
     text = dump_config(prep.cfg)
     if not resume:  # check_output_dir allowed it: an empty folder, overwrite, or a start that failed
+        # again, under the lock: a run on this folder may have finished while this one loaded its model
+        check_output_dir(prep.out, False, prep.cfg.output.overwrite, _has_checkpoint, held=True)
         folder.clear_previous_run()
         folder.write_marker(config_sha256(text), __version__)
     write_text_atomic(prep.out / "config.yaml", text)  # never torn for --resume to read
