@@ -121,6 +121,36 @@ def test_weight_decay_and_samples_follow_the_formula():
     assert torch.allclose(model.theta, expected, atol=1e-6)
 
 
+class TwoGroups(torch.nn.Module):
+    """A weight and a bias, as the trainer groups them (decay / no decay), each with its own rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((6,), 0.5))
+        self.b = torch.nn.Parameter(torch.full((3,), -0.5))
+
+    def forward(self, **_):
+        return SimpleNamespace(loss=(self.w**2).sum() + (self.b - 1).pow(2).sum())
+
+
+def test_every_group_moves_along_the_direction_the_forward_passes_measured():
+    """One z stream over all parameters: the bias group's update uses the z of its own entries in that
+    stream (a fresh generator per group gave the bias an unrelated direction)."""
+    model = TwoGroups()
+    opt = torch.optim.SGD([{"params": [model.w], "lr": 0.1}, {"params": [model.b], "lr": 0.02}], lr=0.1)
+    trainer = SimpleNamespace(torch_optimizer=opt, state=SimpleNamespace(step=0))
+    rt = MezoRuntime(MezoConfig(), seed=3)
+    rt.on_step_start(trainer)
+    rt.step(model, {}, None, 1.0)
+    w0, b0 = model.w.detach().clone(), model.b.detach().clone()
+    z_w, z_b = torch.zeros(6), torch.zeros(3)
+    perturb([z_w, z_b], rt.seeds[0], 1.0)  # the stream the passes used, over [w, b]
+    rt.on_step_end(trainer)
+    g = rt.projected[0]
+    assert torch.allclose(model.w, w0 - 0.1 * g * z_w, atol=1e-6)
+    assert torch.allclose(model.b, b0 - 0.02 * g * z_b, atol=1e-6)
+
+
 def _tiny_bert_and_batch(path: Path):
     from transformers import AutoModelForSequenceClassification
 

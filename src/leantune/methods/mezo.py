@@ -59,12 +59,16 @@ def step_seed(seed: int, step: int, sample: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
-def perturb(params, seed: int, alpha: float) -> None:
-    """theta += alpha * z in place, z ~ N(0, I) regenerated from `seed` in the same order every time."""
+def perturb(params, seed: int, alpha) -> None:
+    """theta += alpha * z in place, z ~ N(0, I) regenerated from `seed` in the same order every time.
+
+    `alpha` is one number or one per parameter: the update must walk the very z the two forward passes
+    measured, one stream over all parameters, even where groups differ in learning rate."""
     import torch
 
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * len(params)
     generators: dict = {}
-    for p in params:
+    for p, a in zip(params, alphas, strict=True):
         g = generators.get(p.device)
         if g is None:
             g = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
@@ -72,7 +76,7 @@ def perturb(params, seed: int, alpha: float) -> None:
         pieces = data.view(-1).split(CHUNK) if data.is_contiguous() else (data,)
         for piece in pieces:
             z = torch.randn(piece.shape, generator=g, device=piece.device, dtype=piece.dtype)
-            piece.add_(z, alpha=alpha)
+            piece.add_(z, alpha=a)
 
 
 def apply(model, cfg: MezoConfig, ctx: MethodContext):
@@ -145,8 +149,9 @@ class MezoRuntime(MethodRuntime):
                 if wd:
                     for p in params:
                         p.data.mul_(1 - lr * wd)
-                for seed, g in zip(self.seeds, self.projected, strict=True):
-                    perturb(params, seed, -lr * g / n)
+            rates = [lr for params, lr, _ in self.groups for _ in params]  # in `_params()` order
+            for seed, g in zip(self.seeds, self.projected, strict=True):
+                perturb(self._params(), seed, [-lr * g / n for lr in rates])
         self.steps += 1
         self.last_projected = list(self.projected)
         self.abs_projected_sum += sum(abs(g) for g in self.projected) / n
