@@ -290,3 +290,29 @@ def test_a_run_that_finished_in_the_folder_while_this_one_loaded_is_kept(short, 
     with pytest.raises(UserError, match="already holds a run"):
         _run(short)
     assert (run / "summary.json").read_text() == '{"theirs": true}'
+
+
+def test_only_leantunes_own_temporaries_count_as_its_files():
+    assert is_own(".summary.json.0123456789ab.tmp") and is_own(".config.yaml.a1b2c3d4e5f6.tmp")
+    assert not is_own(".notes.tmp") and not is_own(".draft.backup.tmp") and not is_own("notes.tmp")
+
+
+def test_a_killed_run_that_saved_best_weights_is_not_a_failed_start(tmp_path, capsys, short):
+    """No checkpoint (save_every: null) and no summary, but trained weights: a plain start must not clear
+    it; only output.overwrite=true may."""
+    run = tmp_path / "run"
+    run.mkdir()
+    RunFolder(run).write_marker("0" * 64, "0.0")
+    (run / "best.safetensors").write_bytes(b"weights")
+    line = cli_err(capsys, "train", *short)
+    assert "already holds a run" in line and (run / "best.safetensors").read_bytes() == b"weights"
+
+
+def test_a_malformed_manifest_means_a_damaged_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+    done = ckpt.save_checkpoint(root, 5, model, opt, {"step": 5}, [ckpt.torch_rng_state()], keep=3)
+    for bad in ("[1, 2]", '{"trainable.safetensors": {"sha256": "x"}}', '{"trainable.safetensors": 3}'):
+        (done / "manifest.json").write_text(bad)
+        assert ckpt.checkpoint_damage(done) == "manifest.json is malformed", bad

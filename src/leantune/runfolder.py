@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -52,13 +53,18 @@ OWN_NAMES = frozenset(
 SHOWN_FOREIGN = 5
 
 
+# leantune's temporaries: `.NAME.<12 hex>.tmp` (leantune.atomic.temp_sibling), nothing looser: a user's
+# own `.notes.tmp` is not ours to delete
+TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+
+
 def is_own(name: str) -> bool:
     """A name leantune writes in a run folder: its fixed names, `export --checkpoint`'s default folders and
-    its temporaries (`.NAME.*.tmp`)."""
+    its temporaries."""
     return (
         name in OWN_NAMES
         or name.startswith(("merged-step-", "exported-step-"))
-        or (name.startswith(".") and name.endswith(".tmp"))
+        or bool(TEMPORARY.fullmatch(name))
     )
 
 
@@ -162,7 +168,14 @@ def check_output_dir(
             f"run folder {out} also holds files leantune did not write ({_name_some(foreign)}); "
             "move them out or choose another output.dir: leantune never deletes them"
         )
-    failed_start = not has_checkpoint(out) and not (out / "summary.json").exists()
+    # a start that failed wrote nothing a user could miss: no checkpoint (even a damaged one), no best or
+    # final weights, no summary; a killed run with save_every: null has best.safetensors and is kept
+    trained = ("summary.json", "best.safetensors", "model")
+    failed_start = (
+        not has_checkpoint(out)
+        and not any((out / "checkpoints").glob("step-*"))
+        and not any((out / name).exists() for name in trained)
+    )
     if not overwrite and not failed_start:
         raise UserError(
             f"output folder {out} already holds a run; use --resume to continue it, "

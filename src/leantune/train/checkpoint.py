@@ -299,12 +299,15 @@ def checkpoint_damage(path: Path) -> str | None:
         except (OSError, ValueError):
             return "trainer_state.json is missing or unreadable"
         return None
-    for name, want in manifest.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
-            return f"{name} does not match its recorded checksum"
+    try:
+        for name, want in manifest.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+                return f"{name} does not match its recorded checksum"
+    except (AttributeError, KeyError, TypeError):  # a manifest that is not {file: {bytes, sha256}}
+        return f"{MANIFEST} is malformed"
     return None
 
 
