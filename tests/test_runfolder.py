@@ -316,3 +316,19 @@ def test_a_malformed_manifest_means_a_damaged_checkpoint(tmp_path):
     for bad in ("[1, 2]", '{"trainable.safetensors": {"sha256": "x"}}', '{"trainable.safetensors": 3}'):
         (done / "manifest.json").write_text(bad)
         assert ckpt.checkpoint_damage(done) == "manifest.json is malformed", bad
+
+
+def test_saved_configs_of_8bit_quant_and_mezo_runs_load_and_pass_their_checks(tmp_path):
+    """A run's config.yaml sets every key to its value; defaults a method ignores must not refuse it
+    (found in review: `--resume` with the saved config of an 8-bit quant or a mezo run was refused)."""
+    from types import SimpleNamespace
+
+    from leantune.config import dump_config
+    from leantune.methods._own_step import check_train_options
+
+    for methods in ("[{name: quant, bits: 8}, lora]", "[mezo]"):
+        saved = tmp_path / "config.yaml"
+        saved.write_text(dump_config(load_config(None, [f"methods={methods}"])))
+        cfg = load_config(saved)
+        trainer = SimpleNamespace(cfg=cfg, world=1)
+        check_train_options(trainer, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})

@@ -31,7 +31,9 @@ def check_train_options(trainer, method: str, ignored: dict[str, Any]) -> None:
             f"{method}: train.mixed_precision=fp16 is not supported (its loss scaling bypasses the "
             "update); use bf16 or no"
         )
+    defaults = type(tc).model_fields
     for key, neutral in ignored.items():
         value = getattr(tc, key)
-        if key in tc.model_fields_set and value != neutral:
+        # the field's default passes too: a run's saved config.yaml sets every key, and must resume
+        if key in tc.model_fields_set and value not in (neutral, defaults[key].default):
             raise UserError(f"{method} does not use train.{key} (set to {value}); remove it")

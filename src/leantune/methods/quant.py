@@ -58,7 +58,8 @@ class QuantConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _bits_and_type(self) -> QuantConfig:
-        if self.bits == 8 and "quant_type" in self.model_fields_set:
+        # the default (nf4) passes: a saved config.yaml writes every key, and must load again
+        if self.bits == 8 and self.quant_type != "nf4":
             raise ValueError("quant_type applies to bits: 4 only; drop it or set bits: 4")
         return self
 
