@@ -117,6 +117,7 @@ def test_freeze_limits_ia3_bitfit_layernorm_to_training_blocks(tiny_models):
         ("bert", "classification", "[lora, bitfit]", "bitfit trains base weights"),
         ("bert", "classification", "[ia3, freeze]", "freeze must come before ia3"),
         ("bert", "classification", "[bitfit, bitfit]", "'bitfit' is listed twice"),
+        ("bert", "classification", "[bitfit, layernorm]", "bitfit and layernorm each choose"),
     ],
 )
 def test_refusals_are_one_line(tiny_models, arch, task, methods, message):

@@ -230,6 +230,9 @@ def check_method_list(task: str, names: list[str] | tuple[str, ...]) -> None:
                     f"{name} trains base weights, which a {others[0]} adapter does not save; use one of them "
                     f"(lora trains biases too with methods.N.bias: all)"
                 )
+    subsets = [n for n in names if n in BASE_SUBSET]
+    if len(subsets) > 1:  # each sets requires_grad over the whole model: the second undoes the first
+        raise UserError(f"{subsets[0]} and {subsets[1]} each choose which base weights train; keep one")
     if "prefix" in names and task == "classification":
         raise UserError(
             "prefix: peft 0.21 cannot prefix-tune a sequence-classification model (it takes no past key "
