@@ -332,3 +332,33 @@ def test_saved_configs_of_8bit_quant_and_mezo_runs_load_and_pass_their_checks(tm
         cfg = load_config(saved)
         trainer = SimpleNamespace(cfg=cfg, world=1)
         check_train_options(trainer, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})
+
+
+def test_outputs_are_never_written_over_a_file_that_appeared_meanwhile(tmp_path):
+    """export's folder and generate/predict's --out are checked up front and again at the final rename:
+    what appeared in between is kept and the command fails (found in review)."""
+    from leantune.atomic import write_folder_atomic, write_new_text
+
+    dest = tmp_path / "exported"
+
+    def meanwhile(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "weights").write_text("new")
+        dest.mkdir()
+        (dest / "theirs").write_text("keep")
+
+    with pytest.raises(FileExistsError):
+        write_folder_atomic(dest, meanwhile, replace=False)
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["exported"] and (dest / "theirs").read_text() == "keep"
+    )
+    out = tmp_path / "gen.jsonl"
+    out.write_text("theirs")
+    with pytest.raises(FileExistsError):
+        write_new_text(out, "ours")
+    assert out.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "exported",
+        "gen.jsonl",
+    ]
+    write_folder_atomic(dest, lambda f: (f.mkdir(), (f / "x").write_text("1")))  # replace=True: ours
+    assert sorted(p.name for p in dest.iterdir()) == ["x"]

@@ -6,6 +6,7 @@ later command reads back: configs, summaries, checkpoints' JSON, benchmark artef
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -54,17 +55,43 @@ def copy_atomic(src: Path, dst: Path) -> None:
         raise
 
 
-def write_folder_atomic(dest: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` fills a temporary sibling folder that then replaces `dest`; a failure leaves no trace.
+def write_folder_atomic(dest: Path, write: Callable[[Path], None], replace: bool = True) -> None:
+    """`write(tmp)` fills a temporary sibling folder that then becomes `dest`; a failure leaves no trace.
 
-    Callers replace only a `dest` of their own (a run's `model/`, a cache entry): export refuses an
-    existing destination before it gets here.
+    `replace=True` is for a `dest` of leantune's own (a run's `model/`, a cache entry): an existing one is
+    moved aside, the new one renamed in, then the old one removed, so a kill leaves one of them whole.
+    `replace=False` (export) never deletes: a `dest` that appeared while `write` ran is an error
+    (`FileExistsError`), and the temporary folder is discarded.
     """
     tmp = temp_sibling(dest)
+    old = temp_sibling(dest)
     try:
         write(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
+        if not dest.exists():
+            os.rename(tmp, dest)
+        elif not replace:
+            raise FileExistsError(errno.EEXIST, "appeared while writing", str(dest))
+        else:
+            os.rename(dest, old)
+            try:
+                os.rename(tmp, dest)
+            except BaseException:
+                os.rename(old, dest)  # the old one stays where it was
+                raise
     finally:
         _discard(tmp)
+        _discard(old)
+
+
+def write_new_text(path: Path, text: str) -> None:
+    """Write `path` atomically, never over an existing file, even one created while writing: the
+    temporary is hard-linked into place (`FileExistsError` if `path` exists by then), then unlinked."""
+    tmp = temp_sibling(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -95,3 +95,16 @@ def reload_methods(model, cfg: Config, run_dir: Path):
         if spec.reload is not None:
             model = spec.reload(model, mcfg, run_dir)
     return model
+
+
+def write_new_output(out: Path, text: str) -> None:
+    """An output file the user named (`--out`): written atomically and never over a file, not even one
+    that appeared after the up-front check (one line then, and nothing of theirs is touched)."""
+    from leantune.atomic import write_new_text
+
+    try:
+        write_new_text(out, text)
+    except FileExistsError:
+        raise UserError(
+            f"--out {out} appeared while this command ran; it was left as it is: pass another --out"
+        ) from None

@@ -60,7 +60,12 @@ def run_export(run_dir: Path, merge: bool, out: Path | None = None, checkpoint: 
         model.save_pretrained(str(folder))
         tok.save_pretrained(str(folder))
 
-    write_folder_atomic(dest, write)  # nothing half-written is left behind
+    try:
+        write_folder_atomic(dest, write, replace=False)  # nothing half-written is left behind
+    except FileExistsError:
+        raise UserError(
+            f"{dest} appeared while exporting; it was left as it is: pass another --out"
+        ) from None
     print(f"exported {'merged model' if merge else 'model'} to {dest}")
     return dest
 

@@ -141,10 +141,10 @@ def _encode_prompts(tok, rows: list[dict], cfg, chat: bool) -> list[list[int]]:
 def _emit(records: list[dict], texts: list[str], file: Path | None, out: Path | None) -> None:
     """A single prompt prints its text; a file prints JSONL, or writes it atomically to `out`."""
     if out is not None:
-        from leantune.atomic import write_text_atomic
+        from leantune.recipes.common import write_new_output
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_new_output(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         print(f"leantune: {len(records)} generations written to {out}")
     elif file is not None:
         print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), end="")

@@ -77,10 +77,10 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
         }
         for row, pred, p in zip(rows, preds, probs, strict=True)
     ]
-    from leantune.atomic import write_text_atomic
+    from leantune.recipes.common import write_new_output
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, _table_text(records, out.suffix))
+    write_new_output(out, _table_text(records, out.suffix))
     result: dict = {"n": len(rows), "predictions": preds, "out": str(out)}
     if gold is not None:
         result["accuracy"] = sum(p == g for p, g in zip(preds, gold, strict=True)) / len(rows)
