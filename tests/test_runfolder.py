@@ -321,8 +321,6 @@ def test_a_malformed_manifest_means_a_damaged_checkpoint(tmp_path):
 def test_saved_configs_of_8bit_quant_and_mezo_runs_load_and_pass_their_checks(tmp_path):
     """A run's config.yaml sets every key to its value; defaults a method ignores must not refuse it
     (found in review: `--resume` with the saved config of an 8-bit quant or a mezo run was refused)."""
-    from types import SimpleNamespace
-
     from leantune.config import dump_config
     from leantune.methods._own_step import check_train_options
 
@@ -330,8 +328,7 @@ def test_saved_configs_of_8bit_quant_and_mezo_runs_load_and_pass_their_checks(tm
         saved = tmp_path / "config.yaml"
         saved.write_text(dump_config(load_config(None, [f"methods={methods}"])))
         cfg = load_config(saved)
-        trainer = SimpleNamespace(cfg=cfg, world=1)
-        check_train_options(trainer, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})
+        check_train_options(cfg, 1, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})
 
 
 def test_outputs_are_never_written_over_a_file_that_appeared_meanwhile(tmp_path):
@@ -362,3 +359,22 @@ def test_outputs_are_never_written_over_a_file_that_appeared_meanwhile(tmp_path)
     ]
     write_folder_atomic(dest, lambda f: (f.mkdir(), (f / "x").write_text("1")))  # replace=True: ours
     assert sorted(p.name for p in dest.iterdir()) == ["x"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["methods=[lomo]", "train.grad_accum=2"],
+        ["methods=[mezo]", "train.nan_policy=skip"],
+        ["methods=[mezo]", "train.adamw_impl=fused"],
+    ],
+)
+def test_a_method_refusing_the_run_settings_costs_no_earlier_run(short, tmp_path, capsys, extra):
+    """Methods check the run's settings before the first write: with output.overwrite=true a refusal
+    used to come after the earlier run was cleared (found in review)."""
+    _run(short)
+    run = tmp_path / "run"
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    capsys.readouterr()
+    cli_err(capsys, "train", *short, *extra, "output.overwrite=true")
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before

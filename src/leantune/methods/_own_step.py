@@ -20,11 +20,16 @@ def refuse_other_steps(method: str, methods: tuple[str, ...]) -> None:
         )
 
 
-def check_train_options(trainer, method: str, ignored: dict[str, Any]) -> None:
+def check_train_options(cfg, world: int, method: str, ignored: dict[str, Any]) -> None:
     """Refuse what the method cannot do, and options it would ignore when the user set them (a default
     that does not apply passes: `ignored` maps each such option to its neutral value)."""
-    tc = trainer.cfg.train
-    if trainer.world > 1:
+    tc = cfg.train
+    if tc.nan_policy == "skip":
+        raise UserError(
+            f"{method} applies its update itself, so train.nan_policy=skip cannot drop a step's update; "
+            "use train.nan_policy=stop"
+        )
+    if world > 1:
         raise UserError(f"{method} runs in a single process only; launch it without multiple processes")
     if tc.mixed_precision == "fp16":
         raise UserError(

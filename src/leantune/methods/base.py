@@ -145,6 +145,10 @@ class MethodRuntime:
     # model to the checkpoint's shapes, and the trainer re-reads the parameters (`sync_parameters`).
     reshapes_parameters: bool = False
 
+    def check_run(self, cfg: RunConfigView, world: int) -> None:
+        """Refuse (UserError) run settings this method cannot honour; called with the number of
+        processes before anything is written, so a refusal never costs an earlier run's files."""
+
     def on_train_start(self, trainer: TrainerView) -> None:
         """After the optimizer exists, before the first step (also after a resume has loaded state)."""
 

@@ -88,15 +88,17 @@ class LomoRuntime(MethodRuntime):
         self.clipped_steps = 0
 
     # -- hooks around the trainer's steps ----------------------------------------------------------
-    def on_train_start(self, trainer) -> None:
-        name = self.cfg.name
-        tc = trainer.cfg.train
-        check_train_options(trainer, name, {"adamw_impl": "auto"})
+    def check_run(self, cfg, world: int) -> None:
+        name, tc = self.cfg.name, cfg.train
+        check_train_options(cfg, world, name, {"adamw_impl": "auto"})
         if tc.grad_accum > 1:
             raise UserError(
                 f"{name} applies each gradient inside backward, so train.grad_accum={tc.grad_accum} cannot "
                 "accumulate; set train.grad_accum=1 and raise train.batch_size instead"
             )
+
+    def on_train_start(self, trainer) -> None:
+        tc = trainer.cfg.train
         self.max_norm = tc.max_grad_norm
         groups = trainer.torch_optimizer.param_groups
         index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}

@@ -96,10 +96,12 @@ class MezoRuntime(MethodRuntime):
         self.last_projected: list[float] = []
         self.abs_projected_sum = 0.0
 
+    def check_run(self, cfg, world: int) -> None:
+        check_train_options(cfg, world, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})
+
     def on_train_start(self, trainer) -> None:
         import torch
 
-        check_train_options(trainer, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})
         self.dropout_modules = sum(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.module.modules()
         )

@@ -72,19 +72,13 @@ class Prepared:
     mmlu_records: list[dict] | None = None  # when eval.mmlu_shots is set
     identity: dict | None = None  # config + data fingerprint, recorded in every checkpoint
     resume_changes: list[str] | None = None  # what --force-resume let change since the checkpoint
+    runtimes: list | None = None  # each method's runtime, built and checked before anything is written
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
-        from leantune.methods import MethodContext
         from leantune.train.loop import Trainer
 
-        names = tuple(m.name for m in self.cfg.methods)
-        ctx = MethodContext(task=method_task(self.cfg.task), seed=self.cfg.train.seed, methods=names)
-        runtimes = [
-            spec.runtime(self.model, mcfg, ctx)
-            for spec, mcfg in zip(self.specs, self.cfg.methods, strict=True)
-            if spec.runtime
-        ]
+        runtimes = self.runtimes if self.runtimes is not None else method_runtimes(self)
         return Trainer(
             self.cfg,
             self.model,
@@ -168,7 +162,27 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
             "the configured methods leave no trainable parameter; loosen `freeze` or add a method"
         )
     specs = [get_method(m.name) for m in cfg.methods]
-    return Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
+    prep = Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
+    prep.runtimes = method_runtimes(prep)
+    for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
+        runtime.check_run(cfg, acc.num_processes)
+    if mode == "fsdp":
+        distributed.refuse_fsdp_runtimes(prep.runtimes)
+    return prep
+
+
+def method_runtimes(prep: Prepared) -> list:
+    """One runtime per configured method that has one, in config order."""
+    from leantune.methods import MethodContext
+
+    cfg = prep.cfg
+    names = tuple(m.name for m in cfg.methods)
+    ctx = MethodContext(task=method_task(cfg.task), seed=cfg.train.seed, methods=names)
+    return [
+        spec.runtime(prep.model, mcfg, ctx)
+        for spec, mcfg in zip(prep.specs, cfg.methods, strict=True)
+        if spec.runtime
+    ]
 
 
 def _name_portable_base(model, model_name: str) -> None:

@@ -59,6 +59,15 @@ def launch_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0") or 0), world
 
 
+def refuse_fsdp_runtimes(runtimes: list) -> None:
+    """FSDP shards fixed parameter shapes and runs plain backprop: no method step, no reshaping."""
+    if any(rt.step is not None or rt.reshapes_parameters for rt in runtimes):
+        raise UserError(
+            "train.distributed=fsdp runs plain backprop on fixed parameter shapes; a method in "
+            "this config brings its own step or reshapes parameters: use train.distributed=ddp"
+        )
+
+
 def resolve_mode(cfg: Config) -> str:
     """'single', 'ddp' or 'fsdp' for this launch; refuses (one line, every rank alike) what cannot work.
 

@@ -97,12 +97,7 @@ class Trainer:
         tc = cfg.train
         self.fsdp = dist_mode.resolve_mode(cfg) == "fsdp"
         if self.fsdp:
-            own = [rt for rt in self.runtimes if rt.step is not None or rt.reshapes_parameters]
-            if own:
-                raise UserError(
-                    "train.distributed=fsdp runs plain backprop on fixed parameter shapes; a method in "
-                    "this config brings its own step or reshapes parameters: use train.distributed=ddp"
-                )
+            dist_mode.refuse_fsdp_runtimes(self.runtimes)
             self.model = dist_mode.shard_model(model)  # not through prepare: that would add DDP on top
         else:
             self.model = accelerator.prepare(model)
