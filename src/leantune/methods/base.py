@@ -22,11 +22,12 @@ or `cli` (methods sit below them; `tests/test_layers.py` checks it), or test ano
 except to check the order of a combination (`ctx.methods`).
 
 What the trainer guarantees: methods are applied in config order (a combination is a list, not a new
-code path); after the model is prepared and the optimizer built it creates one runtime per method that
-has one and calls every runtime's hooks in config order, never asking which method it is:
-`on_train_start` once (also after a resume loaded their state), then per optimizer step
-`on_step_start`, the micro-batches (through the last runtime that defines `step`, else
-`leantune.models.backprop.backprop_step`), the optimizer step and `zero_grad`, `on_step_end`.
+code path); one runtime per method that has one is created before anything is written, and its
+`check_run(cfg, world)` may refuse settings it cannot honour then; once the optimizer exists every
+runtime's hooks run in config order, never asking which method it is: `on_train_start` once (also
+after a resume loaded their state), then per optimizer step `on_step_start`, the micro-batches
+(through the last runtime that defines `step`, else `leantune.models.backprop.backprop_step`), the
+optimizer step and `zero_grad`, `on_step_end`.
 Checkpoints hold each runtime's `state()`/`tensors()`; `--resume` hands them back to `load`. The final
 model is saved with `model.save_pretrained` (see `registry.extend_save` for extra files), so a peft
 model saves its adapter and anything else the whole model. `tests/test_method_contract.py` runs every
