@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from leantune.errors import UserError
+from leantune.errors import UserError, name_some
 
 MARKER = ".leantune-run.json"
 LOCK = ".leantune.lock"
@@ -50,7 +50,6 @@ OWN_NAMES = frozenset(
         "hf_trainer",
     }
 )
-SHOWN_FOREIGN = 5
 
 
 # leantune's temporaries: `.NAME.<12 hex>.tmp` (leantune.atomic.temp_sibling), nothing looser: a user's
@@ -70,12 +69,6 @@ def is_own(name: str) -> bool:
 
 def config_sha256(config_text: str) -> str:
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()
-
-
-def _name_some(names: list[str]) -> str:
-    shown = ", ".join(names[:SHOWN_FOREIGN])
-    more = len(names) - SHOWN_FOREIGN
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _refuse_unusable(out: Path) -> None:
@@ -157,7 +150,7 @@ def check_output_dir(
         foreign = foreign_names(out) or sorted(p.name for p in out.iterdir())
         raise UserError(
             f"output folder {out} is not a marked leantune run folder (no {MARKER}) and holds files "
-            f"leantune did not write ({_name_some(foreign)}); leantune only writes into an empty folder or "
+            f"leantune did not write ({name_some(foreign)}); leantune only writes into an empty folder or "
             "its own run folder: choose another output.dir"
         )
     if resume:
@@ -165,7 +158,7 @@ def check_output_dir(
     foreign = foreign_names(out)
     if foreign:
         raise UserError(
-            f"run folder {out} also holds files leantune did not write ({_name_some(foreign)}); "
+            f"run folder {out} also holds files leantune did not write ({name_some(foreign)}); "
             "move them out or choose another output.dir: leantune never deletes them"
         )
     # a start that failed wrote nothing a user could miss: no checkpoint (even a damaged one), no best or

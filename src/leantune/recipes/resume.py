@@ -17,9 +17,8 @@ import yaml
 
 from leantune.config import Config, dump_config, load_config
 from leantune.data.fingerprint import fingerprint_differences
-from leantune.errors import UserError
+from leantune.errors import UserError, name_some
 
-SHOWN = 5
 IGNORED = ("output.", "train.distributed")  # where files go / how processes cooperate: same training
 
 
@@ -47,11 +46,6 @@ def config_differences(saved_text: str, now_text: str, ignore: tuple[str, ...] =
     a, b = _flatten(yaml.safe_load(saved_text)), _flatten(yaml.safe_load(now_text))
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(IGNORED) and k not in ignore)
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
-
-
-def _listing(diffs: list[str]) -> str:
-    more = len(diffs) - SHOWN
-    return "; ".join(diffs[:SHOWN]) + (f"; and {more} more" if more > 0 else "")
 
 
 def _warn(message: str) -> None:
@@ -95,13 +89,14 @@ def check_resume_config(cfg: Config, out: Path, force: bool) -> list[str]:
         # same command line must resume, and must map labels to the same ids.
         cfg.data.label_names = saved.data.label_names
     diffs = config_differences(dump_config(saved), dump_config(cfg), _rescaled(cfg, out))
+    listed = name_some(diffs, sep="; ")
     if diffs and not force:
         raise UserError(
-            f"the config differs from the one {out} was started with ({_listing(diffs)}); resume with "
+            f"the config differs from the one {out} was started with ({listed}); resume with "
             f"`leantune train {path} --resume`, or add --force-resume to continue with the new config"
         )
     if diffs:
-        _warn(f"resuming {out} with a changed config ({_listing(diffs)}): no longer one reproducible run")
+        _warn(f"resuming {out} with a changed config ({listed}): no longer one reproducible run")
     return diffs
 
 
@@ -125,11 +120,12 @@ def check_resume_identity(out: Path, config_text: str, fingerprint: dict, force:
     diffs = [f"data {d}" for d in fingerprint_differences(identity["data"], fingerprint)]
     rescaled = _rescaled(load_config_text(config_text), out)
     diffs += config_differences(identity["config"], config_text, rescaled)
+    listed = name_some(diffs, sep="; ")
     if diffs and not force:
         raise UserError(
-            f"checkpoint {path.name} of {out} was written with other data or config ({_listing(diffs)}); "
+            f"checkpoint {path.name} of {out} was written with other data or config ({listed}); "
             "restore them, or add --force-resume to continue anyway"
         )
     if diffs:
-        _warn(f"resuming {path.name} with changed data or config ({_listing(diffs)})")
+        _warn(f"resuming {path.name} with changed data or config ({listed})")
     return diffs
