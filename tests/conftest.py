@@ -79,3 +79,17 @@ def cli_err(capsys, *argv) -> str:
     assert len(lines) == 1, f"expected one line, got: {err}"
     assert "Traceback" not in err
     return lines[0]
+
+
+def assert_resume_replays(overrides: list[str], run_dir: Path, from_step: int) -> None:
+    """Train `overrides` (which save a checkpoint at `from_step`), then resume as if killed right after
+    that checkpoint: the resumed run must end with the uninterrupted run's weights, bit for bit."""
+    from leantune.config import load_config
+    from leantune.recipes.train import run_train
+
+    full = run_train(load_config(None, overrides))
+    (run_dir / "checkpoints" / "latest").write_text(f"step-{from_step:08d}")
+    (run_dir / "summary.json").unlink()
+    resumed = run_train(load_config(None, overrides), resume=True)
+    assert resumed["train"]["resumed"]
+    assert resumed["weights_sha256_per_rank"] == full["weights_sha256_per_rank"]

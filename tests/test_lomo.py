@@ -15,8 +15,8 @@ import torch
 from leantune.config import TrainConfig, load_config
 from leantune.methods.lomo import AdaLomoConfig, AdaLomoRuntime, LomoConfig, LomoRuntime
 from leantune.methods.registry import MethodRuntime
-from leantune.recipes.train import prepare, run_train
-from tests.conftest import cli_err
+from leantune.recipes.train import prepare
+from tests.conftest import assert_resume_replays, cli_err
 from tests.live_bytes import LiveBytes
 
 NO_DECAY = ("bias", "LayerNorm.weight")
@@ -227,12 +227,7 @@ def test_resume_equals_an_uninterrupted_run(base_overrides, tmp_path, method):
     overrides = [*base_overrides, f"methods=[{method}]", "train.max_steps=4", "train.save_every=2"]
     if method == "lomo":
         overrides.append("train.lr=0.1")
-    full = run_train(load_config(None, overrides))
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000002")  # as if killed after step 2
-    (tmp_path / "run" / "summary.json").unlink()
-    resumed = run_train(load_config(None, overrides), resume=True)
-    assert resumed["train"]["resumed"]
-    assert resumed["weights_sha256_per_rank"] == full["weights_sha256_per_rank"]
+    assert_resume_replays(overrides, tmp_path / "run", from_step=2)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from leantune.config import load_config
 from leantune.errors import UserError
 from leantune.methods.mezo import MezoConfig, MezoRuntime, perturb, step_seed
 from leantune.methods.registry import MethodRuntime
-from leantune.recipes.train import prepare, run_train
-from tests.conftest import cli_err
+from leantune.recipes.train import prepare
+from tests.conftest import assert_resume_replays, cli_err
 from tests.live_bytes import LiveBytes
 
 
@@ -248,12 +248,7 @@ def test_resume_equals_an_uninterrupted_run(base_overrides, tmp_path):
         "train.save_every=2",
         "train.lr=1e-3",
     ]
-    full = run_train(load_config(None, overrides))
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000002")  # as if killed after step 2
-    (tmp_path / "run" / "summary.json").unlink()
-    resumed = run_train(load_config(None, overrides), resume=True)
-    assert resumed["train"]["resumed"]
-    assert resumed["weights_sha256_per_rank"] == full["weights_sha256_per_rank"]
+    assert_resume_replays(overrides, tmp_path / "run", from_step=2)
 
 
 @pytest.mark.parametrize(
