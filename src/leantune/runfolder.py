@@ -44,6 +44,7 @@ OWN_NAMES = frozenset(
         "predictions.jsonl",
         "tensorboard",
         "best.safetensors",
+        "best-checkpointed.safetensors",
         "rank_history.png",
         "merged",
         "exported",
@@ -163,7 +164,7 @@ def check_output_dir(
         )
     # a start that failed wrote nothing a user could miss: no checkpoint (even a damaged one), no best or
     # final weights, no summary; a killed run with save_every: null has best.safetensors and is kept
-    trained = ("summary.json", "best.safetensors", "model")
+    trained = ("summary.json", "best.safetensors", "best-checkpointed.safetensors", "model")
     failed_start = (
         not has_checkpoint(out)
         and not any((out / "checkpoints").glob("step-*"))

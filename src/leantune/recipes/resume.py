@@ -100,11 +100,15 @@ def check_resume_config(cfg: Config, out: Path, force: bool) -> list[str]:
     return diffs
 
 
-def check_resume_identity(out: Path, config_text: str, fingerprint: dict, force: bool) -> list[str]:
-    """Pick the checkpoint to resume from and check that it was written with this config and data.
+def check_resume_identity(
+    out: Path, config_text: str, fingerprint: dict, force: bool
+) -> tuple[Path, list[str]]:
+    """Pick the checkpoint to resume from, check that it was written with this config and data, and
+    return it with what `--force-resume` let differ.
 
     Called once the data is loaded, before anything is written. A damaged newest checkpoint falls back to
-    the newest intact one, with a warning naming what was skipped.
+    the newest intact one, with a warning naming what was skipped. The trainer resumes from exactly this
+    checkpoint (`check_still_newest` makes sure no other appeared meanwhile).
     """
     from leantune.train.checkpoint import find_checkpoint
 
@@ -116,7 +120,7 @@ def check_resume_identity(out: Path, config_text: str, fingerprint: dict, force:
         _warn(f"{'; '.join(notes)}; resuming from {path.name}, the newest intact checkpoint")
     identity = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("identity")
     if not identity:  # a checkpoint from before identities were recorded
-        return []
+        return path, []
     diffs = [f"data {d}" for d in fingerprint_differences(identity["data"], fingerprint)]
     rescaled = _rescaled(load_config_text(config_text), out)
     diffs += config_differences(identity["config"], config_text, rescaled)
@@ -128,4 +132,18 @@ def check_resume_identity(out: Path, config_text: str, fingerprint: dict, force:
         )
     if diffs:
         _warn(f"resuming {path.name} with changed data or config ({listed})")
-    return diffs
+    return path, diffs
+
+
+def check_still_newest(out: Path, checked: Path) -> None:
+    """Under the run folder's lock: the checkpoint checked while the model loaded is still the one to
+    resume from. Another process may have finished or saved in the folder meanwhile; its checkpoint was
+    not checked against this config and data, so the resume stops instead of taking it unseen."""
+    from leantune.train.checkpoint import find_checkpoint
+
+    now, _ = find_checkpoint(out / "checkpoints")
+    if now != checked:
+        raise UserError(
+            f"{out} changed while this run was starting (its newest checkpoint is now "
+            f"{now.name if now else 'none'}, was {checked.name}); run the same command again"
+        )

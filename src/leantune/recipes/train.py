@@ -73,6 +73,7 @@ class Prepared:
     identity: dict | None = None  # config + data fingerprint, recorded in every checkpoint
     resume_changes: list[str] | None = None  # what --force-resume let change since the checkpoint
     runtimes: list | None = None  # each method's runtime, built and checked before anything is written
+    resume_from: Path | None = None  # the checkpoint whose config and data identity prepare checked
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -136,10 +137,11 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     data = build_features(cfg, tok)
     distributed.check_world(len(data["train"]), acc.num_processes)
     identity = _run_identity(cfg, data)
+    resume_from: Path | None = None
     if resume:
         from leantune.recipes.resume import check_resume_identity
 
-        found = check_resume_identity(out, identity["config"], identity["data"], force_resume)
+        resume_from, found = check_resume_identity(out, identity["config"], identity["data"], force_resume)
         changed += [d for d in found if d not in changed]  # config.yaml and checkpoint may both tell
     gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
@@ -163,6 +165,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         )
     specs = [get_method(m.name) for m in cfg.methods]
     prep = Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
+    prep.resume_from = resume_from
     prep.runtimes = method_runtimes(prep)
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
@@ -255,6 +258,10 @@ def _start_writing(prep: Prepared, folder, resume: bool) -> None:
     from leantune.runfolder import check_output_dir, config_sha256
 
     text = dump_config(prep.cfg)
+    if resume and prep.resume_from is not None:
+        from leantune.recipes.resume import check_still_newest
+
+        check_still_newest(prep.out, prep.resume_from)
     if not resume:  # check_output_dir allowed it: an empty folder, overwrite, or a start that failed
         # again, under the lock: a run on this folder may have finished while this one loaded its model
         check_output_dir(prep.out, False, prep.cfg.output.overwrite, _has_checkpoint, held=True)
@@ -267,7 +274,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     """Train, score the final model, and (on the main process) save it and write summary.json."""
     acc = prep.accelerator
     trainer = prep.trainer()
-    resumed = trainer.resume() if resume else False
+    resumed = trainer.resume(prep.resume_from) if resume else False
     state = trainer.fit()
     trainer.restore_best()
     test, predictions = _final_test(prep, trainer)

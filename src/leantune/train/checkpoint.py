@@ -33,10 +33,12 @@ STEP_NAME = re.compile(r"step-\d{1,12}")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     tmp = temp_sibling(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -127,6 +129,23 @@ def _step_of(path: Path) -> int:
 
 
 def _sha256(path: Path) -> str:
+    """The file's sha256, computed once per (size, mtime, inode) in this process.
+
+    A resume looks at its checkpoint several times (the folder check, the config check, the identity
+    check, the load); hashing a multi-GB full fine-tune each time cost minutes. Any rewrite of the file
+    (a new inode from an atomic rename, or an edit that changes size or mtime) hashes it again.
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

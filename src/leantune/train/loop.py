@@ -35,6 +35,7 @@ from leantune.errors import UserError
 from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
 from leantune.methods.registry import MethodRuntime
+from leantune.train import best as best_weights
 from leantune.train import checkpoint as ckpt
 from leantune.train import distributed as dist_mode
 from leantune.train.batching import epoch_batches
@@ -114,6 +115,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.scheduler = linear_schedule(raw_opt, round(tc.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
+        self._checkpointed_best: int | None = None  # best_step of the newest published checkpoint
         verbose = accelerator.is_main_process
         self.prefix_cache = PrefixCache(self.module, verbose) if tc.cache_frozen_prefix else None
         self.log = RunLogger(run_dir, accelerator.is_main_process, cfg.output.tensorboard)
@@ -140,8 +142,10 @@ class Trainer:
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.ckpt_root)
+    def resume(self, path: Path | None = None) -> bool:
+        """Continue from checkpoint `path` (the recipe passes the one whose identity it checked), or from
+        the newest intact one."""
+        path = path if path is not None else ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
         reshaping = any(rt.reshapes_parameters for rt in self.runtimes)
@@ -157,10 +161,24 @@ class Trainer:
         if not reshaping:
             self._load_methods(path, method_states)
         self.state = TrainState(**saved)
+        self._checkpointed_best = self.state.best_step
+        if self.acc.is_main_process and not best_weights.settle(self.run_dir, self.state.best_step):
+            self.state.best_step = self.state.best_metric = None
+        self.acc.wait_for_everyone()
+        self.state.best_step, self.state.best_metric = self._agreed_best()
         self._running = torch.tensor(self.state.running_loss, device=self.acc.device)
         self._running_n = self.state.running_n
         self.log.truncate_after(self.state.step)
         return True
+
+    def _agreed_best(self) -> tuple[int | None, float | None]:
+        """Rank 0 settled the best-weights file on resume; every rank takes its decision."""
+        from accelerate.utils import broadcast_object_list
+
+        pair = [self.state.best_step, self.state.best_metric]
+        if self.world > 1:
+            broadcast_object_list(pair, from_process=0)
+        return pair[0], pair[1]
 
     def _load_methods(self, path: Path, method_states: list) -> None:
         method_tensors = ckpt.load_method_tensors(path, len(self.runtimes))
@@ -217,6 +235,9 @@ class Trainer:
         elif self.acc.is_main_process:
             ckpt.save_checkpoint(*args)
         self.acc.wait_for_everyone()
+        self._checkpointed_best = self.state.best_step
+        if self.acc.is_main_process:
+            best_weights.checkpoint_published(self.run_dir, self.state.best_step)
 
     def _adapter_saver(self) -> Callable[[Path], None] | None:
         """Checkpoints of a peft model also hold its adapter, loadable by peft and `export --checkpoint`."""
@@ -262,7 +283,7 @@ class Trainer:
             best = dist_mode.gathered_trainable(self.module) if self.fsdp else None  # every rank gathers
             if self.acc.is_main_process:
                 best = best if best is not None else ckpt.trainable_state(self.module)
-                ckpt.save_tensors_atomic(best, self.run_dir / "best.safetensors")
+                best_weights.save(self.run_dir, best, st.step, self._checkpointed_best)
         else:
             st.bad_evals += 1
             patience = self.cfg.train.early_stopping_patience
@@ -403,7 +424,7 @@ class Trainer:
         """Load the best evaluated weights (every rank reads the file rank 0 wrote)."""
         from safetensors.torch import load_file
 
-        best = self.run_dir / "best.safetensors"
+        best = self.run_dir / best_weights.BEST
         if self.state.best_step is None or not best.is_file():
             return False
         self.acc.wait_for_everyone()
