@@ -49,6 +49,11 @@ def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
             f"model.max_length={cfg.model.max_length} exceeds the {positions} positions of "
             f"{cfg.model.name}; set model.max_length <= {positions}"
         )
+    if cfg.task == "multi_label" and num_labels < 1:
+        raise UserError(
+            f"the training data of {cfg.data.source} names no label at all; multi_label needs label sets "
+            "in data.label_column"
+        )
     if cfg.task == "classification" and num_labels < 2:
         raise UserError(
             f"the training data of {cfg.data.source} has {num_labels} class(es) "
@@ -298,6 +303,8 @@ def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
             acc.num_processes,
             trainer.num_labels,
             lockstep=trainer.fsdp,
+            label_names=cfg.data.label_names,
+            threshold=cfg.eval.threshold,
         )
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
