@@ -154,10 +154,14 @@ class Config(Strict):
         if self.data.label_separator is not None and self.task != "multi_label":
             raise ValueError("data.label_separator splits multi-label cells; set task=multi_label or drop it")
         if self.data.label_separator == "":
-            raise ValueError("data.label_separator is empty; give the string between labels (e.g. '|')")
+            raise ValueError(
+                "data.label_separator is empty; give the string between labels, quoted (YAML reads a bare "
+                "| as an empty block): data.label_separator='|'"
+            )
         if self.data.allow_empty_labels and self.task != "multi_label":
             raise ValueError("data.allow_empty_labels is for task multi_label; drop it")
-        if "threshold" in self.eval.model_fields_set and self.task != "multi_label":
+        # not "was it set": a run's saved config.yaml spells out every default
+        if self.eval.threshold != EvalConfig.model_fields["threshold"].default and self.task != "multi_label":
             raise ValueError(
                 "eval.threshold is the multi-label decision threshold; set task=multi_label or drop it"
             )
