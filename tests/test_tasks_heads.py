@@ -171,7 +171,6 @@ def multi_label_run(tiny_models, tmp_path_factory) -> tuple[Path, dict]:
     return root / "run", summary
 
 
-@pytest.mark.slow
 def test_regression_learns_beyond_the_mean(regression_run):
     run, s = regression_run
     losses = _train_losses(run)
@@ -183,7 +182,6 @@ def test_regression_learns_beyond_the_mean(regression_run):
     assert s["train"]["metric"] == "mse" and not s.get("warnings")
 
 
-@pytest.mark.slow
 def test_regression_eval_and_predict_reload_the_head(regression_run, tmp_path, capsys):
     from leantune.cli import main
 
@@ -202,7 +200,6 @@ def test_regression_eval_and_predict_reload_the_head(regression_run, tmp_path, c
     assert mse < 0.5 * float(np.var([r["score"] for r in rows]))
 
 
-@pytest.mark.slow
 def test_multi_label_beats_all_majority(multi_label_run):
     run, s = multi_label_run
     losses = _train_losses(run)
@@ -214,7 +211,6 @@ def test_multi_label_beats_all_majority(multi_label_run):
     assert s["config"]["data"]["label_names"] == ["art", "food", "sport"]
 
 
-@pytest.mark.slow
 def test_multi_label_predict_eval_export_reload(multi_label_run, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
