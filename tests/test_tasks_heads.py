@@ -249,3 +249,65 @@ def test_multi_label_predict_eval_export_reload(multi_label_run, tmp_path):
         got = merged.eval()(**enc).logits
         want = model(**enc).logits
     assert (got - want).abs().max().item() < 1e-4
+
+
+# --- sequence classification with a decoder LLM (configs/classify-smollm2.yaml on a tiny Llama) --------
+
+
+@pytest.mark.slow  # ~30-60 s on the shared 2-core machine
+def test_decoder_llm_classifies_with_lora_and_reloads(tiny_models, sentiment_csv, tmp_path, capsys):
+    """A Llama gets a `score` head over its last non-padding token; LoRA trains it through peft's
+    modules_to_save, and `leantune eval` reloads adapter + head to the same numbers."""
+    from leantune.cli import main
+    from leantune.data.tasks import collate
+    from leantune.models.loader import load_tokenizer
+    from leantune.recipes.common import load_run_config, load_trained_model
+
+    out = tmp_path / "run"
+    overrides = [
+        f"model.name={tiny_models['llama']}",
+        "model.max_length=16",
+        f"data.source={sentiment_csv}",
+        "methods=[{name: lora, r: 16, dropout: 0.0, target_modules: all-linear}]",
+        "train.batch_size=16",
+        "train.lr=1e-2",
+        "train.epochs=5",
+        "train.num_threads=1",
+        "train.save_every=null",
+        "output.tensorboard=false",
+        f"output.dir={out}",
+    ]
+    s = run_train(load_config(None, overrides))
+    assert s["test"]["accuracy"] > s["test"]["majority_accuracy"] + 0.2, s["test"]
+    assert any("score" in k for k in _adapter_keys(out / "model"))  # the head is saved with the adapter
+    assert main(["eval", str(out), "--out", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["accuracy"] == s["test"]["accuracy"]
+    assert again["loss"] == pytest.approx(s["test"]["loss"], abs=1e-5)
+
+    # the head reads the last real token: padding a row does not change its logits
+    cfg = load_run_config(out)
+    tok = load_tokenizer(str(out / "model"))
+    model = load_trained_model(out, cfg).eval()
+    short, long = (
+        tok("a great film")["input_ids"],
+        tok("the plot was dull and the acting painful")["input_ids"],
+    )
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([short])).logits
+        batch = collate(
+            [
+                {"input_ids": short, "attention_mask": [1] * len(short)},
+                {"input_ids": long, "attention_mask": [1] * len(long)},
+            ],
+            tok.pad_token_id,
+        )
+        padded = model(**batch).logits[:1]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+def _adapter_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
+        return list(fh.keys())
