@@ -73,7 +73,9 @@ class DataConfig(Strict):
     text_column: str = Field("text", description="Input text (classification), prompt (causal LM), source.")
     text_pair_column: str | None = Field(None, description="Second text for pair classification.")
     label_column: str | None = Field(
-        "label", description="Class label (classification), response (causal LM, may be null), target."
+        "label",
+        description="Class label (classification), score (regression), label set (multi_label), response (causal LM, "
+        "may be null), target (seq2seq).",
     )
     label_names: list[str] | None = Field(
         None, description="Class names in id order; default: inferred from the training split."
@@ -174,7 +176,11 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0)
-    metric: str | None = Field(None, description="Selects the best checkpoint; default accuracy or loss.")
+    metric: str | None = Field(
+        None,
+        description="Selects the best checkpoint; default accuracy (classification, reward), mse "
+        "(regression), micro_f1 (multi_label) or loss.",
+    )
     generate: bool = Field(
         False,
         description="seq2seq / causal LM with a response column: also generate on validation and test and "
