@@ -74,8 +74,8 @@ class DataConfig(Strict):
     text_pair_column: str | None = Field(None, description="Second text for pair classification.")
     label_column: str | None = Field(
         "label",
-        description="Class label (classification), score (regression), label set (multi_label), response (causal LM, "
-        "may be null), target (seq2seq).",
+        description="Class label (classification), score (regression), label set (multi_label), "
+        "response (causal LM, may be null), target (seq2seq).",
     )
     label_names: list[str] | None = Field(
         None, description="Class names in id order; default: inferred from the training split."
