@@ -27,13 +27,17 @@ def evaluate(
     lockstep: bool = False,
     label_names: list[str] | None = None,
     threshold: float = 0.5,
-) -> dict[str, float]:
+    confusion: bool = False,
+) -> dict:
     """Metrics over all of `features`; every rank gets the same numbers (no rank decides alone).
 
     `lockstep`: every rank runs the same number of forward passes (a sharded FSDP model all-gathers in
     each one, so a rank with one batch fewer would leave the others waiting); the extra pass of a rank
     with fewer examples repeats its first batch and is not counted. Regression scores the head's one
     output; multi-label its per-label sigmoids against `threshold` (names from `label_names`).
+    `confusion`: classification also returns `confusion_matrix` (rows: true class, columns: predicted,
+    in label-id order), the one non-number in the dict (the final test evaluation asks for it, for the
+    bench report).
     """
     from accelerate.utils import gather_object
 
@@ -79,7 +83,12 @@ def evaluate(
     if task == "reward":
         return {"accuracy": sum(preds) / max(len(preds), 1), "loss": loss_sum / max(tokens, 1)}
     if task == "classification":
-        return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
+        out = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
+        if confusion:
+            from sklearn.metrics import confusion_matrix
+
+            out["confusion_matrix"] = confusion_matrix(labels, preds, labels=range(num_labels)).tolist()
+        return out
     if task == "regression":
         return {**regression_metrics(preds, labels), "loss": loss_sum / max(tokens, 1)}
     if task == "multi_label":

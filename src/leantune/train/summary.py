@@ -91,6 +91,7 @@ class RunSummary:
     config: dict[str, Any]  # the validated run config, as JSON
     method_reports: dict[str, dict] | None = None  # leantune runs: each method's own numbers
     mmlu: dict[str, Any] | None = None  # when eval.mmlu_shots is set
+    confusion: dict[str, Any] | None = None  # classification: test counts {labels, matrix[true][pred]}
     weights_sha256_per_rank: list[str] | None = None  # leantune runs: DDP must end identical
     distributed: str | None = None  # leantune runs: fsdp, ddp or none
     baseline: dict[str, Any] | None = None  # the HF baseline: what its framework did
@@ -108,7 +109,7 @@ class RunSummary:
             "train": self.train.to_dict(),
             "validation": self.validation,
             "test": self.test,
-            **_present([("mmlu", self.mmlu)]),
+            **_present([("mmlu", self.mmlu), ("confusion", self.confusion)]),
             "memory": self.memory,
             "world_size": self.world_size,
             **_present([("distributed", self.distributed)]),
