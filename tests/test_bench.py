@@ -144,14 +144,19 @@ def test_report_writes_table_and_html_with_plots(bench, capsys):
     html = (results / "smoke" / "report.html").read_text()
     assert "<table>" in html and html.count("<tr>") == 1 + len(RUNS)
     images = html.split('src="data:image/png;base64,')[1:]
-    assert len(images) == 4  # quality vs time, quality vs memory, loss curves, scaling
+    # per-metric panels, quality vs cost, scaling, per-run curves, confusion matrices (3 classifiers)
+    assert len(images) == 5 and "<h2>Confusion matrices</h2>" in html
     for img in images:
         png = base64.b64decode(img.split('"', 1)[0])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium")
 def test_report_html_renders_in_headless_chromium(bench, tmp_path):
+    from tests.test_report_layout import CHROMIUMS, chromium
+
+    browser = chromium()
+    if browser is None:
+        pytest.skip(f"no Chromium on PATH (looked for {', '.join(CHROMIUMS)})")
     results, _ = bench
     html = results / "smoke" / "report.html"
     if not html.is_file():
@@ -159,7 +164,7 @@ def test_report_html_renders_in_headless_chromium(bench, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run(
         [
-            "/usr/bin/chromium",
+            browser,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",

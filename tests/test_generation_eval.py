@@ -200,3 +200,18 @@ def test_causal_lm_run_scores_generations_of_its_prompts(tiny_models, tmp_path):
     assert [x["prediction"] for x in lines] == again  # the saved model's continuations, prompts cut off
     rescored = text_metrics(again, [r["label"] for r in test_rows])
     assert rescored == {k: summary["test"][k] for k in rescored}
+
+
+def test_answer_metrics_score_label_answers_like_a_classifier():
+    from leantune.eval.generation import answer_metrics
+
+    refs = ["positive", "negative", "Positive.", "negative", "positive", "negative"]
+    preds = ["Positive, because it is fun", "negative", "negativity", "NEGATIVE.", "pos", "negative\nmore"]
+    m = answer_metrics(preds, refs)
+    # read as: positive, negative, <other>, negative, <other>, negative
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["unmatched_answers"] == pytest.approx(2 / 6)
+    assert m["precision"] == pytest.approx((1 + 1) / 2)  # every predicted label was right
+    assert m["recall"] == pytest.approx((1 / 3 + 3 / 3) / 2)
+    assert m["f1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert answer_metrics(["a b", "c d"], ["one sentence", "another sentence"]) == {}  # free text

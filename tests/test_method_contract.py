@@ -1,5 +1,7 @@
 """Every registered method keeps the plug-in contract (`leantune.methods.base`), with numbers:
-apply -> 2 training steps -> save -> reload -> eval on the tiny random BERT.
+apply -> 2 training steps -> save -> reload -> eval on the tiny random BERT, for each sequence-head
+task: classification, regression (one score, MSE) and multi_label (a label set, BCE with logits); the
+methods change only the body, so the head of every task must train, save and reload.
 
 For each method the package registers (`available_methods()` less test-only ones; a method added later
 is picked up without editing this file and runs with its config defaults unless CONFIGS says otherwise):
@@ -88,7 +90,16 @@ def package_methods() -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_csv(tmp_path_factory) -> Path:
-    return write_csv(tmp_path_factory.mktemp("contract") / "sentiment.csv", make_sentiment_rows(64))
+    """Sentiment rows with a class `label`, a `score` (regression) and a `labels` set (multi-label)."""
+    rows = make_sentiment_rows(64)
+    for i, row in enumerate(rows):
+        row["score"] = (1.0 if row["label"] == "pos" else -1.0) + (i % 5) / 10
+        row["labels"] = json.dumps([row["label"], "odd"] if i % 3 else [row["label"]])
+    return write_csv(tmp_path_factory.mktemp("contract") / "sentiment.csv", rows)
+
+
+#: task -> its label column in small_csv
+TASK_COLUMNS = {"classification": "label", "regression": "score", "multi_label": "labels"}
 
 
 def _snapshot(model) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -105,14 +116,17 @@ def _logits(model, batch) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("task", list(TASK_COLUMNS))
 @pytest.mark.parametrize("name", package_methods())
-def test_method_keeps_the_contract(name, tiny_models, small_csv, tmp_path):
+def test_method_keeps_the_contract(name, task, tiny_models, small_csv, tmp_path):
     if name in SKIPS:
         pytest.skip(f"{name}: {SKIPS[name]}")
     methods = CONFIGS.get(name, ([{"name": name}], "defaults"))[0]
     cfg = load_config(
         None,
         [
+            f"task={task}",
+            f"data.label_column={TASK_COLUMNS[task]}",
             f"model.name={tiny_models['bert']}",
             "model.max_length=16",
             f"data.source={small_csv}",
@@ -162,7 +176,8 @@ def test_method_keeps_the_contract(name, tiny_models, small_csv, tmp_path):
     val = prep.data["validation"]
     batch = collate([val[i] for i in range(min(8, len(val)))], pad)
     logits = _logits(module, batch)
-    metrics = evaluate(module, val, cfg.task, 32, pad, num_labels=2)
+    names = cfg.data.label_names
+    metrics = evaluate(module, val, cfg.task, 32, pad, num_labels=2, label_names=names)
     assert metrics["loss"] == pytest.approx(val_loss, abs=TOL)  # eval is deterministic
 
     module.save_pretrained(str(prep.out / "model"))  # what `leantune train` saves (see _save_model)
@@ -174,9 +189,9 @@ def test_method_keeps_the_contract(name, tiny_models, small_csv, tmp_path):
             _logits(reloaded, batch)
         pytest.xfail(f"{name}: {why}")
     torch.testing.assert_close(_logits(reloaded, batch), logits, atol=TOL, rtol=0)
-    again = evaluate(reloaded, val, cfg.task, 32, pad, num_labels=2)
+    again = evaluate(reloaded, val, cfg.task, 32, pad, num_labels=2, label_names=names)
     assert again["loss"] == pytest.approx(metrics["loss"], abs=TOL)
-    assert again["accuracy"] == metrics["accuracy"]
+    assert again[cfg.metric] == pytest.approx(metrics[cfg.metric], abs=TOL)
 
 
 def test_every_configured_or_skipped_method_exists():

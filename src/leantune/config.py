@@ -26,10 +26,14 @@ from pydantic import (
 from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, check_method_list, method_config_class
 from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.config import DataConfig`)
+    ANSWER_METRICS,
     CLASSIFICATION_METRICS,
     GENERATION_METRICS,
+    HEAD_TASKS,
     LM_METRICS,
     MAX_SEED,
+    MULTI_LABEL_METRICS,
+    REGRESSION_METRICS,
     REWARD_METRICS,
     DataConfig,
     EvalConfig,
@@ -42,6 +46,14 @@ from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.conf
     describe_validation_error,
     read_yaml_mapping,
 )
+
+#: the metric that picks the best checkpoint when eval.metric is not set (language models: the loss)
+DEFAULT_METRIC = {
+    "classification": "accuracy",
+    "reward": "accuracy",
+    "regression": "mse",
+    "multi_label": "micro_f1",
+}
 
 
 class Config(Strict):
@@ -84,9 +96,12 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        known = {"classification": CLASSIFICATION_METRICS, "reward": REWARD_METRICS}.get(
-            self.task, LM_METRICS + GENERATION_METRICS
-        )
+        known = {
+            "classification": CLASSIFICATION_METRICS,
+            "regression": REGRESSION_METRICS,
+            "multi_label": MULTI_LABEL_METRICS,
+            "reward": REWARD_METRICS,
+        }.get(self.task, LM_METRICS + GENERATION_METRICS + ANSWER_METRICS)
         if self.eval.metric is not None and self.eval.metric not in known:
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
@@ -96,13 +111,16 @@ class Config(Strict):
                 "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "
                 "set it false"
             )
-        if self.task in ("classification", "seq2seq") and self.data.label_column is None:
+        if self.task != "causal_lm" and self.task != "reward" and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
-        if self.eval.generate and (
-            self.task in ("classification", "reward") or self.data.label_column is None
-        ):
+        self._check_label_settings()
+        if self.eval.generate and (self.task in HEAD_TASKS or self.data.label_column is None):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
-        if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
+        if (
+            self.eval.metric in GENERATION_METRICS + ANSWER_METRICS
+            and self.task not in HEAD_TASKS
+            and not self.eval.generate
+        ):
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
         if self.data.format != "text" and self.task != "causal_lm":
             raise ValueError(
@@ -126,12 +144,35 @@ class Config(Strict):
                 raise ValueError("data.packing builds a float32 attention mask; set model.dtype=float32")
         if self.eval.mmlu_shots is not None and self.task != "causal_lm":
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
-        check_method_list(self.task, [m.name for m in self.methods])  # by name only: no torch
+        from leantune.models.reward import method_task
+
+        check_method_list(method_task(self.task), [m.name for m in self.methods])  # by name only: no torch
         return self
+
+    def _check_label_settings(self) -> None:
+        """Settings that only one label kind reads: refused elsewhere rather than silently ignored."""
+        if self.data.label_separator is not None and self.task != "multi_label":
+            raise ValueError("data.label_separator splits multi-label cells; set task=multi_label or drop it")
+        if self.data.label_separator == "":
+            raise ValueError(
+                "data.label_separator is empty; give the string between labels, quoted (YAML reads a bare "
+                "| as an empty block): data.label_separator='|'"
+            )
+        if self.data.allow_empty_labels and self.task != "multi_label":
+            raise ValueError("data.allow_empty_labels is for task multi_label; drop it")
+        # not "was it set": a run's saved config.yaml spells out every default
+        if self.eval.threshold != EvalConfig.model_fields["threshold"].default and self.task != "multi_label":
+            raise ValueError(
+                "eval.threshold is the multi-label decision threshold; set task=multi_label or drop it"
+            )
+        if self.task == "regression" and self.data.label_names is not None:
+            raise ValueError(
+                "task regression predicts one score, it has no label names; drop data.label_names"
+            )
 
     @property
     def metric(self) -> str:
-        return self.eval.metric or ("accuracy" if self.task in ("classification", "reward") else "loss")
+        return self.eval.metric or DEFAULT_METRIC.get(self.task, "loss")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

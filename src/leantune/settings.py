@@ -24,13 +24,21 @@ from pydantic import (
 from leantune.errors import UserError
 from leantune.numbers import check_number
 
-Task = Literal["classification", "causal_lm", "seq2seq", "reward"]
+Task = Literal["classification", "regression", "multi_label", "causal_lm", "seq2seq", "reward"]
+#: tasks scored by a sequence-classification head (one output per label, or one score)
+HEAD_TASKS = ("classification", "regression", "multi_label", "reward")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
+#: regression (one score per row, MSE loss): errors are minimised, correlations maximised
+REGRESSION_METRICS = ("mse", "rmse", "mae", "pearson", "spearman", "loss")
+#: multi-label (a set of labels per row, BCE with logits); per-label P/R/F1 are logged as well
+MULTI_LABEL_METRICS = ("micro_f1", "macro_f1", "micro_precision", "micro_recall", "subset_accuracy", "loss")
 LM_METRICS = ("loss", "perplexity")
 #: a reward model: held-out pair accuracy (r_chosen > r_rejected) and the Bradley-Terry loss
 REWARD_METRICS = ("accuracy", "loss")
 #: scored on generated text (eval/generation.py); need eval.generate=true
 GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
+#: scored on generated answers when the references are a small set of labels (eval/generation.py)
+ANSWER_METRICS = ("accuracy", "f1", "precision", "recall")
 
 
 #: seeds go to torch, numpy and random (accelerate's set_seed): 0 .. 2**32 - 1
@@ -65,10 +73,20 @@ class DataConfig(Strict):
     text_column: str = Field("text", description="Input text (classification), prompt (causal LM), source.")
     text_pair_column: str | None = Field(None, description="Second text for pair classification.")
     label_column: str | None = Field(
-        "label", description="Class label (classification), response (causal LM, may be null), target."
+        "label",
+        description="Class label (classification), score (regression), label set (multi_label), "
+        "response (causal LM, may be null), target (seq2seq).",
     )
     label_names: list[str] | None = Field(
         None, description="Class names in id order; default: inferred from the training split."
+    )
+    label_separator: str | None = Field(
+        None,
+        description="multi_label: split a label cell on this string (e.g. `|`); a cell that starts with `[` "
+        "is read as a JSON list, and JSONL rows may hold a list.",
+    )
+    allow_empty_labels: bool = Field(
+        False, description="multi_label: a row may carry no label at all (`[]`); otherwise exit 2 naming it."
     )
     train_split: str = "train"
     validation_split: str = "validation"
@@ -158,11 +176,18 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0)
-    metric: str | None = Field(None, description="Selects the best checkpoint; default accuracy or loss.")
+    metric: str | None = Field(
+        None,
+        description="Selects the best checkpoint; default accuracy (classification, reward), mse "
+        "(regression), micro_f1 (multi_label) or loss.",
+    )
     generate: bool = Field(
         False,
         description="seq2seq / causal LM with a response column: also generate on validation and test and "
         "score BLEU, chrF, ROUGE-1/2/L, exact match (slow; test generations go to predictions.jsonl).",
+    )
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="multi_label: a label is predicted where its sigmoid is >= this."
     )
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
     num_beams: int = Field(1, gt=0, description="1 = greedy decoding.")

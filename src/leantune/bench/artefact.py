@@ -187,6 +187,7 @@ def _metrics(summary: dict) -> dict:
         "test": summary.get("test") or {},
         "validation": summary.get("validation") or {},
         "mmlu": summary.get("mmlu"),  # k-shot accuracy after training (eval.mmlu_shots), else None
+        "confusion": summary.get("confusion"),  # classification: test counts (labels, matrix[true][pred])
         "best": {
             "metric": train.get("metric"),
             "value": train.get("best_metric"),

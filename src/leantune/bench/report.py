@@ -8,15 +8,12 @@ never between numbers from different days. With repeats, a cell shows the median
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from leantune.bench.artefact import load_artefacts, metrics_path
+from leantune.bench.artefact import load_artefacts
 from leantune.errors import UserError
 
 MiB = 2**20
@@ -236,92 +233,78 @@ def _epoch(artefact: dict, epoch: int) -> float | None:
     return times[epoch] if epoch < len(times) else None
 
 
-# -- plots -----------------------------------------------------------------------------------------
+# -- the HTML page --------------------------------------------------------------------------------
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def _figures(table: Table, folder: Path, plt) -> list[tuple[str, str, str]]:
+    """(heading, note, PNG) for every figure the artefacts have data for (leantune.bench.plots)."""
+    from leantune.bench import plots
 
-
-def _scatter(table: Table, plt, x: Callable[[dict], float], xlabel: str, title: str) -> str:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i in table.ids:
-        runs = list(table.by_id[i].values())
-        xs = [x(a) for a in runs]
-        ys = [a["metrics"]["test"].get(table.metric, float("nan")) for a in runs]
-        ax.scatter(xs, ys, label=i)
-        ax.annotate(
-            i,
-            (statistics.median(xs), statistics.median(ys)),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
+    quality = _test(table.metric)
+    label = "accuracy" if table.metric == "accuracy" else f"test {table.metric}"
+    panels = [
+        (f"test {table.metric}", quality),
+        ("test F1", _test("f1")),
+        ("training time (s)", lambda a: a["train_time_s"]),
+        ("peak memory (MiB)", lambda a: a["peak_memory_bytes"] / MiB),
+        ("trainable %", _trainable_pct),
+        ("samples/s", lambda a: a["samples_per_s"]),
+    ]
+    figures = [
+        (
+            "Each metric per run",
+            "One panel per metric, runs in suite order; filled marker: median, hollow: each repeat.",
+            plots.metric_panels(table, plt, panels),
+        ),
+        (
+            "Quality against cost",
+            "Each run named beside its point (median of repeats).",
+            plots.scatter_panels(
+                table,
+                plt,
+                [
+                    ("training time (s)", lambda a: a["train_time_s"], label, quality),
+                    ("peak memory (MiB)", lambda a: a["peak_memory_bytes"] / MiB, label, quality),
+                ],
+            ),
+        ),
+        (
+            "Scaling with the amount of training",
+            "Training time should grow linearly with the tokens trained, peak memory stay flat.",
+            plots.scatter_panels(
+                table,
+                plt,
+                [
+                    (
+                        "tokens trained (thousands)",
+                        plots.tokens_k,
+                        "training time (s)",
+                        lambda a: a["train_time_s"],
+                    ),
+                    (
+                        "tokens trained (thousands)",
+                        plots.tokens_k,
+                        "peak memory (MiB)",
+                        lambda a: a["peak_memory_bytes"] / MiB,
+                    ),
+                ],
+            ),
+        ),
+        (
+            "Loss and metric curves per run",
+            "From each run's logged metrics (metrics.jsonl); faint lines: later repeats.",
+            plots.curve_panels(table, plt, folder),
+        ),
+    ]
+    confusion, derived = plots.confusion_panels(table, plt)
+    note = "Test split, first repeat; rows are the true class (colour: share of the row), cells hold counts."
+    if derived:
+        note += (
+            " * derived exactly from the artefact's test accuracy, precision, recall and row count "
+            "(binary runs whose artefacts predate the recorded matrix; checked by recomputing all three)."
         )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"test {table.metric}")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    png = _png(fig)
-    plt.close(fig)
-    return png
-
-
-def _loss_curves(table: Table, plt, folder: Path) -> str:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for n, i in enumerate(table.ids):
-        first = min(table.by_id[i])
-        for k in sorted(table.by_id[i]):
-            path = metrics_path(folder, f"{i}-r{k}")
-            if not path.is_file():
-                continue
-            pts = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "split" not in rec and isinstance(rec.get("loss"), (int, float)):
-                    pts.append((rec["step"], rec["loss"]))
-            if pts:
-                ax.plot(
-                    *zip(*pts, strict=True),
-                    color=f"C{n}",
-                    alpha=1.0 if k == first else 0.35,
-                    label=i if k == first else None,
-                    marker="." if len(pts) < 20 else None,
-                )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    png = _png(fig)
-    plt.close(fig)
-    return png
-
-
-def _scaling(table: Table, plt) -> str:
-    """Training time and peak memory against tokens trained: linear time and flat memory are the goal."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for n, i in enumerate(table.ids):
-        runs = list(table.by_id[i].values())
-        tokens = [a["tokens_per_s"] * a["train_time_s"] / 1e3 for a in runs]
-        left.scatter(tokens, [a["train_time_s"] for a in runs], color=f"C{n}", label=i)
-        right.scatter(tokens, [a["peak_memory_bytes"] / MiB for a in runs], color=f"C{n}", label=i)
-    for ax, ylabel in ((left, "training time (s)"), (right, "peak memory (MiB)")):
-        ax.set_xlabel("tokens trained (thousands)")
-        ax.set_ylabel(ylabel)
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    fig.suptitle("Scaling with the amount of training")
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    figures.append(("Confusion matrices", note, confusion))
+    return [(h, n, p) for h, n, p in figures if p]
 
 
 def html_report(table: Table, suite: str, context: list[str], folder: Path) -> str:
@@ -330,32 +313,14 @@ def html_report(table: Table, suite: str, context: list[str], folder: Path) -> s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = [
-        (
-            "Quality vs training time",
-            _scatter(
-                table, plt, lambda a: a["train_time_s"], "training time (s)", "Quality vs training time"
-            ),
-        ),
-        (
-            "Quality vs peak memory",
-            _scatter(
-                table,
-                plt,
-                lambda a: a["peak_memory_bytes"] / MiB,
-                "peak memory (MiB)",
-                "Quality vs peak memory",
-            ),
-        ),
-        ("Training loss", _loss_curves(table, plt, folder)),
-        ("Scaling", _scaling(table, plt)),
-    ]
     header, rows = table.rows()
     esc = html.escape
     thead = "".join(f"<th>{esc(h)}</th>" for h in header)
     tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     figs = "".join(
-        f'<figure><img alt="{esc(t)}" src="data:image/png;base64,{png}"></figure>' for t, png in plots
+        f'<section><h2>{esc(h)}</h2><p class="note">{esc(note)}</p>'
+        f'<figure><img alt="{esc(h)}" src="data:image/png;base64,{png}"></figure></section>'
+        for h, note, png in _figures(table, folder, plt)
     )
     notes = "".join(f"<p>{esc(line)}</p>" for line in context)
     return f"""<!doctype html>
@@ -365,7 +330,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 th {{ background: #f0f0f0; }} td:nth-child(-n+2) {{ text-align: left; }}
-figure {{ display: inline-block; margin: 1em; }} p {{ max-width: 60em; }}
+figure {{ margin: 0.5em 0 2em 0; }} img {{ max-width: 100%; height: auto; }}
+p {{ max-width: 60em; }} p.note {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>Benchmark: {esc(suite)}</h1>
 {notes}

@@ -1,6 +1,9 @@
 """From raw records to tokenised examples for each task, with one clear error per bad row.
 
 - classification: `text_column` (+ `text_pair_column`) -> `label_column`, mapped to ids by label names;
+- regression: the same inputs -> one finite number per row in `label_column` (an STS-B-like score);
+- multi_label: the same inputs -> a set of labels per row (a JSON list, or a cell split on
+  `data.label_separator`), encoded multi-hot over the label names;
 - causal_lm: `text_column` is the prompt, `label_column` the response (prompt tokens are masked out of
   the loss); with `label_column: null` the whole text is the target (plain language modelling);
 - seq2seq: `text_column` is the source, `label_column` the target;
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -132,6 +136,82 @@ def label_id(row: Record, column: str, names: list[str], source: str) -> int:
     )
 
 
+def score_value(row: Record, column: str, source: str) -> float:
+    """A regression target: a finite number (JSON number or numeric text); anything else names its row."""
+    _check_present(row, column, source)
+    raw = row[column]
+    where = f"{source} line {row.get('_line', '?')}"
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+        if isinstance(raw, bool):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{where}: '{column}' is {raw!r}, not a number; task regression needs a numeric score in every "
+            "row (fix the row, or set data.label_column)"
+        ) from None
+    if not math.isfinite(value):
+        raise UserError(f"{where}: '{column}' is {raw!r}, not a finite number; fix the row or drop it")
+    return value
+
+
+def label_set(row: Record, column: str, separator: str | None, allow_empty: bool, source: str) -> list[str]:
+    """A multi-label row's labels, deduplicated in their order: a JSON list (JSONL, or a CSV cell that
+    starts with `[`), a cell split on `separator`, or one label; an empty set only where allowed."""
+    raw = row.get(column)
+    where = f"{source} line {row.get('_line', '?')}"
+    empty = raw is None or (isinstance(raw, str) and not raw.strip())
+    if not (allow_empty and empty):
+        _check_present(row, column, source)
+    items: list = []
+    if isinstance(raw, list):
+        items = raw
+    elif isinstance(raw, str) and raw.strip().startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{where}: '{column}' is not a valid JSON list ({exc.msg}); fix the row"
+            ) from None
+    elif isinstance(raw, str) and separator is not None:
+        items = raw.split(separator) if raw.strip() else []
+    elif not empty:
+        items = [raw]
+    if not isinstance(items, list) or any(isinstance(i, (list, dict)) or i is None for i in items):
+        raise UserError(f"{where}: '{column}' must be a list of label names; fix the row")
+    labels = [label_text(i) for i in items]
+    if "" in labels:
+        raise UserError(f"{where}: '{column}' holds an empty label name ({raw!r}); fix the row")
+    if not labels and not allow_empty:
+        raise UserError(
+            f"{where}: '{column}' holds no label; give every row a label, or set data.allow_empty_labels=true"
+        )
+    return list(dict.fromkeys(labels))
+
+
+def infer_label_set_names(rows: list[Record], cfg: DataConfig, source: str) -> list[str]:
+    """The sorted union of the training rows' label sets (integer names in numeric order)."""
+    seen = {
+        lab
+        for r in rows
+        for lab in label_set(r, cfg.label_column, cfg.label_separator, cfg.allow_empty_labels, source)  # type: ignore[arg-type]
+    }
+    if seen and all(_is_integer(lab) for lab in seen):
+        return sorted(seen, key=int)
+    return sorted(seen)
+
+
+def multi_hot(row: Record, cfg: DataConfig, names: list[str], source: str) -> list[float]:
+    labels = label_set(row, cfg.label_column, cfg.label_separator, cfg.allow_empty_labels, source)  # type: ignore[arg-type]
+    unknown = [lab for lab in labels if lab not in names]
+    if unknown:
+        raise UserError(
+            f"{source} line {row.get('_line', '?')}: label '{unknown[0]}' is not one of the labels {names}; "
+            "fix the row or set data.label_names"
+        )
+    return [1.0 if name in labels else 0.0 for name in names]
+
+
 def encode(
     task: str,
     rows: list[Record],
@@ -144,12 +224,11 @@ def encode(
     """Tokenise `rows` for `task`; the result is a list of feature dicts of int lists."""
     if not rows:
         return []
-    if task == "classification":
-        assert label_names is not None
+    if task in ("classification", "regression", "multi_label"):
         check_columns(rows, cfg, ("text_column", "text_pair_column", "label_column"), source)
         texts = [_text(r, cfg.text_column, source) for r in rows]
         pairs = [_text(r, cfg.text_pair_column, source) for r in rows] if cfg.text_pair_column else None
-        labels = [label_id(r, cfg.label_column, label_names, source) for r in rows]  # type: ignore[arg-type]
+        labels = head_labels(task, rows, cfg, label_names, source)
         enc = tok(texts, pairs, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))]
@@ -178,6 +257,17 @@ def encode(
             for i in range(len(rows))
         ]
     return [_causal_example(r, tok, cfg, max_length, source) for r in rows]
+
+
+def head_labels(task: str, rows: list[Record], cfg: DataConfig, names: list[str] | None, source: str) -> list:
+    """Class ids (classification), float scores (regression) or multi-hot float rows (multi_label)."""
+    col: str = cfg.label_column  # type: ignore[assignment]  (config checks it is set for these tasks)
+    if task == "regression":
+        return [score_value(r, col, source) for r in rows]
+    assert names is not None
+    if task == "multi_label":
+        return [multi_hot(r, cfg, names, source) for r in rows]
+    return [label_id(r, col, names, source) for r in rows]
 
 
 def _preference_pairs(rows: list[Record], tok, cfg: DataConfig, max_length: int, source: str) -> list[dict]:

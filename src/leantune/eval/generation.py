@@ -1,4 +1,5 @@
-"""Generation-based evaluation for seq2seq and causal-LM SFT: decode, then BLEU, chrF, ROUGE, exact match.
+"""Generation-based evaluation for seq2seq and causal-LM SFT: decode, then BLEU, chrF, ROUGE, exact match,
+and, where the references are a small set of class labels, accuracy and precision/recall/F1 of the answers.
 
 Loss and perplexity say how likely the reference is; they do not say what the model writes. The papers
 we compare with (T5 on translation, seed 001 Table 2) report corpus BLEU and ROUGE of greedy/beam output,
@@ -14,6 +15,7 @@ same metrics (they can select the best checkpoint).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from leantune.data.sources import Record
@@ -44,6 +46,49 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
 
 def _norm(text: str) -> str:
     return " ".join(text.split())
+
+
+#: references with at most this many distinct answers (and at most half as many as rows) are labels
+MAX_ANSWER_LABELS = 20
+OTHER = "<other>"
+
+
+def _answer(text: str) -> str:
+    """An answer as a label: the first line, lower-cased, without surrounding spaces and punctuation."""
+    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return " ".join(first.lower().split()).strip(" .,:;!?\"'")
+
+
+def answer_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 (scikit-learn) when the references are class labels
+    ("positive"/"negative", "yes"/"no", "A".."D"): a generative run on a classification-style task is
+    then scored like a classifier. A prediction counts as the label it equals or starts with (the
+    longest such label: "positive, because ..." is "positive"); one matching no label is `<other>`,
+    wrong for every class (`unmatched_answers` is their share). Free-text references: {}."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    refs = [_answer(r) for r in references]
+    labels = sorted(set(refs))
+    if not refs or len(labels) > min(MAX_ANSWER_LABELS, len(refs) // 2) or "" in labels:
+        return {}
+    by_length = sorted(labels, key=len, reverse=True)
+
+    def as_label(text: str) -> str:
+        answer = _answer(text)
+        return next((lab for lab in by_length if re.match(rf"{re.escape(lab)}(?!\w)", answer)), OTHER)
+
+    preds = [as_label(p) for p in predictions]
+    p, r, f1, _ = precision_recall_fscore_support(
+        refs, preds, labels=labels, average="macro", zero_division=0
+    )
+    n = len(refs)
+    return {
+        "accuracy": sum(a == b for a, b in zip(preds, refs, strict=True)) / n,
+        "f1": float(f1),
+        "precision": float(p),
+        "recall": float(r),
+        "unmatched_answers": preds.count(OTHER) / n,
+    }
 
 
 def prompt_ids(tok, text: str, task: str, max_length: int) -> list[int]:
@@ -160,7 +205,7 @@ def generation_eval(
         {"source": s, "reference": r, "prediction": p}
         for s, r, p in zip(sources, references, predictions, strict=True)
     ]
-    return text_metrics(predictions, references), records
+    return {**text_metrics(predictions, references), **answer_metrics(predictions, references)}, records
 
 
 def run_generation_eval(cfg, tok, model, rows: list[Record], rank: int = 0, world: int = 1, data_cfg=None):

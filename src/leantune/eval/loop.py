@@ -6,7 +6,12 @@ import torch
 from tqdm.auto import tqdm
 
 from leantune.data.tasks import IGNORE_INDEX, collate
-from leantune.eval.metrics import classification_metrics, lm_metrics
+from leantune.eval.metrics import (
+    classification_metrics,
+    lm_metrics,
+    multi_label_metrics,
+    regression_metrics,
+)
 
 
 @torch.no_grad()
@@ -20,12 +25,19 @@ def evaluate(
     world: int = 1,
     num_labels: int = 2,
     lockstep: bool = False,
-) -> dict[str, float]:
+    label_names: list[str] | None = None,
+    threshold: float = 0.5,
+    confusion: bool = False,
+) -> dict:
     """Metrics over all of `features`; every rank gets the same numbers (no rank decides alone).
 
     `lockstep`: every rank runs the same number of forward passes (a sharded FSDP model all-gathers in
     each one, so a rank with one batch fewer would leave the others waiting); the extra pass of a rank
-    with fewer examples repeats its first batch and is not counted.
+    with fewer examples repeats its first batch and is not counted. Regression scores the head's one
+    output; multi-label its per-label sigmoids against `threshold` (names from `label_names`).
+    `confusion`: classification also returns `confusion_matrix` (rows: true class, columns: predicted,
+    in label-id order), the one non-number in the dict (the final test evaluation asks for it, for the
+    bench report).
     """
     from accelerate.utils import gather_object
 
@@ -33,8 +45,8 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     mine = features[rank::world]
-    preds: list[int] = []
-    labels: list[int] = []
+    preds: list = []
+    labels: list = []
     loss_sum, tokens = 0.0, 0
     if lockstep:  # rank 0's share is the largest: ceil(len / world) examples
         most, have = -(-len(features) // world), len(mine)
@@ -51,8 +63,8 @@ def evaluate(
             labels += [1] * len(out.logits)
             loss_sum += float(out.loss) * len(out.logits)
             tokens += len(out.logits)
-        elif task == "classification":
-            preds += out.logits.argmax(-1).tolist()
+        elif task in ("classification", "regression", "multi_label"):
+            preds += _head_predictions(task, out.logits)
             labels += batch["labels"].tolist()
             loss_sum += float(out.loss) * len(batch["labels"])
             tokens += len(batch["labels"])
@@ -71,8 +83,27 @@ def evaluate(
     if task == "reward":
         return {"accuracy": sum(preds) / max(len(preds), 1), "loss": loss_sum / max(tokens, 1)}
     if task == "classification":
-        return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
+        out = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
+        if confusion:
+            from sklearn.metrics import confusion_matrix
+
+            out["confusion_matrix"] = confusion_matrix(labels, preds, labels=range(num_labels)).tolist()
+        return out
+    if task == "regression":
+        return {**regression_metrics(preds, labels), "loss": loss_sum / max(tokens, 1)}
+    if task == "multi_label":
+        names = label_names or [str(i) for i in range(len(labels[0]) if labels else 0)]
+        return {**multi_label_metrics(preds, labels, names, threshold), "loss": loss_sum / max(tokens, 1)}
     return lm_metrics(loss_sum, tokens)
+
+
+def _head_predictions(task: str, logits: torch.Tensor) -> list:
+    """Class ids (arg-max), scores (the one output) or per-label probabilities (sigmoid)."""
+    if task == "regression":
+        return logits.float()[:, 0].tolist()
+    if task == "multi_label":
+        return torch.sigmoid(logits.float()).tolist()
+    return logits.argmax(-1).tolist()
 
 
 def _target_tokens(labels: torch.Tensor, shifted: bool) -> int:

@@ -149,6 +149,10 @@ def probe_batch(model, task: str, batch_size: int, seq_len: int) -> dict[str, An
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if task == "classification":
         batch["labels"] = torch.zeros(batch_size, dtype=torch.long)
+    elif task == "regression":  # one float score per row (MSE)
+        batch["labels"] = torch.zeros(batch_size)
+    elif task == "multi_label":  # multi-hot float rows (BCE with logits)
+        batch["labels"] = torch.zeros(batch_size, model.config.num_labels)
     else:
         batch["labels"] = ids.clone()
     device = next(model.parameters()).device

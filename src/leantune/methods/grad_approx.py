@@ -411,14 +411,13 @@ class GradApproxRuntime(MethodRuntime):
 
     def _approx_step(self, model, batch, accelerator, scale):
         import torch
-        import torch.nn.functional as F
 
         with torch.no_grad(), self._capture(grads=False) as cap:
             model(**{k: v for k, v in batch.items() if k != "labels"})
         head_in = cap.head_input.detach().requires_grad_(True)
         logits = self.head(head_in)
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        loss = _head_loss(logits, labels)
         accelerator.backward(loss * scale)  # exact gradient of the head, and dL/d(head input)
         n = labels.shape[0]
         top = head_in.grad.detach() * (n / scale)
@@ -549,10 +548,28 @@ def _add(acc: list, more) -> list:
     return [a if m is None else a + m for a, m in zip(acc, more, strict=True)]
 
 
-def _output_error(logits, labels):
+def _head_loss(logits, labels):
+    """The loss the HF head computes for these labels: cross-entropy for class ids, MSE for one float
+    score per row (regression), BCE with logits for multi-hot float rows (multi-label)."""
     import torch.nn.functional as F
 
-    return logits.float().softmax(-1) - F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    if not labels.is_floating_point():
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+    if labels.dim() == 1:
+        return F.mse_loss(logits.view(-1).float(), labels.float())
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def _output_error(logits, labels):
+    """dL/dz per example for the head's loss (up to the 1/n of the mean): softmax(z) - onehot(y) for
+    cross-entropy, 2(z - y) for MSE, sigmoid(z) - y for BCE (per label, so /num_labels for its mean)."""
+    import torch.nn.functional as F
+
+    if not labels.is_floating_point():
+        return logits.float().softmax(-1) - F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    if labels.dim() == 1:
+        return 2 * (logits.float() - labels.float().unsqueeze(-1))
+    return (logits.float().sigmoid() - labels.float()) / logits.shape[-1]
 
 
 SPEC = register(MethodSpec("grad_approx", GradApproxConfig, apply, runtime=runtime, reload=reload))

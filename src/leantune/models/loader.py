@@ -12,6 +12,8 @@ from leantune.models.embedded import embedded_model_dir
 
 _AUTO_CLASS = {
     "classification": "AutoModelForSequenceClassification",
+    "regression": "AutoModelForSequenceClassification",  # one output, MSE (problem_type regression)
+    "multi_label": "AutoModelForSequenceClassification",  # one logit per label, BCE with logits
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "reward": "AutoModelForSequenceClassification",  # one output: the reward (models/reward.py)
@@ -172,7 +174,7 @@ def load_model(
 
     path = resolve_model_path(name)
     kwargs: dict = {"dtype": getattr(torch, dtype)}
-    if task == "classification":
+    if task in ("classification", "multi_label"):
         names = label_names or ["0", "1"]
         kwargs |= {
             "num_labels": len(names),
@@ -180,6 +182,10 @@ def load_model(
             "label2id": {n: i for i, n in enumerate(names)},
             "ignore_mismatched_sizes": True,  # a fine-tuned classifier with another label count: new head
         }
+        if task == "multi_label":  # transformers picks the loss from it: BCE with logits, multi-hot labels
+            kwargs["problem_type"] = "multi_label_classification"
+    elif task == "regression":
+        kwargs |= {"num_labels": 1, "problem_type": "regression", "ignore_mismatched_sizes": True}
     elif task == "reward":
         kwargs |= {"num_labels": 1, "ignore_mismatched_sizes": True}
     verbosity = transformers.logging.get_verbosity()

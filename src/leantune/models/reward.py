@@ -51,8 +51,11 @@ def _post_hook(module, args, kwargs, output):
 
 
 def method_task(task: str) -> str:
-    """The task methods see: a reward model is a sequence classifier (its head trained like one)."""
-    return "classification" if task == "reward" else task
+    """The task methods see: a reward model, a regressor and a multi-label classifier are sequence
+    classifiers (their head trained and saved like one); only the labels and the loss differ."""
+    from leantune.settings import HEAD_TASKS
+
+    return "classification" if task in HEAD_TASKS else task
 
 
 def attach_pair_loss(model):

@@ -14,6 +14,7 @@ from pathlib import Path
 from leantune.errors import UserError
 from leantune.outputs import check_new_file
 from leantune.recipes.common import format_table, load_run_config, load_trained_model, setup_torch
+from leantune.settings import HEAD_TASKS
 
 
 def run_eval(
@@ -48,7 +49,7 @@ def _check_eval_outputs(cfg, out_json: Path | None, generate: bool) -> bool:
         check_new_file(out_json, "--out")
     if out_json is not None and generate:
         check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
-    if generate and (cfg.task in ("classification", "reward") or cfg.data.label_column is None):
+    if generate and (cfg.task in HEAD_TASKS or cfg.data.label_column is None):
         raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
     return generate
 
@@ -102,6 +103,8 @@ def _score_rows(run_dir: Path, cfg, data_cfg, rows: list, generate: bool) -> tup
         cfg.eval.batch_size,
         tok.pad_token_id,
         num_labels=len(cfg.data.label_names or []),
+        label_names=cfg.data.label_names,
+        threshold=cfg.eval.threshold,
     )
     predictions = None
     if generate:

@@ -52,6 +52,7 @@ def make_plan(
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
     from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.reward import method_task
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
 
@@ -65,7 +66,7 @@ def make_plan(
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
-    model = apply_methods(model, methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    model = apply_methods(model, methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     train = data["train"]
     importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
     complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)

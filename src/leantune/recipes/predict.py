@@ -1,10 +1,14 @@
-"""`leantune predict RUN_DIR data.csv --out predictions.csv`: label new text with a classification run.
+"""`leantune predict RUN_DIR data.csv --out predictions.csv`: label or score new text with a
+classification, multi-label or regression run.
 
 Each input row (CSV, TSV or JSONL, with the run's `data.text_column` and, for pair tasks, its
-`text_pair_column`) is written back with `prediction` (the label name of the arg-max class) and one
-`prob_<label>` column per class (softmax of the logits). Rows that also carry the run's label column are
-scored: the accuracy is printed (the same number `leantune eval RUN_DIR --data FILE` reports). The
-output (.csv or .jsonl, by its suffix) is written atomically and never overwrites a file.
+`text_pair_column`) is written back with `prediction` and, for classifiers, one `prob_<label>` column per
+class: classification predicts the label name of the arg-max class (softmax probabilities); multi-label
+the set of labels whose sigmoid is >= `eval.threshold` (a list in JSONL; in CSV a JSON list, or the
+labels joined with the run's `data.label_separator`); regression the score itself. Rows that also carry
+the run's label column are scored: accuracy, micro F1 or MSE is printed (the numbers `leantune eval
+RUN_DIR --data FILE` reports). The output (.csv or .jsonl, by its suffix) is written atomically and never
+overwrites a file.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ OUT_SUFFIXES = (".csv", ".jsonl")
 
 def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = None) -> dict:
     from leantune.data.sources import read_table
-    from leantune.data.tasks import _text, check_columns, label_id
+    from leantune.data.tasks import _text, check_columns, head_labels
 
     if out.suffix not in OUT_SUFFIXES:
         raise UserError(f"--out {out} must end in .csv or .jsonl")
     check_new_file(out, "--out")
     cfg = load_run_config(run_dir)
-    if cfg.task != "classification":
-        raise UserError(f"{run_dir} is a {cfg.task} run; predict labels text with a classification run")
+    if cfg.task not in ("classification", "multi_label", "regression"):
+        raise UserError(
+            f"{run_dir} is a {cfg.task} run; predict labels text with a classification, multi_label or "
+            "regression run (use `leantune generate` for text)"
+        )
     if data.suffix not in (".csv", ".tsv", ".jsonl"):
         raise UserError(f"predict reads a .csv, .tsv or .jsonl file, not {data}")
     rows = read_table(data)
@@ -42,7 +49,7 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
     pairs = [_text(r, dc.text_pair_column, source) for r in rows] if dc.text_pair_column else None
     names = list(dc.label_names or [])
     scored = dc.label_column is not None and dc.label_column in rows[0]
-    gold = [label_id(r, dc.label_column, names, source) for r in rows] if scored else None
+    gold = head_labels(cfg.task, rows, dc, names, source) if scored else None
     setup_torch(cfg.train.seed, cfg.train.num_threads)
     import torch
     from tqdm.auto import tqdm
@@ -66,16 +73,17 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
             )
             keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
             feats = [{k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"]))]
-            logits = model(**collate(feats, tok.pad_token_id)).logits
-            probs += torch.softmax(logits.float(), dim=-1).tolist()
-    preds = [max(range(len(p)), key=p.__getitem__) for p in probs]
+            logits = model(**collate(feats, tok.pad_token_id)).logits.float()
+            probs += _outputs(cfg.task, logits).tolist()
+    preds, shown = _predictions(cfg, probs, out.suffix)
+    columns = [] if cfg.task == "regression" else names  # a score has no per-class probabilities
     records = [
         {
             **{k: v for k, v in row.items() if k != "_line"},
-            "prediction": names[pred],
-            **{f"prob_{name}": round(p[i], 6) for i, name in enumerate(names)},
+            "prediction": show,
+            **{f"prob_{n}": round(p[i], 6) for i, n in enumerate(columns)},
         }
-        for row, pred, p in zip(rows, preds, probs, strict=True)
+        for row, show, p in zip(rows, shown, probs, strict=True)
     ]
     from leantune.recipes.common import write_new_output
 
@@ -83,10 +91,54 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
     write_new_output(out, _table_text(records, out.suffix))
     result: dict = {"n": len(rows), "predictions": preds, "out": str(out)}
     if gold is not None:
-        result["accuracy"] = sum(p == g for p, g in zip(preds, gold, strict=True)) / len(rows)
+        result |= _score(cfg, probs, preds, gold)
     line = f"leantune: {len(rows)} predictions written to {out}"
-    print(line + (f"; accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""))
+    print(line + "".join(f"; {k} {v:.4f}" for k, v in result.items() if k in SCORE_KEYS))
     return result
+
+
+#: the number each task's predict prints when the rows carry labels
+SCORE_KEYS = ("accuracy", "micro_f1", "subset_accuracy", "mse", "pearson")
+
+
+def _outputs(task: str, logits):
+    """Softmax probabilities (classification), per-label sigmoids (multi-label) or the score."""
+    import torch
+
+    if task == "multi_label":
+        return torch.sigmoid(logits)
+    if task == "regression":
+        return logits[:, :1]
+    return torch.softmax(logits, dim=-1)
+
+
+def _predictions(cfg, probs: list[list[float]], suffix: str) -> tuple[list, list]:
+    """What `predictions` returns (class ids, label-name lists, scores) and what the file shows."""
+    names = list(cfg.data.label_names or [])
+    if cfg.task == "regression":
+        scores = [p[0] for p in probs]
+        return scores, [round(v, 6) for v in scores]
+    if cfg.task == "multi_label":
+        sets = [[n for n, q in zip(names, p, strict=True) if q >= cfg.eval.threshold] for p in probs]
+        sep = cfg.data.label_separator
+        if suffix == ".jsonl":
+            return sets, sets
+        return sets, [sep.join(s) if sep else json.dumps(s, ensure_ascii=False) for s in sets]
+    ids = [max(range(len(p)), key=p.__getitem__) for p in probs]
+    return ids, [names[i] for i in ids]
+
+
+def _score(cfg, probs: list[list[float]], preds: list, gold: list) -> dict[str, float]:
+    """The same metrics `leantune eval` reports, for rows that carried labels."""
+    if cfg.task == "regression":
+        from leantune.eval.metrics import regression_metrics
+
+        return regression_metrics(preds, gold)
+    if cfg.task == "multi_label":
+        from leantune.eval.metrics import multi_label_metrics
+
+        return multi_label_metrics(probs, gold, list(cfg.data.label_names or []), cfg.eval.threshold)
+    return {"accuracy": sum(p == g for p, g in zip(preds, gold, strict=True)) / len(gold)}
 
 
 def _table_text(records: list[dict], suffix: str) -> str:

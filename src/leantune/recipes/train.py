@@ -49,6 +49,11 @@ def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
             f"model.max_length={cfg.model.max_length} exceeds the {positions} positions of "
             f"{cfg.model.name}; set model.max_length <= {positions}"
         )
+    if cfg.task == "multi_label" and num_labels < 1:
+        raise UserError(
+            f"the training data of {cfg.data.source} names no label at all; multi_label needs label sets "
+            "in data.label_column"
+        )
     if cfg.task == "classification" and num_labels < 2:
         raise UserError(
             f"the training data of {cfg.data.source} has {num_labels} class(es) "
@@ -287,6 +292,11 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     return summary.to_dict()
 
 
+def _confusion(cfg: Config, matrix: list | None) -> dict | None:
+    """summary.json's `confusion`: the test split's counts, rows true and columns predicted class."""
+    return None if matrix is None else {"labels": list(cfg.data.label_names or []), "matrix": matrix}
+
+
 def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
     """The test metrics of the final (best) model, plus generation metrics and the predictions behind
     them when eval.generate is on; every process scores its share."""
@@ -305,6 +315,9 @@ def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
             acc.num_processes,
             trainer.num_labels,
             lockstep=trainer.fsdp,
+            label_names=cfg.data.label_names,
+            threshold=cfg.eval.threshold,
+            confusion=True,
         )
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
@@ -373,7 +386,8 @@ def _build_summary(
         data={split: len(rows) for split, rows in prep.data.items()},
         train=stats,
         validation=state.last_eval,
-        test=test,
+        test={k: v for k, v in test.items() if k != "confusion_matrix"},
+        confusion=_confusion(cfg, test.get("confusion_matrix")),
         mmlu=mmlu,
         memory=peak_memory(),
         world_size=prep.accelerator.num_processes,

@@ -15,12 +15,22 @@ def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
     returns.
     """
     from leantune.data.arrow_features import write_features
-    from leantune.data.tasks import check_columns, encode, infer_label_names, load_raw_splits
+    from leantune.data.tasks import (
+        check_columns,
+        encode,
+        infer_label_names,
+        infer_label_set_names,
+        load_raw_splits,
+    )
 
     raw = load_raw_splits(cfg.data)
     if cfg.task == "classification" and cfg.data.label_names is None:
         check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
         cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
+    if cfg.task == "multi_label" and cfg.data.label_names is None:
+        check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
+        source = f"{cfg.data.source} [train]"
+        cfg.data.label_names = raw.label_names or infer_label_set_names(raw.train, cfg.data, source)
 
     def encode_split(rows, split: str) -> list[dict]:
         features = encode(

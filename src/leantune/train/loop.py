@@ -268,6 +268,8 @@ class Trainer:
             self.world,
             self.num_labels,
             lockstep=self.fsdp,
+            label_names=self.cfg.data.label_names,
+            threshold=self.cfg.eval.threshold,
         )
         if self.extra_eval is not None:
             metrics = {**metrics, **self.extra_eval(self.module)}

@@ -91,6 +91,7 @@ class RunSummary:
     config: dict[str, Any]  # the validated run config, as JSON
     method_reports: dict[str, dict] | None = None  # leantune runs: each method's own numbers
     mmlu: dict[str, Any] | None = None  # when eval.mmlu_shots is set
+    confusion: dict[str, Any] | None = None  # classification: test counts {labels, matrix[true][pred]}
     weights_sha256_per_rank: list[str] | None = None  # leantune runs: DDP must end identical
     distributed: str | None = None  # leantune runs: fsdp, ddp or none
     baseline: dict[str, Any] | None = None  # the HF baseline: what its framework did
@@ -108,7 +109,7 @@ class RunSummary:
             "train": self.train.to_dict(),
             "validation": self.validation,
             "test": self.test,
-            **_present([("mmlu", self.mmlu)]),
+            **_present([("mmlu", self.mmlu), ("confusion", self.confusion)]),
             "memory": self.memory,
             "world_size": self.world_size,
             **_present([("distributed", self.distributed)]),
@@ -130,11 +131,31 @@ class RunSummary:
         write_text_atomic(path, self.to_json())
 
 
+#: (metric, its do-nothing baseline, whether lower is better, what the baseline is): regression and
+#: multi-label; classification's accuracy vs majority class follows below
+_BASELINES = (
+    ("mse", "baseline_mse", True, "a constant prediction (the mean score)"),
+    ("micro_f1", "majority_micro_f1", False, "predicting each label's majority value"),
+)
+
+
 def quality_warnings(summary: RunSummary | dict) -> list[str]:
-    """A classification run that ends at or below the majority class learned nothing: say so loudly."""
+    """A run that ends at or below its do-nothing baseline (the majority class; for regression the MSE
+    of predicting the mean; for multi-label the micro F1 of each label's majority value) learned
+    nothing: say so loudly."""
     s = summary.to_dict() if isinstance(summary, RunSummary) else summary
     for split in ("test", "validation"):
         metrics = s.get(split) or {}
+        for name, base, lower, what in _BASELINES:
+            got, ref = metrics.get(name), metrics.get(base)
+            if got is None or ref is None:
+                continue
+            if (got >= ref - 1e-9) if lower else (got <= ref + 1e-9):
+                return [
+                    f"{split} {name} {got:.4f} is no better than {what} ({ref:.4f}): the run did not "
+                    "learn the task; try a larger train.lr or more epochs, and check the labels"
+                ]
+            return []
         acc, majority = metrics.get("accuracy"), metrics.get("majority_accuracy")
         if acc is not None and majority is not None:
             if acc <= majority + 1e-9:
@@ -160,6 +181,18 @@ _SHOWN_METRICS = (
     "recall",
     "mcc",
     "majority_accuracy",
+    "mse",
+    "rmse",
+    "mae",
+    "pearson",
+    "spearman",
+    "baseline_mse",
+    "micro_f1",
+    "macro_f1",
+    "micro_precision",
+    "micro_recall",
+    "subset_accuracy",
+    "majority_micro_f1",
     "loss",
     "perplexity",
     "bleu",
