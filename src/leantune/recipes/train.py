@@ -368,7 +368,7 @@ def _build_summary(
         validation=state.last_eval,
         test=test,
         mmlu=mmlu,
-        memory=peak_memory(),
+        memory=peak_memory(trainer.step_meter),
         world_size=prep.accelerator.num_processes,
         distributed="fsdp" if trainer.fsdp else ("ddp" if prep.accelerator.num_processes > 1 else "none"),
         weights_sha256_per_rank=digests,
