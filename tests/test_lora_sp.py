@@ -61,25 +61,72 @@ def _lora_state_bytes(trainer) -> tuple[int, int]:
     return sum(p.numel() for p in params), state_bytes
 
 
-def test_masked_entries_are_bit_identical_after_training(base_overrides, tmp_path):
+def _flat_mask(m) -> torch.Tensor:
+    """True at the trainable entries of a re-parametrised matrix, in its shape."""
+    trainable = torch.zeros(m.weight.numel(), dtype=torch.bool)
+    trainable[m.parametrizations.weight[0].index] = True
+    return trainable.view(m.weight.shape)
+
+
+def _peft_init(base_overrides, out: Path) -> dict[str, torch.Tensor]:
+    """A plain LoRA built with the same seed: peft's init of every A and B, keyed like sparse_layers."""
+    prep = _prepare(base_overrides, out, LORA)
+    return {
+        n: m.weight.detach().clone()
+        for n, m in prep.model.named_modules()
+        if ".lora_" in n and hasattr(m, "weight")
+    }
+
+
+@pytest.mark.parametrize("frozen", ["zero", "init"])
+def test_masked_entries_are_bit_identical_after_training(base_overrides, tmp_path, frozen):
     # weight decay would move masked entries if they were parameters with a masked gradient
-    prep = _prepare(base_overrides, tmp_path / "sp", SP, "train.max_steps=12", "train.weight_decay=0.1")
+    method = SP.replace("}", f", frozen_entries: {frozen}}}")
+    prep = _prepare(base_overrides, tmp_path / "sp", method, "train.max_steps=12", "train.weight_decay=0.1")
+    init = _peft_init(base_overrides, tmp_path / "lora")
     layers = sparse_layers(prep.model)
     before = {n: m.weight.detach().clone() for n, m in layers.items()}
     trainer = _fit(prep)
     assert trainer.state.step == 12
     assert len(layers) == 2 * 19  # A and B of 18 block linears + the pooler
     for name, m in layers.items():
-        after = m.weight.detach()
-        trainable = torch.zeros(after.numel(), dtype=torch.bool)
-        trainable[m.parametrizations.weight[0].index] = True
-        trainable = trainable.view(after.shape)
+        after, trainable = m.weight.detach(), _flat_mask(m)
         assert torch.equal(after[~trainable], before[name][~trainable]), name
+        # the trainable entries start at peft's init in both settings
+        assert torch.equal(before[name][trainable], init[name][trainable]), name
+        if name.split(".")[-2] == "lora_B" or frozen == "zero":
+            assert not after[~trainable].any(), name  # zero: the paper's masks; B: peft starts it at 0
+        else:
+            assert torch.equal(after[~trainable], init[name][~trainable]), name  # init: peft's values
+            assert (after[~trainable] != 0).float().mean() > 0.9, name
         if name.split(".")[-2] == "lora_B":
-            assert not after[~trainable].any(), name  # frozen B entries stay exactly zero
             assert (after[trainable] != 0).float().mean() > 0.9, name
         else:
             assert (after[trainable] != before[name][trainable]).float().mean() > 0.9, name
+
+
+@pytest.mark.parametrize("frozen", ["zero", "init"])
+def test_delta_weight_is_the_masked_product(base_overrides, tmp_path, frozen):
+    """Seed 001 eq. 2, dW = (A*S)(B*S)^T, read off peft's own delta weight of every adapted layer."""
+    from peft.tuners.lora import LoraLayer
+
+    method = SP.replace("}", f", frozen_entries: {frozen}}}")
+    prep = _prepare(base_overrides, tmp_path / "sp", method, "train.max_steps=4")
+    init = _peft_init(base_overrides, tmp_path / "lora")
+    _fit(prep)
+    layers = [(n, m) for n, m in prep.model.named_modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 19
+    for name, layer in layers:
+        a, b = layer.lora_A["default"], layer.lora_B["default"]
+        a_s, b_s = (m.weight.detach() * _flat_mask(m) for m in (a, b))  # A*S and B*S
+        masked = (b_s @ a_s) * layer.scaling["default"]
+        delta = layer.get_delta_weight("default").detach()
+        a_frozen = init[f"{name}.lora_A.default"] * ~_flat_mask(a)
+        rest = (b_s @ a_frozen) * layer.scaling["default"]  # what a frozen A part adds
+        assert rest.abs().max() > 1e-4, name  # trained B makes the frozen part of A matter
+        want = masked if frozen == "zero" else masked + rest
+        assert torch.allclose(delta, want, atol=1e-6, rtol=1e-5), name
+        assert (delta - masked).abs().max() > 1e-4 if frozen == "init" else True, name
 
 
 def test_half_of_loras_trainables_and_optimizer_state(base_overrides, tmp_path):
@@ -126,7 +173,7 @@ def sp_run(tiny_models, sentiment_csv, tmp_path_factory) -> tuple[Path, dict]:
         f"data.source={sentiment_csv}",
         f"methods=[{SP}]",
         "train.batch_size=16",
-        "train.lr=1e-2",  # a random-initialised encoder learns slowly under LoRA (see test_export_eval)
+        "train.lr=2e-2",  # a random-initialised encoder learns slowly under LoRA (see test_export_eval)
         "train.epochs=10",
         "train.num_threads=1",
         "train.save_every=null",
@@ -222,15 +269,10 @@ def test_merged_export_and_eval_match_the_adapter(capsys, sp_run):
     assert abs(result["loss"] - summary["test"]["loss"]) <= 1e-5
 
 
-def test_resume_is_exact(base_overrides, tmp_path):
-    # one epoch of 17 steps, checkpoints every 5, no evaluation before step 10: the run killed after its
-    # step-10 checkpoint is the reference folder cut back to that checkpoint
-    extra = [
-        f"methods=[{SP.replace('0.0', '0.2')}]",
-        "train.epochs=1",
-        "train.save_every=5",
-        "train.keep_checkpoints=5",
-    ]
+def _cut_run(base_overrides, tmp_path, frozen: str) -> tuple[Path, dict]:
+    """A 17-step run (checkpoints every 5) and a copy cut back to its step-10 checkpoint, as if killed."""
+    method = SP.replace("0.0", "0.2").replace("}", f", frozen_entries: {frozen}}}")
+    extra = [f"methods=[{method}]", "train.epochs=1", "train.save_every=5", "train.keep_checkpoints=5"]
     ref = tmp_path / "ref"
     want = run_train(load_config(None, [*base_overrides, *extra, f"output.dir={ref}"]))
     cut = tmp_path / "cut"
@@ -242,10 +284,44 @@ def test_resume_is_exact(base_overrides, tmp_path):
     cfg = load_config(cut / "config.yaml")
     cfg.output.dir = str(cut)
     (cut / "config.yaml").write_text(dump_config(cfg))
-    got = run_train(cfg, resume=True)
+    return cut, want
+
+
+@pytest.mark.parametrize("frozen", ["zero", "init"])
+def test_resume_is_exact(base_overrides, tmp_path, frozen):
+    # one epoch of 17 steps, checkpoints every 5, no evaluation before step 10: the run killed after its
+    # step-10 checkpoint is the reference folder cut back to that checkpoint
+    cut, want = _cut_run(base_overrides, tmp_path, frozen)
+    got = run_train(load_config(cut / "config.yaml"), resume=True)
     assert got["train"]["resumed"] and got["train"]["steps"] == want["train"]["steps"] == 17
     assert got["weights_sha256_per_rank"] == want["weights_sha256_per_rank"]
     assert got["test"] == want["test"]
+    assert got["method_reports"]["lora_sp"]["frozen_entries"] == frozen
+
+
+def test_an_init_checkpoint_is_not_resumed_as_zero(capsys, base_overrides, tmp_path):
+    """A run from before the option (its masked A entries at init) would resume under the new default,
+    zero, and silently train another product: refused in one line, the run folder untouched; with
+    --force-resume too, its checkpoints untouched."""
+    from tests.bad_input.harness import tree_hash
+
+    cut, _ = _cut_run(base_overrides, tmp_path, "init")
+    text = (cut / "config.yaml").read_text()
+    assert "frozen_entries: init" in text
+    (cut / "config.yaml").write_text(text.replace("  frozen_entries: init\n", ""))  # as written before
+    before = tree_hash(cut)
+    capsys.readouterr()  # the reference run's progress bars
+    line = cli_err(capsys, "train", cut / "config.yaml", "--resume")
+    assert "methods.0.frozen_entries: init -> zero" in line  # the config identity check names it
+    assert tree_hash(cut) == before
+    from leantune.cli import main
+
+    checkpoints = tree_hash(cut / "checkpoints")
+    assert main(["train", str(cut / "config.yaml"), "--resume", "--force-resume"]) == 2
+    warning, line = capsys.readouterr().err.strip().splitlines()  # forcing warns, the weights refuse
+    assert "warning: resuming" in warning and "Traceback" not in line
+    assert "frozen_entries=init" in line and "not zero" in line
+    assert tree_hash(cut / "checkpoints") == checkpoints  # (--force-resume rewrites config.yaml first)
 
 
 def test_bad_density_is_one_line(capsys, base_overrides):

@@ -13,13 +13,15 @@ The result is a plain peft LoRA adapter with `rank_pattern`.
 
 What "memory" means here: the memory model's total (weights, trainable parameters, gradients, AdamW
 state, saved activations and transient buffers of the longest batch); it excludes the Python/torch
-runtime, lazily imported libraries and the dataset. The measured counterpart is the persistent part
-(weights and AdamW state, counted exactly) plus the growth of the process's peak RSS within a step
-(VmHWM, reset at each step start, minus RSS at the step start). A measured peak above
-(1 - memory_margin) x budget re-plans against a budget scaled down by estimate / measured. Plans fill
-(1 - safety_margin) x budget, room for the memory model's error. By default glibc is told to return
-freed memory (`return_freed_memory`), so RSS follows live tensors; without it glibc keeps freed pages, a
-step's RSS growth under-reads what it uses, and only the memory model keeps the budget.
+runtime, lazily imported libraries and the dataset. The measured counterpart comes from the trainer's
+`StepPeakMeter` (`measured_step_peak`): on CUDA, torch.cuda.max_memory_allocated within the step (reset
+at each step start); on CPU, the persistent part (weights and AdamW state, counted exactly) plus the
+growth of the process's peak RSS within the step (VmHWM, reset at each step start, minus RSS then).
+A measured peak above (1 - memory_margin) x budget re-plans against a budget scaled down by estimate /
+measured. Plans fill (1 - safety_margin) x budget, room for the memory model's error. By default glibc
+is told to return freed memory (`return_freed_memory`), so RSS follows live tensors; without it glibc
+keeps freed pages, a step's RSS growth under-reads what it uses, and only the memory model keeps the
+budget.
 """
 
 from __future__ import annotations
@@ -206,8 +208,8 @@ class DynamicRankRuntime(MethodRuntime):
         self.measured_peak = 0
         self.last_step = 0
         self.run_dir = None
-        self._base_rss: int | None = None
         self._step_peak = 0
+        self.measure_source: str | None = None  # "cuda_max_allocated" or "rss" (StepPeakMeter)
         self.freed_memory_returned = False
 
     # -- planning ------------------------------------------------------------------------------------
@@ -314,18 +316,24 @@ class DynamicRankRuntime(MethodRuntime):
         plan = self._plan(trainer, self.importance, self.budget)
         self._apply_plan(trainer, plan, "initial plan from probe importance and task complexity")
 
-    def on_step_start(self, trainer) -> None:
-        from leantune.memory.budget import current_rss, reset_peak_rss
+    def measured_step_peak(self, meter) -> int | None:
+        """The step's peak in the memory model's terms, from the trainer's `StepPeakMeter`.
 
-        self._base_rss = current_rss() if reset_peak_rss() else None
+        On CUDA, max_memory_allocated within the step already holds every tensor the model counts
+        (weights, gradients, AdamW state, activations). On CPU the process RSS also holds the Python and
+        torch runtime and the dataset, which the model leaves out, so the measured figure is the
+        persistent part counted exactly (weights, AdamW state) plus the RSS growth within the step."""
+        if meter.last is None:
+            return None
+        if meter.source == "cuda_max_allocated":
+            return meter.last
+        est = self.plan["estimate"]
+        return est["weights"] + est["optimizer_state"] + meter.last_growth
 
     def on_step_end(self, trainer) -> None:
-        from leantune.memory.budget import peak_rss_since_reset
-
-        peak = peak_rss_since_reset()
-        if peak is not None and self._base_rss is not None:
-            est = self.plan["estimate"]
-            measured = est["weights"] + est["optimizer_state"] + peak - self._base_rss
+        measured = self.measured_step_peak(trainer.step_meter)
+        if measured is not None:
+            self.measure_source = trainer.step_meter.source
             self._step_peak = max(self._step_peak, measured)
             self.measured_peak = max(self.measured_peak, measured)
         done = trainer.state.step + 1
@@ -418,6 +426,7 @@ class DynamicRankRuntime(MethodRuntime):
             "reallocations": len(self.events) - 1 if self.events else 0,
             "events": self.events,
             "measured_peak_bytes": self.measured_peak,
+            "measured_peak_source": self.measure_source,
             "freed_memory_returned": self.freed_memory_returned,
             "trainable_params_final": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }

@@ -6,7 +6,13 @@ entries a trainable (1, k) Parameter plus an index buffer, and the layer's `weig
 `index_put(frozen, index, values)` on every access. Autograd therefore only reaches the trainable entries,
 and since only they are Parameters, AdamW keeps state for exactly them: the optimizer state halves with
 the trainable count. Gradient-masking hooks would not do that, and weight decay would still move masked
-entries. Frozen A entries keep peft's init, frozen B entries stay 0, bit for bit.
+entries.
+
+What the masked entries hold is `frozen_entries`. `zero` (the default) is the paper's eq. 2,
+dW = (A*S)(B*S)^T: masked entries of A and B are 0, so dW is exactly the product of the masked matrices.
+`init` is what leantune did before: masked A entries keep peft's random init (masked B entries are 0 in
+both, since peft starts B at 0), so dW = (A*S + A0*(1-S))(B*S)^T carries a random, untrained part of A.
+Either way the masked entries never change, bit for bit.
 
 The values are a (1, k) row rather than 1-D because the optimizer excludes 1-D tensors (biases, norms)
 from weight decay; these are matrix entries and should decay like LoRA's A and B do.
@@ -28,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from leantune.errors import UserError
+from leantune.errors import UserError, name_some
 from leantune.methods import lora
 from leantune.methods.registry import MethodContext, MethodRuntime, MethodSpec, extend_save, register
 
@@ -39,6 +45,11 @@ class LoraSpConfig(lora.LoraConfig):
     name: Literal["lora_sp"] = "lora_sp"  # type: ignore[assignment]
     mask_seed: int | None = Field(None, ge=0, description="Seed of the masks; null: train.seed.")
     density: float = Field(0.5, gt=0, le=1, description="Share of the entries of each A and B that train.")
+    frozen_entries: Literal["zero", "init"] = Field(
+        "zero",
+        description="What masked entries hold: zero (the paper, dW = (A*S)(B*S)^T) or peft's init "
+        "(masked A entries keep their random init).",
+    )
 
 
 def matrix_seed(mask_seed: int, key: str) -> int:
@@ -91,7 +102,7 @@ def sparse_layers(model) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")}
 
 
-def _sparsify(model, mask_seed: int, density: float) -> None:
+def _sparsify(model, mask_seed: int, density: float, frozen_entries: str) -> None:
     import torch
     from torch.nn.utils import parametrize
 
@@ -110,11 +121,13 @@ def _sparsify(model, mask_seed: int, density: float) -> None:
                 f"lora_sp: density={density} leaves no trainable entry of {key} ({numel} entries); "
                 "raise methods.N.density or r"
             )
-        dense = linear.weight.detach().clone()
+        init = linear.weight.detach().clone()
+        frozen = init if frozen_entries == "init" else torch.zeros_like(init)
         del linear.weight  # a Parameter; it comes back as a frozen buffer
-        linear.register_buffer("weight", dense)
-        index = mask_index(mask_seed, key, numel, density).to(dense.device)
-        parametrize.register_parametrization(linear, "weight", sparse_entries(dense, index, key, mask_seed))
+        linear.register_buffer("weight", frozen)
+        index = mask_index(mask_seed, key, numel, density).to(init.device)
+        # the trainable entries start at peft's init in both settings
+        parametrize.register_parametrization(linear, "weight", sparse_entries(init, index, key, mask_seed))
 
 
 def dense_state_dict(model) -> dict[str, Any]:
@@ -132,12 +145,13 @@ def masks(model) -> list[Any]:
     return [m.parametrizations.weight[0] for m in sparse_layers(model).values()]
 
 
-def sidecar(model, density: float) -> dict[str, Any]:
+def sidecar(model, density: float, frozen_entries: str) -> dict[str, Any]:
     entries = masks(model)
     return {
         "method": "lora_sp",
         "mask_seed": entries[0].mask_seed,
         "density": density,
+        "frozen_entries": frozen_entries,
         "mask": "trainable flat indices of the tensor saved under `key`: the first floor(density*numel) of "
         "torch.randperm(numel, generator=torch.Generator().manual_seed(s)), s = the first 8 bytes "
         "(little-endian, & 2**63-1) of sha256(f'{mask_seed}:{key}'); see leantune.methods.lora_sp.mask_index",
@@ -146,9 +160,9 @@ def sidecar(model, density: float) -> dict[str, Any]:
     }
 
 
-def _bind_dense_save(model, density: float) -> None:
+def _bind_dense_save(model, density: float, frozen_entries: str) -> None:
     def write_sidecar(model, folder: Path) -> None:
-        (folder / SIDECAR).write_text(json.dumps(sidecar(model, density), indent=2))
+        (folder / SIDECAR).write_text(json.dumps(sidecar(model, density, frozen_entries), indent=2))
 
     extend_save(model, write_sidecar, state_dict=dense_state_dict)
 
@@ -158,19 +172,24 @@ def resolved_seed(cfg: LoraSpConfig, ctx: MethodContext) -> int:
 
 
 def apply(model, cfg: LoraSpConfig, ctx: MethodContext):
-    plain = lora.LoraConfig(**cfg.model_dump(exclude={"name", "mask_seed", "density"}))
+    plain = lora.LoraConfig(**cfg.model_dump(exclude={"name", "mask_seed", "density", "frozen_entries"}))
     model = lora.apply(model, plain, ctx)
     seed = resolved_seed(cfg, ctx)
-    _sparsify(model, seed, cfg.density)
-    _bind_dense_save(model, cfg.density)
+    _sparsify(model, seed, cfg.density, cfg.frozen_entries)
+    _bind_dense_save(model, cfg.density, cfg.frozen_entries)
     return model
 
 
 class FrozenHalves(MethodRuntime):
-    """Checkpoints the frozen dense matrices too, so a resume never depends on re-drawing peft's init."""
+    """Checkpoints the frozen dense matrices too, so a resume never depends on re-drawing peft's init.
 
-    def __init__(self, model) -> None:
+    A checkpoint whose masked entries are not all zero was written with `frozen_entries: init` (the only
+    behaviour before the option existed, so a config.yaml from then reads as the new default, zero):
+    resuming it under `zero` would silently train a different product, so `load` refuses it."""
+
+    def __init__(self, model, frozen_entries: str) -> None:
         self.layers = sparse_layers(model)
+        self.frozen_entries = frozen_entries
 
     def tensors(self) -> dict[str, Any]:
         return {name: m.parametrizations.weight.original for name, m in self.layers.items()}
@@ -178,6 +197,14 @@ class FrozenHalves(MethodRuntime):
     def load(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         import torch
 
+        if self.frozen_entries == "zero":
+            nonzero = [name for name in self.layers if tensors[name].any()]
+            if nonzero:
+                raise UserError(
+                    f"lora_sp: the checkpoint's masked entries of {name_some(nonzero)} are not zero, so it "
+                    "was written with frozen_entries=init (the behaviour before the option existed); "
+                    "resume with methods.N.frozen_entries=init in config.yaml, or start a new run"
+                )
         with torch.no_grad():
             for name, m in self.layers.items():
                 m.parametrizations.weight.original.copy_(tensors[name])
@@ -190,6 +217,7 @@ def report(model, cfg: LoraSpConfig) -> dict[str, Any]:
     return {
         "mask_seed": entries[0].mask_seed,
         "density": cfg.density,
+        "frozen_entries": cfg.frozen_entries,
         "matrices": len(entries),
         "trainable_entries": trainable,
         "dense_entries": dense,
@@ -200,6 +228,10 @@ def report(model, cfg: LoraSpConfig) -> dict[str, Any]:
 
 SPEC = register(
     MethodSpec(
-        "lora_sp", LoraSpConfig, apply, runtime=lambda model, cfg, ctx: FrozenHalves(model), report=report
+        "lora_sp",
+        LoraSpConfig,
+        apply,
+        runtime=lambda model, cfg, ctx: FrozenHalves(model, cfg.frozen_entries),
+        report=report,
     )
 )

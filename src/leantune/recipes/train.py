@@ -389,7 +389,7 @@ def _build_summary(
         test={k: v for k, v in test.items() if k != "confusion_matrix"},
         confusion=_confusion(cfg, test.get("confusion_matrix")),
         mmlu=mmlu,
-        memory=peak_memory(),
+        memory=peak_memory(trainer.step_meter),
         world_size=prep.accelerator.num_processes,
         distributed="fsdp" if trainer.fsdp else ("ddp" if prep.accelerator.num_processes > 1 else "none"),
         weights_sha256_per_rank=digests,

@@ -34,6 +34,7 @@ from leantune.data.tasks import collate
 from leantune.errors import UserError
 from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
+from leantune.memory.measure import StepPeakMeter
 from leantune.methods.registry import MethodRuntime
 from leantune.train import best as best_weights
 from leantune.train import checkpoint as ckpt
@@ -91,6 +92,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.pad_id, self.num_labels = pad_id, num_labels
         self.runtimes = runtimes or []
+        self.step_meter = StepPeakMeter(accelerator.device)  # read by methods in on_step_end
         self.extra_eval = extra_eval  # more validation metrics (e.g. BLEU of generations), merged in
         # The last method that brings its own step wins (a list like [freeze, mezo] means "mezo's step").
         self.step_fn = next((rt.step for rt in reversed(self.runtimes) if rt.step is not None), backprop_step)
@@ -387,9 +389,11 @@ class Trainer:
                 batches, batches_epoch = self._epoch_batches(st.epoch), st.epoch
             t0 = time.perf_counter()
             first = st.group * tc.grad_accum
+            self.step_meter.start()
             for rt in self.runtimes:
                 rt.on_step_start(self)
             grad_norm = self._optimizer_step(batches[first : first + tc.grad_accum])
+            self.step_meter.stop()
             for rt in self.runtimes:
                 rt.on_step_end(self)
             st.step += 1
