@@ -107,7 +107,9 @@ def metric_panels(table, plt, panels: list[tuple[str, Callable[[dict], float | N
 # -- scatter plots with direct labels -----------------------------------------------------------------
 
 
-def direct_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+def direct_labels(
+    ax, points: list[tuple[float, float, str]], fontsize: float = 7, obstacles: list[tuple[float, float]] = ()
+) -> None:
     """Write each label beside its point, nudged up or down (with a thin leader line) until it overlaps
     no marker and no label already placed and stays inside the axes: a greedy placement in screen space,
     enough for a few dozen runs (a label that finds no free place keeps the last one tried)."""
@@ -118,7 +120,8 @@ def direct_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 
     height = fontsize * 1.35
     finite = [(x, y, t) for x, y, t in points if math.isfinite(x) and math.isfinite(y)]
     screen = [tuple(v * scale for v in ax.transData.transform((x, y))) for x, y, _ in finite]
-    placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4) for px, py in screen]
+    marks = screen + [tuple(v * scale for v in ax.transData.transform(o)) for o in obstacles]
+    placed: list[tuple[float, float, float, float]] = [(px - 4, py - 4, px + 4, py + 4) for px, py in marks]
     for (x, y, text), (px, py) in sorted(zip(finite, screen, strict=True), key=lambda p: -p[1][1]):
         width = 0.6 * fontsize * len(text)
         dx = 6.0 if px + 6 + width <= x1 else -6.0 - width  # near the right edge: left of the point
@@ -156,7 +159,7 @@ def scatter_panels(table, plt, panels: list[tuple[str, Getter, str, Getter]]) ->
     drawn = False
     named = []
     for ax, (xlabel, get_x, ylabel, get_y) in zip(axes[0], panels, strict=True):
-        labels = []
+        labels, marks = [], []
         for n, run_id in enumerate(table.ids):
             colour, marker = run_style(n)
             runs = [a for a in table.by_id[run_id].values() if get_y(a) is not None and get_x(a) is not None]
@@ -164,19 +167,21 @@ def scatter_panels(table, plt, panels: list[tuple[str, Getter, str, Getter]]) ->
                 continue
             px, py = [get_x(a) for a in runs], [get_y(a) for a in runs]
             ax.scatter(px, py, color=colour, marker=marker, s=34, edgecolors="0.2", linewidths=0.4)
-            labels.append((statistics.median(px), statistics.median(py), run_id))
+            # named at its rightmost repeat (the label then sits beside the group, not inside it)
+            labels.append((max(px), statistics.median(py), run_id))
+            marks += list(zip(px, py, strict=True))
             drawn = True
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.margins(x=0.25, y=0.12)
-        named.append((ax, labels))
+        named.append((ax, labels, marks))
     if not drawn:
         plt.close(fig)
         return None
     fig.tight_layout()  # first: labels are placed in the final screen positions
-    for ax, labels in named:
-        direct_labels(ax, labels)
+    for ax, labels, marks in named:
+        direct_labels(ax, labels, obstacles=marks)
     return _finish(plt, fig)
 
 

@@ -33,8 +33,10 @@ def _method_label(a: dict) -> str:
 
 
 def _quality_metric(artefacts: list[dict]) -> str:
+    """The test metric every run has: accuracy (classification), MSE (regression), micro F1
+    (multi-label), else the loss."""
     tests = [a["metrics"]["test"] for a in artefacts]
-    return "accuracy" if all("accuracy" in t for t in tests) else "loss"
+    return next((m for m in ("accuracy", "mse", "micro_f1") if all(m in t for t in tests)), "loss")
 
 
 def _cell(values: list[float], fmt: str | None = None, suffix: str = "") -> str:
@@ -114,7 +116,7 @@ class Table:
             "samples/s",
             f"samples/s vs {self.hf}" if self.hf else "samples/s vs HF",
             "peak memory (MiB)",
-            "accuracy" if self.metric == "accuracy" else "test loss",
+            "accuracy" if self.metric == "accuracy" else f"test {self.metric}",
             "F1",
             "MCC",
             "% of fp32 peak",
