@@ -27,6 +27,7 @@ from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, check_method_list, method_config_class
 from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.config import DataConfig`)
     CLASSIFICATION_METRICS,
+    CLASSIFYING_TASKS,
     GENERATION_METRICS,
     LM_METRICS,
     MAX_SEED,
@@ -84,7 +85,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        known = {"classification": CLASSIFICATION_METRICS, "reward": REWARD_METRICS}.get(
+        known = {"reward": REWARD_METRICS, **dict.fromkeys(CLASSIFYING_TASKS, CLASSIFICATION_METRICS)}.get(
             self.task, LM_METRICS + GENERATION_METRICS
         )
         if self.eval.metric is not None and self.eval.metric not in known:
@@ -96,10 +97,10 @@ class Config(Strict):
                 "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "
                 "set it false"
             )
-        if self.task in ("classification", "seq2seq") and self.data.label_column is None:
+        if self.task in (*CLASSIFYING_TASKS, "seq2seq") and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
         if self.eval.generate and (
-            self.task in ("classification", "reward") or self.data.label_column is None
+            self.task in (*CLASSIFYING_TASKS, "reward") or self.data.label_column is None
         ):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
@@ -113,8 +114,9 @@ class Config(Strict):
                 "eval.generate scores text_column/label_column targets, not chat records; "
                 "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
             )
-        if self.task == "reward" and self.train.cache_frozen_prefix:
-            raise ValueError("train.cache_frozen_prefix does not support task reward; set it false")
+        if self.task in ("reward", "prompt_classification") and self.train.cache_frozen_prefix:
+            raise ValueError(f"train.cache_frozen_prefix does not support task {self.task}; set it false")
+        self._check_prompt()
         if self.data.packing:
             if self.task != "causal_lm":
                 raise ValueError(
@@ -131,7 +133,33 @@ class Config(Strict):
 
     @property
     def metric(self) -> str:
-        return self.eval.metric or ("accuracy" if self.task in ("classification", "reward") else "loss")
+        return self.eval.metric or ("accuracy" if self.task in (*CLASSIFYING_TASKS, "reward") else "loss")
+
+    def _check_prompt(self) -> None:
+        """The template and label words of task prompt_classification (their tokens are checked against
+        the tokenizer when the data is encoded, data/prompts.py)."""
+        from leantune.data.prompts import check_template
+
+        if self.task != "prompt_classification":
+            if self.data.label_words is not None:
+                raise ValueError(
+                    "data.label_words is for task prompt_classification; remove it or set the task"
+                )
+            return
+        check_template(self.data.template, self.data.text_pair_column is not None)
+        words = self.data.label_words
+        if words is not None:
+            blank = [i for i, w in enumerate(words) if not w.strip()]
+            if blank:
+                raise ValueError(f"data.label_words entry {blank[0]} is empty; give every class a word")
+            if len(set(words)) < len(words):
+                raise ValueError(f"data.label_words {words} repeats a word; give each class its own word")
+            names = self.data.label_names
+            if names is not None and len(names) != len(words):
+                raise ValueError(
+                    f"data.label_words has {len(words)} words for {len(names)} classes {names}; "
+                    "give one word per class, in label order"
+                )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -24,7 +24,10 @@ from pydantic import (
 from leantune.errors import UserError
 from leantune.numbers import check_number
 
-Task = Literal["classification", "causal_lm", "seq2seq", "reward"]
+Task = Literal["classification", "prompt_classification", "causal_lm", "seq2seq", "reward"]
+#: tasks that predict a class per example (accuracy, F1, ...): a classifier head, or label words scored by
+#: the language-model head (prompt_classification, models/prompt_head.py)
+CLASSIFYING_TASKS = ("classification", "prompt_classification")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
 LM_METRICS = ("loss", "perplexity")
 #: a reward model: held-out pair accuracy (r_chosen > r_rejected) and the Bradley-Terry loss
@@ -91,6 +94,22 @@ class DataConfig(Strict):
     rejected_column: str = Field("rejected", description="task reward: the dispreferred response.")
     prompt_column: str | None = Field(
         None, description="task reward: a prompt put before both responses (null: responses alone)."
+    )
+    template: str = Field(
+        "{text} It was {mask}",
+        description="task prompt_classification: the prompt, with {text} (and {text_pair} for pairs) and "
+        "one {mask} where a label word is scored (causal LMs: the next token after the text before {mask}; "
+        "masked LMs: the mask token). docs/prompt_classification.md.",
+    )
+    label_words: list[str] | None = Field(
+        None,
+        description="task prompt_classification: one word per class, in label id order (default: the "
+        "label names), each scored as one token of the LM head's vocabulary.",
+    )
+    label_word_tokens: Literal["single", "first"] = Field(
+        "single",
+        description="task prompt_classification: `single` refuses a label word that is several tokens; "
+        "`first` scores its first token (and says so in the summary).",
     )
     packing: bool = Field(
         False,

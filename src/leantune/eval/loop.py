@@ -51,7 +51,7 @@ def evaluate(
             labels += [1] * len(out.logits)
             loss_sum += float(out.loss) * len(out.logits)
             tokens += len(out.logits)
-        elif task == "classification":
+        elif task in ("classification", "prompt_classification"):
             preds += out.logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
             loss_sum += float(out.loss) * len(batch["labels"])
@@ -70,7 +70,7 @@ def evaluate(
         tokens = sum(part[3] for part in parts)
     if task == "reward":
         return {"accuracy": sum(preds) / max(len(preds), 1), "loss": loss_sum / max(tokens, 1)}
-    if task == "classification":
+    if task in ("classification", "prompt_classification"):
         return {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
     return lm_metrics(loss_sum, tokens)
 

@@ -51,8 +51,9 @@ def _post_hook(module, args, kwargs, output):
 
 
 def method_task(task: str) -> str:
-    """The task methods see: a reward model is a sequence classifier (its head trained like one)."""
-    return "classification" if task == "reward" else task
+    """The task methods see: a reward model is a sequence classifier (its head trained like one); a
+    prompt classifier is a language model (its LM head scores the label words, models/prompt_head.py)."""
+    return {"reward": "classification", "prompt_classification": "causal_lm"}.get(task, task)
 
 
 def attach_pair_loss(model):

@@ -49,7 +49,7 @@ def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
             f"model.max_length={cfg.model.max_length} exceeds the {positions} positions of "
             f"{cfg.model.name}; set model.max_length <= {positions}"
         )
-    if cfg.task == "classification" and num_labels < 2:
+    if cfg.task in ("classification", "prompt_classification") and num_labels < 2:
         raise UserError(
             f"the training data of {cfg.data.source} has {num_labels} class(es) "
             f"({cfg.data.label_names}); classification needs at least 2: check data.label_column"
@@ -73,6 +73,7 @@ class Prepared:
     identity: dict | None = None  # config + data fingerprint, recorded in every checkpoint
     resume_changes: list[str] | None = None  # what --force-resume let change since the checkpoint
     runtimes: list | None = None  # each method's runtime, built and checked before anything is written
+    prompt_head: dict | None = None  # task prompt_classification: kind, template, label words and tokens
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -147,6 +148,11 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     if cfg.task == "reward":
         attach_pair_loss(model)
+    prompt_head = None
+    if cfg.task == "prompt_classification":
+        from leantune.models.prompt_head import setup_label_words
+
+        prompt_head = setup_label_words(model, tok, cfg.data, cfg.model.name)
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     if cfg.data.packing:
@@ -163,6 +169,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         )
     specs = [get_method(m.name) for m in cfg.methods]
     prep = Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
+    prep.prompt_head = prompt_head
     prep.runtimes = method_runtimes(prep)
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
@@ -375,6 +382,7 @@ def _build_summary(
         versions=versions(),
         machine=machine(),
         config=cfg.model_dump(mode="json"),
+        prompt_head=prep.prompt_head,
     )
 
 
