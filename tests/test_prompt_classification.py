@@ -110,21 +110,71 @@ def test_the_head_scores_the_label_words_at_the_slot(tiny_models, tmp_path, arch
     assert plain.logits.ndim == 3
 
 
-def _run(tiny_models, sentiment_csv, tmp_path: Path, *extra: str) -> dict:
+def _run(model: Path, data: Path, out: Path, *extra: str) -> dict:
     from leantune.recipes.train import run_train
 
     overrides = [
-        f"model.name={tiny_models['llama']}",
+        f"model.name={model}",
         "task=prompt_classification",
         WORDS,
         "model.max_length=16",
-        f"data.source={sentiment_csv}",
+        f"data.source={data}",
         "train.batch_size=16",
         "train.num_threads=1",
         "train.save_every=null",
         "train.warmup_ratio=0",
         "output.tensorboard=false",
-        f"output.dir={tmp_path / 'run'}",
+        f"output.dir={out}",
         *extra,
     ]
     return run_train(load_config(None, overrides))
+
+
+@pytest.fixture(scope="module")
+def pretrained_llama(tiny_models, tmp_path_factory) -> Path:
+    """The tiny Llama after a short causal-LM pretraining on sentences that end "it was great" or "it was
+    terrible" after a positive or negative word (other rows than the task's): an LM with a weak prior
+    for the label words, which is what MeZO fine-tunes from (a random LM has none)."""
+    from leantune.recipes.train import run_train
+    from tests.conftest import make_sentiment_rows, write_csv
+
+    root = tmp_path_factory.mktemp("pretrain")
+    rows = [
+        {"text": f"{r['text']} it was {'great' if r['label'] == 'pos' else 'terrible'}"}
+        for r in make_sentiment_rows(640, seed=7)
+    ]
+    overrides = [
+        f"model.name={tiny_models['llama']}",
+        "task=causal_lm",
+        "data.label_column=null",
+        f"data.source={write_csv(root / 'lm.csv', rows)}",
+        "model.max_length=16",
+        "methods=[full]",
+        "train.lr=3e-3",
+        "train.max_steps=150",
+        "train.epochs=100",
+        "train.batch_size=16",
+        "train.num_threads=1",
+        "train.save_every=null",
+        "output.tensorboard=false",
+        f"output.dir={root / 'run'}",
+    ]
+    run_train(load_config(None, overrides))
+    return root / "run" / "model"
+
+
+@pytest.mark.slow  # ~60 s on 2 shared cores: a 150-step pretraining, then 200 MeZO steps
+def test_mezo_learns_prompt_classification_through_the_trainer(pretrained_llama, sentiment_csv, tmp_path):
+    """Full-parameter MeZO from the pretrained tiny LM: the test loss falls below the zero-shot loss
+    (the same run with a vanishing lr) and the accuracy beats the majority class."""
+    common = ["methods=[mezo]", "train.max_grad_norm=null", "train.epochs=100"]
+    zero = _run(
+        pretrained_llama, sentiment_csv, tmp_path / "zero", *common, "train.lr=1e-12", "train.max_steps=1"
+    )
+    tuned = _run(
+        pretrained_llama, sentiment_csv, tmp_path / "mezo", *common, "train.lr=1e-3", "train.max_steps=200"
+    )
+    assert tuned["method_reports"]["mezo"]["forward_passes"] == 400
+    assert tuned["test"]["loss"] < zero["test"]["loss"] - 0.005
+    assert tuned["test"]["accuracy"] >= tuned["test"]["majority_accuracy"] + 0.1
+    assert set(tuned["test"]) >= {"accuracy", "f1", "precision", "recall"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.bad_input.harness import Case, train, with_data
 
-PROMPT = ("task=prompt_classification", "model.name=@GPT2@")
+PROMPT = ("task=prompt_classification", "model.name=@GPT2@", "data.label_words=[terrible,great]")
 
 # id, what, extra overrides, phrase
 ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
@@ -23,18 +23,18 @@ ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
     ),
     ("empty-word", "an empty label word", ("data.label_words=[bad,' ']",), "is empty"),
     ("repeated-word", "the same word for both classes", ("data.label_words=[good,good]",), "repeats a word"),
-    ("no-mask", "a template without {mask}", ("data.template={text} It was",), "needs {mask} exactly once"),
-    ("no-text", "a template without {text}", ("data.template=It was {mask}",), "needs {text} exactly once"),
+    ("no-mask", "a template without {mask}", ("data.template='{text} It was'",), "needs {mask} exactly once"),
+    ("no-text", "a template without {text}", ("data.template='It was {mask}'",), "needs {text} exactly once"),
     (
         "unknown-placeholder",
         "a template with an unknown placeholder",
-        ("data.template={text} {review} {mask}",),
+        ("data.template='{text} {review} {mask}'",),
         "unknown placeholder {review}",
     ),
     (
         "text-after-mask",
         "a causal-LM template with text after {mask}",
-        ("data.template={text} It was {mask} .",),
+        ("data.template='{text} It was {mask} .'",),
         "end the template with {mask}",
     ),
     (
