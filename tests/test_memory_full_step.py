@@ -98,3 +98,18 @@ def test_mezo_is_predicted_and_measured_far_below_adamw(tiny_models):
     mezo_measured, mezo_predicted = measured_and_predicted(tiny_models["llama"], "causal_lm", "mezo")
     adamw_measured, adamw_predicted = measured_and_predicted(tiny_models["llama"], "causal_lm", "adamw")
     assert mezo_measured < 0.5 * adamw_measured and mezo_predicted < 0.5 * adamw_predicted
+
+
+def test_plan_proposes_a_frugal_full_tuning_method_when_adamw_does_not_fit(base_overrides, capsys):
+    """Tiny BERT, batch 16: AdamW full tuning needs ~23 MiB, MeZO ~6 MiB, LOMO/AdaLomo ~19-20 MiB (the
+    word embeddings' gradient squared in float64 dominates so small a model)."""
+    from leantune.cli import main
+
+    assert main(["plan", *base_overrides, "--memory-budget", "12MiB"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full fine-tuning"))
+    assert "AdamW needs" in line and "methods: [mezo]" in line
+    assert main(["plan", *base_overrides, "--memory-budget", "21MiB"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full fine-tuning"))
+    assert "methods: [adalomo]" in line  # the first fitting in the order of quality per step
+    assert main(["plan", *base_overrides, "--memory-budget", "64MiB"]) == 0
+    assert "full fine-tuning: AdamW fits" in capsys.readouterr().out
