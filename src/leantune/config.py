@@ -28,6 +28,7 @@ from leantune.methods.registry import MethodConfig, check_method_list, method_co
 from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.config import DataConfig`)
     ANSWER_METRICS,
     CLASSIFICATION_METRICS,
+    CLASSIFYING_TASKS,
     GENERATION_METRICS,
     HEAD_TASKS,
     LM_METRICS,
@@ -50,6 +51,7 @@ from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.conf
 #: the metric that picks the best checkpoint when eval.metric is not set (language models: the loss)
 DEFAULT_METRIC = {
     "classification": "accuracy",
+    "prompt_classification": "accuracy",
     "reward": "accuracy",
     "regression": "mse",
     "multi_label": "micro_f1",
@@ -98,6 +100,7 @@ class Config(Strict):
     def _cross_checks(self) -> Config:
         known = {
             "classification": CLASSIFICATION_METRICS,
+            "prompt_classification": CLASSIFICATION_METRICS,
             "regression": REGRESSION_METRICS,
             "multi_label": MULTI_LABEL_METRICS,
             "reward": REWARD_METRICS,
@@ -114,11 +117,13 @@ class Config(Strict):
         if self.task != "causal_lm" and self.task != "reward" and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
         self._check_label_settings()
-        if self.eval.generate and (self.task in HEAD_TASKS or self.data.label_column is None):
+        if self.eval.generate and (
+            self.task in (*HEAD_TASKS, *CLASSIFYING_TASKS) or self.data.label_column is None
+        ):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if (
             self.eval.metric in GENERATION_METRICS + ANSWER_METRICS
-            and self.task not in HEAD_TASKS
+            and self.task not in (*HEAD_TASKS, *CLASSIFYING_TASKS)
             and not self.eval.generate
         ):
             raise ValueError(f"eval.metric '{self.eval.metric}' scores generations; set eval.generate=true")
@@ -131,8 +136,9 @@ class Config(Strict):
                 "eval.generate scores text_column/label_column targets, not chat records; "
                 "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
             )
-        if self.task == "reward" and self.train.cache_frozen_prefix:
-            raise ValueError("train.cache_frozen_prefix does not support task reward; set it false")
+        if self.task in ("reward", "prompt_classification") and self.train.cache_frozen_prefix:
+            raise ValueError(f"train.cache_frozen_prefix does not support task {self.task}; set it false")
+        self._check_prompt()
         if self.data.packing:
             if self.task != "causal_lm":
                 raise ValueError(
@@ -173,6 +179,32 @@ class Config(Strict):
     @property
     def metric(self) -> str:
         return self.eval.metric or DEFAULT_METRIC.get(self.task, "loss")
+
+    def _check_prompt(self) -> None:
+        """The template and label words of task prompt_classification (their tokens are checked against
+        the tokenizer when the data is encoded, data/prompts.py)."""
+        from leantune.data.prompts import check_template
+
+        if self.task != "prompt_classification":
+            if self.data.label_words is not None:
+                raise ValueError(
+                    "data.label_words is for task prompt_classification; remove it or set the task"
+                )
+            return
+        check_template(self.data.template, self.data.text_pair_column is not None)
+        words = self.data.label_words
+        if words is not None:
+            blank = [i for i, w in enumerate(words) if not w.strip()]
+            if blank:
+                raise ValueError(f"data.label_words entry {blank[0]} is empty; give every class a word")
+            if len(set(words)) < len(words):
+                raise ValueError(f"data.label_words {words} repeats a word; give each class its own word")
+            names = self.data.label_names
+            if names is not None and len(names) != len(words):
+                raise ValueError(
+                    f"data.label_words has {len(words)} words for {len(names)} classes {names}; "
+                    "give one word per class, in label order"
+                )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -24,9 +24,14 @@ from pydantic import (
 from leantune.errors import UserError
 from leantune.numbers import check_number
 
-Task = Literal["classification", "regression", "multi_label", "causal_lm", "seq2seq", "reward"]
+Task = Literal[
+    "classification", "prompt_classification", "regression", "multi_label", "causal_lm", "seq2seq", "reward"
+]
 #: tasks scored by a sequence-classification head (one output per label, or one score)
 HEAD_TASKS = ("classification", "regression", "multi_label", "reward")
+#: tasks that predict a class per example (accuracy, F1, ...): a classifier head, or label words scored by
+#: the language-model head (prompt_classification, models/prompt_head.py)
+CLASSIFYING_TASKS = ("classification", "prompt_classification")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "loss")
 #: regression (one score per row, MSE loss): errors are minimised, correlations maximised
 REGRESSION_METRICS = ("mse", "rmse", "mae", "pearson", "spearman", "loss")
@@ -109,6 +114,22 @@ class DataConfig(Strict):
     rejected_column: str = Field("rejected", description="task reward: the dispreferred response.")
     prompt_column: str | None = Field(
         None, description="task reward: a prompt put before both responses (null: responses alone)."
+    )
+    template: str = Field(
+        "{text} It was {mask}",
+        description="task prompt_classification: the prompt, with {text} (and {text_pair} for pairs) and "
+        "one {mask} where a label word is scored (causal LMs: the next token after the text before {mask}; "
+        "masked LMs: the mask token). docs/prompt_classification.md.",
+    )
+    label_words: list[str] | None = Field(
+        None,
+        description="task prompt_classification: one word per class, in label id order (default: the "
+        "label names), each scored as one token of the LM head's vocabulary.",
+    )
+    label_word_tokens: Literal["single", "first"] = Field(
+        "single",
+        description="task prompt_classification: `single` refuses a label word that is several tokens; "
+        "`first` scores its first token (and says so in the summary).",
     )
     packing: bool = Field(
         False,

@@ -4,6 +4,8 @@
 - regression: the same inputs -> one finite number per row in `label_column` (an STS-B-like score);
 - multi_label: the same inputs -> a set of labels per row (a JSON list, or a cell split on
   `data.label_separator`), encoded multi-hot over the label names;
+- prompt_classification: the same rows as a prompt from `data.template`, the class scored as a label word
+  by the LM head (data/prompts.py);
 - causal_lm: `text_column` is the prompt, `label_column` the response (prompt tokens are masked out of
   the loss); with `label_column: null` the whole text is the target (plain language modelling);
 - seq2seq: `text_column` is the source, `label_column` the target;
@@ -220,15 +222,21 @@ def encode(
     max_length: int,
     label_names: list[str] | None,
     source: str,
+    prompt_kind: str = "causal",
 ) -> list[dict]:
-    """Tokenise `rows` for `task`; the result is a list of feature dicts of int lists."""
+    """Tokenise `rows` for `task`; the result is a list of feature dicts of int lists. `prompt_kind`
+    (causal or masked: the LM head that scores the label words) matters for prompt_classification only."""
     if not rows:
         return []
-    if task in ("classification", "regression", "multi_label"):
+    if task in ("classification", "prompt_classification", "regression", "multi_label"):
         check_columns(rows, cfg, ("text_column", "text_pair_column", "label_column"), source)
         texts = [_text(r, cfg.text_column, source) for r in rows]
         pairs = [_text(r, cfg.text_pair_column, source) for r in rows] if cfg.text_pair_column else None
         labels = head_labels(task, rows, cfg, label_names, source)
+        if task == "prompt_classification":
+            from leantune.data.prompts import encode_prompts
+
+            return encode_prompts(rows, tok, cfg, max_length, labels, texts, pairs, prompt_kind)
         enc = tok(texts, pairs, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))]

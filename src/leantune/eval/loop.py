@@ -63,7 +63,7 @@ def evaluate(
             labels += [1] * len(out.logits)
             loss_sum += float(out.loss) * len(out.logits)
             tokens += len(out.logits)
-        elif task in ("classification", "regression", "multi_label"):
+        elif task in ("classification", "prompt_classification", "regression", "multi_label"):
             preds += _head_predictions(task, out.logits)
             labels += batch["labels"].tolist()
             loss_sum += float(out.loss) * len(batch["labels"])
@@ -82,7 +82,7 @@ def evaluate(
         tokens = sum(part[3] for part in parts)
     if task == "reward":
         return {"accuracy": sum(preds) / max(len(preds), 1), "loss": loss_sum / max(tokens, 1)}
-    if task == "classification":
+    if task in ("classification", "prompt_classification"):
         out = {**classification_metrics(preds, labels, num_labels), "loss": loss_sum / max(tokens, 1)}
         if confusion:
             from sklearn.metrics import confusion_matrix

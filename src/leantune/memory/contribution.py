@@ -20,6 +20,14 @@ class MemoryContribution:
     optimizer_state: int = 0
     activations: int = 0  # per batch, not per example
     note: str = ""  # what the planner prints when it relies on this contribution
+    # How the method's step computes its update (memory/full_step.py): "backprop" (autograd, every
+    # gradient alive at the update), "fused_backward" (each gradient applied and freed inside backward)
+    # or "forward_only" (no backward: the peak of a no-grad forward pass, no saved activations).
+    step: str = "backprop"
+    transient: int = 0  # short-lived bytes of the method's own update (a MeZO z chunk, AdaLomo temporaries)
 
     def __bool__(self) -> bool:
-        return any((self.weights, self.gradients, self.optimizer_state, self.activations))
+        return (
+            any((self.weights, self.gradients, self.optimizer_state, self.activations, self.transient))
+            or self.step != "backprop"
+        )

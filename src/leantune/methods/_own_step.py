@@ -42,3 +42,21 @@ def check_train_options(cfg, world: int, method: str, ignored: dict[str, Any]) -
         # the field's default passes too: a run's saved config.yaml sets every key, and must resume
         if key in tc.model_fields_set and value not in (neutral, defaults[key].default):
             raise UserError(f"{method} does not use train.{key} (set to {value}); remove it")
+
+
+def trainable_tensors(model) -> list:
+    """Trainable parameters, each once (tied weights are one tensor)."""
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def adamw_bytes(params: list) -> tuple[int, int]:
+    """(gradient bytes, AdamW state bytes) the memory model's backprop reference counts for `params`
+    (two moments the size of each tensor and a 4-byte step; leantune.memory.estimate)."""
+    grads = sum(p.numel() * p.element_size() for p in params)
+    return grads, 2 * grads + 4 * len(params)

@@ -230,5 +230,45 @@ def adalomo_runtime(model, cfg: AdaLomoConfig, ctx: MethodContext) -> AdaLomoRun
     return AdaLomoRuntime(cfg)
 
 
-SPEC = register(MethodSpec("lomo", LomoConfig, apply, runtime=lomo_runtime))
-ADALOMO_SPEC = register(MethodSpec("adalomo", AdaLomoConfig, apply, runtime=adalomo_runtime))
+def plan_for(model, cfg):
+    """For the memory model: a fused backward (one gradient alive at a time: the largest tensor's), no
+    AdamW state; AdaLomo adds its factored fp32 moments. The traced peak includes the float64 square of
+    the clipping's norm pass (on by default, `train.max_grad_norm`); AdaLomo's fp32 update temporaries
+    (g^2, the update u, and fp32 copies of g and theta for a non-fp32 model) are added beyond it."""
+    from leantune.memory.contribution import MemoryContribution
+    from leantune.methods._own_step import adamw_bytes, trainable_tensors
+
+    params = trainable_tensors(model)
+    grads, state = adamw_bytes(params)
+    big = max(params, key=lambda p: p.numel(), default=None)
+    largest = big.numel() * big.element_size() if big is not None else 0
+    numel = big.numel() if big is not None else 0
+    transient = 0  # the SGD update is in place; the norm pass's float64 square is in the traced peak
+    moments = 0
+    if cfg.name == "adalomo":
+        moments = sum(4 * _moment_numel(p.shape) for p in params)
+        copies = 2 if big is not None and big.element_size() != 4 else 0
+        transient = max(0, 4 * numel * (2 + copies) - 16 * numel)  # beyond the norm pass's square
+    return MemoryContribution(
+        gradients=largest - grads,
+        optimizer_state=moments - state,
+        step="fused_backward",
+        transient=transient,
+        note=f"{cfg.name}: each gradient applied and freed inside backward"
+        + ("; factored fp32 second moments" if cfg.name == "adalomo" else "; no optimizer state"),
+    )
+
+
+def _moment_numel(shape) -> int:
+    """AdaLomo's state for one tensor: row and column means for a matrix, the full vector for 1-D."""
+    if len(shape) >= 2:
+        rows = math.prod(shape[:-1])
+        cols = math.prod(shape[:-2]) * shape[-1]
+        return rows + cols
+    return math.prod(shape)
+
+
+SPEC = register(MethodSpec("lomo", LomoConfig, apply, runtime=lomo_runtime, plan_for=plan_for))
+ADALOMO_SPEC = register(
+    MethodSpec("adalomo", AdaLomoConfig, apply, runtime=adalomo_runtime, plan_for=plan_for)
+)

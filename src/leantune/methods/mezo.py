@@ -175,4 +175,23 @@ def runtime(model, cfg: MezoConfig, ctx: MethodContext) -> MezoRuntime:
     return MezoRuntime(cfg, ctx.seed)
 
 
-SPEC = register(MethodSpec("mezo", MezoConfig, apply, runtime=runtime))
+def plan_for(model, cfg: MezoConfig):
+    """For the memory model: no gradient, no optimizer state, no backward (a forward-only step), and the
+    chunks of z on top of the forward pass."""
+    from leantune.memory.contribution import MemoryContribution
+    from leantune.methods._own_step import adamw_bytes, trainable_tensors
+
+    params = trainable_tensors(model)
+    grads, state = adamw_bytes(params)
+    # two chunks: the next z is drawn before the previous one is released
+    chunk = 2 * CHUNK * max((p.element_size() for p in params), default=4)
+    return MemoryContribution(
+        gradients=-grads,
+        optimizer_state=-state,
+        step="forward_only",
+        transient=chunk,
+        note="mezo: two no-grad forward passes; z regenerated in chunks, no gradient or optimizer state",
+    )
+
+
+SPEC = register(MethodSpec("mezo", MezoConfig, apply, runtime=runtime, plan_for=plan_for))

@@ -18,6 +18,8 @@ _AUTO_CLASS = {
     "seq2seq": "AutoModelForSeq2SeqLM",
     "reward": "AutoModelForSequenceClassification",  # one output: the reward (models/reward.py)
 }
+#: prompt_classification: the LM whose head scores the label words (models/prompt_head.py)
+_PROMPT_CLASS = {"causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -188,17 +190,29 @@ def load_model(
         kwargs |= {"num_labels": 1, "problem_type": "regression", "ignore_mismatched_sizes": True}
     elif task == "reward":
         kwargs |= {"num_labels": 1, "ignore_mismatched_sizes": True}
+    auto_class = _AUTO_CLASS.get(task)
+    if task == "prompt_classification":
+        from leantune.models.prompt_head import prompt_kind
+
+        kind = prompt_kind(path)
+        auto_class = _PROMPT_CLASS[kind]
+        kwargs["output_loading_info"] = kind == "masked"
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "LOAD REPORT" on a new head is expected
     transformers.logging.disable_progress_bar()  # a bar for a 1-second load is noise
     try:
-        model = _from_pretrained(getattr(transformers, _AUTO_CLASS[task]), path, **kwargs)
+        model = _from_pretrained(getattr(transformers, auto_class), path, **kwargs)
     except ValueError as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"model '{name}' cannot be used for task '{task}': {first}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
+    if kwargs.get("output_loading_info"):
+        from leantune.models.prompt_head import check_head_loaded
+
+        model, info = model
+        check_head_loaded(model, info, name)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = (
             pad_token_id if pad_token_id is not None else load_tokenizer(name).pad_token_id

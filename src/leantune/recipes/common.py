@@ -59,11 +59,17 @@ def load_trained_model(run_dir: Path, cfg: Config):
 
 
 def _with_task_hooks(model, cfg: Config):
-    """A reward model scores preference pairs (the Bradley-Terry loss hooks of models/reward.py)."""
+    """A reward model scores preference pairs (the Bradley-Terry loss hooks of models/reward.py); a
+    prompt classifier scores its label words (models/prompt_head.py)."""
     if cfg.task == "reward":
         from leantune.models.reward import attach_pair_loss
 
         attach_pair_loss(model)
+    if cfg.task == "prompt_classification":
+        from leantune.models.loader import load_tokenizer
+        from leantune.models.prompt_head import setup_label_words
+
+        setup_label_words(model, load_tokenizer(cfg.model.name), cfg.data, cfg.model.name)
     return model
 
 

@@ -49,7 +49,7 @@ def _check_eval_outputs(cfg, out_json: Path | None, generate: bool) -> bool:
         check_new_file(out_json, "--out")
     if out_json is not None and generate:
         check_new_file(out_json.with_suffix(".predictions.jsonl"), "--out's predictions file")
-    if generate and (cfg.task in HEAD_TASKS or cfg.data.label_column is None):
+    if generate and (cfg.task in (*HEAD_TASKS, "prompt_classification") or cfg.data.label_column is None):
         raise UserError("--generate needs a seq2seq or causal-LM run with a target column")
     return generate
 
@@ -92,8 +92,13 @@ def _score_rows(run_dir: Path, cfg, data_cfg, rows: list, generate: bool) -> tup
     from leantune.models.loader import load_tokenizer
 
     tok = load_tokenizer(str(run_dir / "model"))
+    kind = "causal"
+    if cfg.task == "prompt_classification":
+        from leantune.models.prompt_head import kind_of_model
+
+        kind = kind_of_model(cfg.model.name)
     features = encode(
-        cfg.task, rows, tok, data_cfg, cfg.model.max_length, cfg.data.label_names, data_cfg.source
+        cfg.task, rows, tok, data_cfg, cfg.model.max_length, cfg.data.label_names, data_cfg.source, kind
     )
     model = load_trained_model(run_dir, cfg)
     metrics = evaluate(

@@ -64,13 +64,14 @@ def make_plan(
     if not data["train"]:
         raise UserError(f"the training split of {cfg.data.source} is empty; the planner needs probe batches")
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
+    seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
+    full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
     model = apply_methods(model, methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     train = data["train"]
     importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
     complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)
-    seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
     quant = get_method("quant")
     plan = plan_ranks_for(
         model,
@@ -86,7 +87,61 @@ def make_plan(
         allow_quantize=allow_quantize,
         quantize_with=quant.plan_for(model, quant.config_cls(bits=4)) if allow_quantize else None,
     )
-    return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
+    return {
+        **plan.to_dict(),
+        "seq_len": seq_len,
+        "task_complexity": complexity,
+        "budget": str(method.budget),
+        "full_parameter": full,
+    }
+
+
+#: methods that tune every weight without AdamW's gradients and state, in the order plan proposes them
+#: (best quality per step first: AdaLomo adapts its rate, LOMO is plain SGD, MeZO needs far more steps)
+FULL_PARAMETER_METHODS = ("adalomo", "lomo", "mezo")
+
+
+def full_parameter_options(model, task: str, batch_size: int, seq_len: int, budget: int) -> dict:
+    """Peak memory of one full fine-tuning step with AdamW and with each memory-frugal method (their
+    `plan_for` hooks, memory/full_step.py), on the model with every weight trainable, and which fit."""
+    from leantune.memory.full_step import step_estimate
+    from leantune.methods import get_method
+
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        peaks = {"adamw": step_estimate(model, task, batch_size, seq_len)["total"]}
+        for name in FULL_PARAMETER_METHODS:
+            spec = get_method(name)
+            peaks[name] = step_estimate(
+                model, task, batch_size, seq_len, spec.plan_for(model, spec.config_cls())
+            )["total"]
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    fits = [n for n in FULL_PARAMETER_METHODS if peaks[n] <= budget]
+    return {"peak_bytes": peaks, "adamw_fits": peaks["adamw"] <= budget, "fitting_methods": fits}
+
+
+def full_parameter_line(full: dict, budget: int) -> str:
+    """One line: does AdamW full fine-tuning fit, and if not, which full-parameter method would."""
+    from leantune.memory.planner import fmt_bytes
+
+    peaks = full["peak_bytes"]
+    if full["adamw_fits"]:
+        return f"full fine-tuning: AdamW fits ({fmt_bytes(peaks['adamw'])} of {fmt_bytes(budget)})"
+    others = ", ".join(f"{n} {fmt_bytes(peaks[n])}" for n in FULL_PARAMETER_METHODS)
+    if not full["fitting_methods"]:
+        return (
+            f"full fine-tuning: AdamW needs {fmt_bytes(peaks['adamw'])} > {fmt_bytes(budget)}, and no "
+            f"memory-frugal method fits either ({others}): tune an adapter (the plan below)"
+        )
+    best = full["fitting_methods"][0]
+    return (
+        f"full fine-tuning: AdamW needs {fmt_bytes(peaks['adamw'])} > {fmt_bytes(budget)}; "
+        f"methods: [{best}] tunes every weight within it without AdamW's gradients/state ({others})"
+    )
 
 
 def format_plan(plan: dict) -> str:
@@ -105,6 +160,11 @@ def format_plan(plan: dict) -> str:
         f"{c['label_entropy']:.2f}, probe loss {c['probe_loss']:.3f} = {c['loss_vs_chance']:.2f} of chance)"
         f" -> rank cap {plan['max_rank']}",
         "changed to fit: " + ("; ".join(plan["changes"]) if plan["changes"] else "nothing"),
+        *(
+            [full_parameter_line(plan["full_parameter"], plan["budget_bytes"])]
+            if plan.get("full_parameter")
+            else []
+        ),
         "",
     ]
     width = max(len(layer["name"]) for layer in plan["layers"])

@@ -54,7 +54,7 @@ def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
             f"the training data of {cfg.data.source} names no label at all; multi_label needs label sets "
             "in data.label_column"
         )
-    if cfg.task == "classification" and num_labels < 2:
+    if cfg.task in ("classification", "prompt_classification") and num_labels < 2:
         raise UserError(
             f"the training data of {cfg.data.source} has {num_labels} class(es) "
             f"({cfg.data.label_names}); classification needs at least 2: check data.label_column"
@@ -79,6 +79,7 @@ class Prepared:
     resume_changes: list[str] | None = None  # what --force-resume let change since the checkpoint
     runtimes: list | None = None  # each method's runtime, built and checked before anything is written
     resume_from: Path | None = None  # the checkpoint whose config and data identity prepare checked
+    prompt_head: dict | None = None  # task prompt_classification: kind, template, label words and tokens
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -154,6 +155,11 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     if cfg.task == "reward":
         attach_pair_loss(model)
+    prompt_head = None
+    if cfg.task == "prompt_classification":
+        from leantune.models.prompt_head import setup_label_words
+
+        prompt_head = setup_label_words(model, tok, cfg.data, cfg.model.name)
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     if cfg.data.packing:
@@ -171,6 +177,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     specs = [get_method(m.name) for m in cfg.methods]
     prep = Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
     prep.resume_from = resume_from
+    prep.prompt_head = prompt_head
     prep.runtimes = method_runtimes(prep)
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
@@ -396,6 +403,7 @@ def _build_summary(
         versions=versions(),
         machine=machine(),
         config=cfg.model_dump(mode="json"),
+        prompt_head=prep.prompt_head,
     )
 
 

@@ -24,13 +24,21 @@ def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
     )
 
     raw = load_raw_splits(cfg.data)
-    if cfg.task == "classification" and cfg.data.label_names is None:
+    if cfg.task in ("classification", "prompt_classification") and cfg.data.label_names is None:
         check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
         cfg.data.label_names = raw.label_names or infer_label_names(raw.train, cfg.data.label_column)
     if cfg.task == "multi_label" and cfg.data.label_names is None:
         check_columns(raw.train, cfg.data, ("label_column",), cfg.data.source)
         source = f"{cfg.data.source} [train]"
         cfg.data.label_names = raw.label_names or infer_label_set_names(raw.train, cfg.data, source)
+
+    kind = "causal"
+    if cfg.task == "prompt_classification":
+        from leantune.data.prompts import label_word_ids
+        from leantune.models.prompt_head import kind_of_model
+
+        kind = kind_of_model(cfg.model.name)
+        label_word_ids(tok, cfg.data, list(cfg.data.label_names or []))  # bad words: refused before encoding
 
     def encode_split(rows, split: str) -> list[dict]:
         features = encode(
@@ -41,6 +49,7 @@ def build_features(cfg: Config, tok) -> dict[str, list[dict]]:
             cfg.model.max_length,
             cfg.data.label_names,
             f"{cfg.data.source} [{split}]",
+            kind,
         )
         if cfg.data.packing and split == "train":  # evaluation scores each example alone (same loss)
             from leantune.data.packing import pack

@@ -97,13 +97,14 @@ class RunSummary:
     baseline: dict[str, Any] | None = None  # the HF baseline: what its framework did
     wall_time_s: float | None = None  # set last, just before the summary is written
     warnings: list[str] | None = None  # leantune runs: quality_warnings
+    prompt_head: dict | None = None  # task prompt_classification: models/prompt_head.setup_label_words
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_dir": self.run_dir,
             "task": self.task,
             "methods": self.methods,
-            **_present([("method_reports", self.method_reports)]),
+            **_present([("method_reports", self.method_reports), ("prompt_head", self.prompt_head)]),
             "params": self.params,
             "data": self.data,
             "train": self.train.to_dict(),
