@@ -374,3 +374,39 @@ def test_a_failing_run_is_one_line_and_leaves_no_artefact(capsys, tmp_path, tiny
     assert "run 'lora-r1'" in line and "missing.csv" in line and "log:" in line
     assert not list((tmp_path / "smoke").glob("*.json"))
     assert (tmp_path / "work" / "lora-r1.log").is_file()  # the log named in the message is kept
+
+
+def test_processes_launch_under_torchrun_with_the_threads_split(tmp_path):
+    """`processes: N` starts torchrun with N processes and threads / N torch threads each (at least one);
+    a one-process baseline cannot ask for more."""
+    from leantune.bench.runner import _processes, child_command
+    from leantune.bench.suite import Suite, plan
+
+    suite = Suite.model_validate(
+        {
+            "name": "p",
+            "threads": 2,
+            "runs": [{"id": "one"}, {"id": "two", "processes": 2}, {"id": "four", "processes": 4}],
+        }
+    )
+    one, two, four = plan(suite)
+    assert "train.num_threads=2" in one.overrides and "train.num_threads=1" in two.overrides
+    assert "torch.distributed.run" not in child_command(one, tmp_path)
+    cmd = child_command(four, tmp_path)
+    at = cmd.index("--nproc-per-node")
+    assert (
+        cmd[1:3] == ["-m", "torch.distributed.run"]
+        and cmd[at + 1] == "4"
+        and cmd[at + 2 : at + 5]
+        == [
+            "-m",
+            "leantune",
+            "train",
+        ]
+    )
+    assert _processes(suite, two) == {"count": 2, "threads_each": 1, "oversubscribed": False}
+    assert _processes(suite, four)["oversubscribed"] is True
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="processes must be 1"):
+        Suite.model_validate({"name": "p", "runs": [{"id": "hf", "kind": "hf_baseline", "processes": 2}]})

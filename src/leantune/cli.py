@@ -158,6 +158,19 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "--allow-quantize", action="store_true", help="may plan on a 4-bit NF4 base (the quant method)"
     )
     pl.add_argument("--json", type=Path, help="also write the plan to this JSON file (must not exist)")
+    pl.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="instead: predict the bytes each of N processes holds (train.distributed: ddp replicates, fsdp "
+        "shards)",
+    )
+    pl.add_argument(
+        "--global-batch",
+        type=int,
+        metavar="G",
+        help="with --world-size: rows per optimizer step over all processes (default: train.batch_size each)",
+    )
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -273,7 +286,14 @@ def _run_plan(ns: argparse.Namespace) -> None:
     from leantune.recipes.plan import run_plan
 
     path, overrides = _split_train_args(ns.args)
+    if ns.global_batch is not None and ns.world_size is None:
+        raise UserError("--global-batch only applies with --world-size N")
     cfg = load_config(path, overrides)
+    if ns.world_size is not None:
+        from leantune.recipes.plan import run_rank_plan
+
+        run_rank_plan(cfg, ns.world_size, ns.global_batch, ns.memory_budget, ns.json)
+        return
     run_plan(cfg, ns.memory_budget, ns.allow_recompute, ns.allow_batch_reduce, ns.json, ns.allow_quantize)
 
 

@@ -142,6 +142,59 @@ def _cases() -> list[Case]:
                 files=with_data(),
             )
         )
+    # `leantune plan --world-size N`: refused before anything is loaded
+    world = [
+        ("plan-world-size-0", "`leantune plan --world-size 0`", ("--world-size", "0"), "at least 1"),
+        ("plan-world-size-negative", "`leantune plan --world-size -2`", ("--world-size=-2"), "at least 1"),
+        (
+            "plan-world-size-global-batch-indivisible",
+            "`leantune plan --world-size 3 --global-batch 16` (16 rows do not divide over 3 processes)",
+            ("--world-size", "3", "--global-batch", "16"),
+            "use a multiple of 3",
+        ),
+        (
+            "plan-world-size-global-batch-0",
+            "`leantune plan --world-size 2 --global-batch 0`",
+            ("--world-size", "2", "--global-batch", "0"),
+            "--global-batch must be at least 1",
+        ),
+        (
+            "plan-global-batch-alone",
+            "`leantune plan --global-batch 16` without --world-size",
+            ("--global-batch", "16"),
+            "only applies with --world-size",
+        ),
+        (
+            "plan-world-size-with-budget",
+            "`leantune plan --world-size 2 --memory-budget 1GiB` (two different questions)",
+            ("--world-size", "2", "--memory-budget", "1GiB"),
+            "pass one of them",
+        ),
+        (
+            "plan-world-size-distributed-none",
+            "`leantune plan train.distributed=none --world-size 2`",
+            ("train.distributed=none", "--world-size", "2"),
+            "train.distributed=none runs one process",
+        ),
+        (
+            "plan-world-size-not-a-number",
+            "`leantune plan --world-size two`",
+            ("--world-size", "two"),
+            "invalid int value",
+        ),
+    ]
+    for case_id, what, extra, phrase in world:
+        extra = (extra,) if isinstance(extra, str) else extra
+        out.append(
+            Case(
+                id=case_id,
+                family="budget",
+                what=what,
+                argv=("plan", "@BASE@", *extra),
+                phrase=phrase,
+                files=with_data(),
+            )
+        )
     return out
 
 

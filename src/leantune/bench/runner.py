@@ -24,7 +24,7 @@ from pathlib import Path
 
 from leantune.atomic import copy_atomic, write_json_atomic
 from leantune.bench.artefact import artefact_path, build_artefact, metrics_path, read_artefact
-from leantune.bench.suite import PlannedRun, Suite, load_suite, plan, resolve_suite_path
+from leantune.bench.suite import PlannedRun, Suite, load_suite, plan, resolve_suite_path, threads_per_process
 from leantune.errors import UserError
 from leantune.outputs import check_output_root
 
@@ -33,9 +33,15 @@ _MODULE = {"leantune": ["leantune", "train"], "hf_baseline": ["leantune.bench.hf
 
 
 def child_command(run: PlannedRun, run_dir: Path) -> list[str]:
+    """The run's command line: `python -m leantune train ...`, under torchrun for `processes: N > 1`
+    (`--standalone`: a free rendezvous port, so runs of other suites on the machine do not collide)."""
+    launcher = ["-m"]
+    if run.spec.processes > 1:
+        torchrun = ["torch.distributed.run", "--standalone", "--nproc-per-node", str(run.spec.processes)]
+        launcher = ["-m", *torchrun, "-m"]
     return [
         sys.executable,
-        "-m",
+        *launcher,
         *_MODULE[run.spec.kind],
         *run.overrides,
         f"output.dir={run_dir}",
@@ -113,7 +119,7 @@ def _run_one(
     print(f"{tag} {run.key} ({run.spec.kind}) ...", end=" ", flush=True)
     t0 = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
-        env = child_env(suite.threads, run_env(suite, run))
+        env = child_env(threads_per_process(suite.threads, run.spec.processes), run_env(suite, run))
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
     wall = time.perf_counter() - t0
     summary_path = run_dir / "summary.json"
@@ -142,6 +148,7 @@ def _run_one(
         peak=peak,
         flops=flops_report(summary, peak),
     )
+    artefact["processes"] = _processes(suite, run)
     folder.mkdir(parents=True, exist_ok=True)  # a run takes minutes: the folder may be gone meanwhile
     if (run_dir / "metrics.jsonl").is_file():
         copy_atomic(run_dir / "metrics.jsonl", metrics_path(folder, run.key))
@@ -154,6 +161,14 @@ def _run_one(
     )
     if work is None:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _processes(suite: Suite, run: PlannedRun) -> dict:
+    """How the run was launched: processes, torch threads each, and whether they oversubscribe the
+    suite's threads (more processes than threads: each still gets one)."""
+    n = run.spec.processes
+    each = threads_per_process(suite.threads, n)
+    return {"count": n, "threads_each": each, "oversubscribed": n * each > suite.threads}
 
 
 def _print_plan(suite: Suite, runs: list[PlannedRun], todo: list[PlannedRun], folder: Path) -> None:

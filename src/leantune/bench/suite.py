@@ -13,6 +13,9 @@ threads: 2                                          # torch threads of every run
 env: {MALLOC_MMAP_THRESHOLD_: "131072"}             # optional: environment of every run
 ```
 
+A run may set `processes: N` (leantune runs only): it is launched under torchrun with N processes, each
+with threads / N torch threads (at least one), so a suite compares 1, 2, 4 processes on the same cores.
+
 Why validate everything here, before anything runs: a suite can take many minutes, and a typo in the
 last run's overrides must not cost the first ones. Each run's leantune config is validated too (without
 torch), so `leantune bench SUITE --dry-run` is a real check.
@@ -55,6 +58,18 @@ class RunSpec(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of this run, over the suite's `env`."
     )
+    processes: int = Field(
+        1,
+        gt=0,
+        description="Data-parallel processes (torchrun --standalone --nproc-per-node N); the suite's threads "
+        "are split evenly among them (at least 1 each; more processes than threads oversubscribes).",
+    )
+
+    @model_validator(mode="after")
+    def _one_process_baseline(self) -> RunSpec:
+        if self.kind == "hf_baseline" and self.processes > 1:
+            raise ValueError("kind hf_baseline runs one process; processes must be 1")
+        return self
 
     @field_validator("id")
     @classmethod
@@ -157,7 +172,8 @@ def plan(
     out = []
     for k in range(1, (repeat or suite.repeat) + 1):
         for spec in runs:
-            overrides = (f"train.num_threads={suite.threads}", *suite.common, *spec.overrides, *extra)
+            threads = threads_per_process(suite.threads, spec.processes)
+            overrides = (f"train.num_threads={threads}", *suite.common, *spec.overrides, *extra)
             try:
                 cfg = load_config(None, list(overrides))
             except UserError as exc:
@@ -171,3 +187,8 @@ def plan(
                     raise UserError(f"suite '{suite.name}' run '{spec.id}': {exc}") from None
             out.append(PlannedRun(spec, k, overrides))
     return out
+
+
+def threads_per_process(threads: int, processes: int) -> int:
+    """The suite's threads split evenly over a run's processes, at least one each."""
+    return max(1, threads // processes)

@@ -77,6 +77,27 @@ def current_rss() -> int | None:
     return _status_bytes("VmRSS")
 
 
+def library_rss() -> int | None:
+    """Resident bytes of the shared libraries' mapped files (libtorch's kernels, MKL, ...).
+
+    Why: a kernel's machine code is paged in the first time it runs (libtorch_cpu alone grows by ~20 MiB
+    over a model's first training step on CPU). That is RSS, but not memory the model or its training
+    holds, and it does not grow with the model; a measured per-rank peak takes it out. None where
+    /proc/self/smaps is missing."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    total, library = 0, False
+    for line in text.splitlines():
+        head = line.split(maxsplit=6)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+            library = len(head) == 6 and (head[5].endswith(".so") or ".so." in head[5])
+        elif library and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 def peak_rss_since_reset() -> int | None:
     return _status_bytes("VmHWM")
 
@@ -89,8 +110,10 @@ def reset_peak_rss() -> bool:
 
     The kernel's lifetime peak (getrusage's ru_maxrss) is reset with it, so the peak up to now is kept
     here first: `lifetime_peak_rss` still reports the whole run's peak after any number of resets."""
-    global _PEAK_BEFORE_RESETS
+    global _PEAK_BEFORE_RESETS, _WINDOW_PEAK
     _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, peak_rss_since_reset() or 0)
+    if _WINDOW_PEAK is not None:
+        _WINDOW_PEAK = max(_WINDOW_PEAK, peak_rss_since_reset() or 0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -100,6 +123,26 @@ def reset_peak_rss() -> bool:
 
 def peak_before_resets() -> int:
     return _PEAK_BEFORE_RESETS
+
+
+_WINDOW_PEAK: int | None = None  # the largest VmHWM seen before a reset since start_peak_window
+
+
+def start_peak_window() -> bool:
+    """Reset the peak RSS and open a window whose peak `peak_rss_in_window` reports, across any later
+    resets: the trainer's step meter (memory/measure.py) resets the counter at every step, which alone
+    would hide the peaks of earlier steps and evaluations from a "peak since the model loaded"."""
+    global _WINDOW_PEAK
+    ok = reset_peak_rss()
+    _WINDOW_PEAK = 0 if ok else None
+    return ok
+
+
+def peak_rss_in_window() -> int | None:
+    now = peak_rss_since_reset()
+    if now is None or _WINDOW_PEAK is None:
+        return now
+    return max(_WINDOW_PEAK, now)
 
 
 MMAP_THRESHOLD = 131072  # bytes; the allocator setting the memory model was validated under

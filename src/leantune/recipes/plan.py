@@ -6,6 +6,12 @@ model), on the config's data and model, and writes nothing unless `--json` is gi
 `--allow-quantize` the saving of a 4-bit base is what the `quant` method's `plan_for` hook says.
 Configs without a `dynamic_rank` method are planned with its defaults over the LoRA method's
 targets, so `leantune plan configs/default.yaml --memory-budget 1GiB` works too.
+
+`--world-size N` answers another question: the bytes one of N processes holds when the config (its
+methods as they are) trains data-parallel in `train.distributed`'s mode: DDP replicates weights,
+gradients and optimizer state, FSDP shards them (`leantune.memory.sharding`). `--global-batch G` keeps
+the global batch fixed (each process then takes G / (N x grad_accum) rows per micro-batch); without it
+`train.batch_size` is per process, as in `leantune train`.
 """
 
 from __future__ import annotations
@@ -193,6 +199,108 @@ def run_plan(
         check_new_file(json_out, "--json")
     plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce, allow_quantize)
     print(format_plan(plan))
+    if json_out is not None:
+        from leantune.atomic import write_json_atomic
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_out, plan)
+    return plan
+
+
+def check_world_args(
+    cfg: Config, world: int, global_batch: int | None, budget: str | None
+) -> tuple[str, int]:
+    """(mode, per-process micro-batch) for `plan --world-size`; refuses what no launch could run, before
+    anything is loaded."""
+    if budget is not None:
+        raise UserError(
+            "--world-size predicts per-process memory for the config's own methods, --memory-budget plans "
+            "LoRA ranks for one process: pass one of them"
+        )
+    if world < 1:
+        raise UserError(f"--world-size must be at least 1 (processes), not {world}")
+    mode = cfg.train.distributed
+    if mode == "none" and world > 1:
+        raise UserError(
+            f"train.distributed=none runs one process, but --world-size is {world}; set train.distributed "
+            "to auto, ddp or fsdp, or plan --world-size 1"
+        )
+    mode = ("ddp" if world > 1 else "none") if mode == "auto" else mode
+    accum = cfg.train.grad_accum
+    if global_batch is None:
+        return mode, cfg.train.batch_size
+    if global_batch < 1:
+        raise UserError(f"--global-batch must be at least 1 (rows per optimizer step), not {global_batch}")
+    if global_batch % (world * accum):
+        raise UserError(
+            f"--global-batch {global_batch} does not divide over {world} processes x train.grad_accum "
+            f"{accum}: use a multiple of {world * accum}, or another --world-size"
+        )
+    return mode, global_batch // (world * accum)
+
+
+def make_rank_plan(cfg: Config, world: int, mode: str, batch: int) -> dict:
+    """The memory model per process for the config's methods on `world` processes in `mode`."""
+    from leantune.data.arrow_features import example_lengths
+    from leantune.memory.estimate import estimate_memory
+    from leantune.memory.sharding import rank_memory
+    from leantune.methods import MethodContext, apply_methods
+    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.reward import method_task
+    from leantune.recipes.common import setup_torch
+    from leantune.recipes.train import build_features
+
+    setup_torch(cfg.train.seed, cfg.train.num_threads)
+    tok = load_tokenizer(cfg.model.name)
+    data = build_features(cfg, tok)
+    if not data["train"]:
+        raise UserError(f"the training split of {cfg.data.source} is empty; the plan needs its lengths")
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
+    model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
+    seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
+    est = estimate_memory(model, method_task(cfg.task), batch, seq_len, "adamw")
+    per_rank = rank_memory(model, est, world, mode)
+    return {**per_rank.to_dict(), "one_process": est.totals()}
+
+
+def format_rank_plan(plan: dict) -> str:
+    from leantune.memory.planner import fmt_bytes
+
+    f = fmt_bytes
+    mode = {"none": "one process", "ddp": "DDP (replicated)", "fsdp": "FSDP2 (sharded)"}[plan["mode"]]
+    lines = [
+        f"{plan['world_size']} process(es), {mode}; per process: batch {plan['batch_per_rank']} x "
+        f"{plan['seq_len']} tokens (longest training example)",
+        f"per-process peak {f(plan['total'])} ({plan['total']} bytes), at "
+        + plan["peak_at"].replace("_", " "),
+        f"  weights {f(plan['weights'])}, gradients {f(plan['gradients'])}, optimizer state "
+        f"{f(plan['optimizer_state'])}"
+        + (f", DDP buckets {f(plan['ddp_buckets'])}" if plan["ddp_buckets"] else ""),
+        f"  activations {f(plan['activations'])}, transient {f(plan['transient'])}, optimizer transient "
+        f"{f(plan['optimizer_transient'])}",
+    ]
+    if plan["mode"] == "fsdp":
+        lines.append(
+            f"  gathered whole: root while all-gathered {f(plan['root_gather'])}, root + 2 largest blocks "
+            f"{f(plan['gathered_weights'])}, root gradients + reduce-scatter copy "
+            f"{f(plan['gathered_root_gradients'])}"
+        )
+    lines.append(
+        f"  loading: every process loads the whole model first ({f(plan['load'])}); training peak "
+        f"{f(plan['training'])}"
+        + (f"; the CPU runtime's own {f(plan['runtime'])} on top" if plan["runtime"] else "")
+    )
+    return "\n".join(lines)
+
+
+def run_rank_plan(
+    cfg: Config, world: int, global_batch: int | None, budget: str | None, json_out: Path | None
+) -> dict:
+    mode, batch = check_world_args(cfg, world, global_batch, budget)
+    if json_out is not None:
+        check_new_file(json_out, "--json")
+    plan = make_rank_plan(cfg, world, mode, batch)
+    print(format_rank_plan(plan))
     if json_out is not None:
         from leantune.atomic import write_json_atomic
 

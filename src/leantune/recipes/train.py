@@ -80,6 +80,7 @@ class Prepared:
     runtimes: list | None = None  # each method's runtime, built and checked before anything is written
     resume_from: Path | None = None  # the checkpoint whose config and data identity prepare checked
     prompt_head: dict | None = None  # task prompt_classification: kind, template, label words and tokens
+    rss_before_model: dict | None = None  # this rank's RSS right before the model loaded (peak reset there)
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -151,6 +152,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         changed += [d for d in found if d not in changed]  # config.yaml and checkpoint may both tell
     gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
+    rss_before_model = _rss_mark()
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     if cfg.task == "reward":
@@ -178,6 +180,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     prep = Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
     prep.resume_from = resume_from
     prep.prompt_head = prompt_head
+    prep.rss_before_model = rss_before_model
     prep.runtimes = method_runtimes(prep)
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
@@ -206,6 +209,44 @@ def _name_portable_base(model, model_name: str) -> None:
 
     for adapter in getattr(model, "peft_config", {}).values():
         adapter.base_model_name_or_path = portable_name(model_name)
+
+
+def _rss_mark() -> dict | None:
+    """This process's RSS now, with the kernel's peak counter reset: the peak from here on is what the
+    model, its training and its evaluation took (what `leantune plan --world-size` predicts per rank),
+    without the interpreter, the libraries and the tokenised data below it. None where Linux's
+    counters are missing."""
+    import importlib.util
+
+    import torch.distributed.fsdp  # noqa: F401 - libraries the run imports anyway, imported before the mark
+
+    from leantune.memory.budget import current_rss, start_peak_window
+
+    if importlib.util.find_spec("peft") is not None:
+        import peft  # noqa: F401 - ~185 MB of RSS (it pulls in bitsandbytes): not the model's memory
+
+    from leantune.memory.budget import library_rss
+
+    return {"rss": current_rss(), "libraries": library_rss()} if start_peak_window() else None
+
+
+def _memory_per_rank(prep: Prepared) -> dict:
+    """Every rank's peak RSS since its model started loading, less the shared libraries' code paged in
+    meanwhile (`library_rss`), and the RSS before it (a collective): rank 0's own peak alone says
+    nothing about the others under FSDP/DDP."""
+    from accelerate.utils import gather_object
+
+    from leantune.memory.budget import library_rss, peak_rss_in_window
+
+    peak, base = peak_rss_in_window(), prep.rss_before_model
+    mine = {"rss_before_model": None, "peak_rss_since_model": peak, "library_growth": None}
+    mine["model_peak_bytes"] = None
+    if peak is not None and base is not None and base["rss"] is not None:
+        libraries = (library_rss() or 0) - (base["libraries"] or 0)
+        mine.update(rss_before_model=base["rss"], library_growth=libraries)
+        mine["model_peak_bytes"] = peak - base["rss"] - libraries
+    ranks = gather_object([mine]) if prep.accelerator.num_processes > 1 else [mine]
+    return {f"{key}_per_rank": [r[key] for r in ranks] for key in mine}
 
 
 def _run_identity(cfg: Config, data: dict) -> dict:
@@ -247,17 +288,19 @@ def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> 
     t_start = time.perf_counter()
     prep = prepare(cfg, resume, force_resume)
     from leantune.runfolder import RunFolder
-    from leantune.train.distributed import guard
+    from leantune.train.distributed import guard, main_decides
 
     folder = RunFolder(prep.out)
     try:
         with guard(prep.out / "checkpoints"):  # a lost rank: one line naming it, not a hang
             prep.accelerator.wait_for_everyone()  # every rank checked the output folder before rank 0 writes
-            if prep.accelerator.is_main_process:
+
+            def first_writes() -> None:
                 folder.acquire()  # held until the run ends: a second run on this folder is refused
                 _start_writing(prep, folder, resume)
                 print(start_banner(prep, resume), flush=True)
-            prep.accelerator.wait_for_everyone()
+
+            main_decides(first_writes)  # rank 0 writes; its refusal stops every rank with the same line
             return _train_and_report(prep, resume, t_start)
     finally:
         folder.release()
@@ -396,7 +439,7 @@ def _build_summary(
         test={k: v for k, v in test.items() if k != "confusion_matrix"},
         confusion=_confusion(cfg, test.get("confusion_matrix")),
         mmlu=mmlu,
-        memory=peak_memory(trainer.step_meter),
+        memory={**peak_memory(trainer.step_meter), **_memory_per_rank(prep)},
         world_size=prep.accelerator.num_processes,
         distributed="fsdp" if trainer.fsdp else ("ddp" if prep.accelerator.num_processes > 1 else "none"),
         weights_sha256_per_rank=digests,

@@ -30,12 +30,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
 from leantune.config import Config
-from leantune.errors import UserError
+from leantune.errors import EXIT_USER_ERROR, UserError
 
 HEARTBEAT_S = 1.0  # how often each rank shows it is alive
 PROBE_S = 3.0  # a rank whose heartbeat did not move for this long is reported lost
@@ -231,6 +231,9 @@ def guard(checkpoints=None) -> Iterator[None]:
     try:
         yield
     except UserError:
+        # this rank exits with its own line; torchrun SIGTERMs the ranks still running as soon as the
+        # first one exits, which must not turn this rank's line into a traceback or a -15
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _leave(rank)
         stop_heartbeat()
         raise
@@ -248,6 +251,47 @@ def guard(checkpoints=None) -> Iterator[None]:
         raise RankLost(_lost_message(rank, lost, stopped, exc, checkpoints)) from None
     _leave(rank)  # done: a rank still finishing must not count this one as lost
     stop_heartbeat()
+
+
+def main_decides(act: Callable[[], None]) -> None:
+    """Run `act` on rank 0 only (the run folder's first writes); a UserError it raises is raised on every
+    rank, with the same line and exit code.
+
+    Why: rank 0 alone re-checks the folder under its lock (another run may have taken it meanwhile); if
+    only rank 0 refused, the others would wait at the next collective and end with a lost-rank line (or
+    the process-group timeout) instead of the refusal. The verdict travels as a broadcast of bytes (not
+    `broadcast_object_list`, which pickles); the broadcast is itself the barrier after the writes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        act()
+        return
+    refusal: UserError | None = None
+    if dist.get_rank() == 0:
+        try:
+            act()
+        except UserError as exc:
+            refusal = exc
+    text = str(refusal).encode() if refusal is not None else b""
+    code = getattr(refusal, "exit_code", EXIT_USER_ERROR) if refusal is not None else 0
+    head = torch.tensor([len(text), code], dtype=torch.int64)
+    dist.broadcast(head, src=0)
+    if int(head[0]) == 0:
+        return
+    body = torch.tensor(list(text), dtype=torch.uint8) if refusal is not None else None
+    body = body if body is not None else torch.empty(int(head[0]), dtype=torch.uint8)
+    dist.broadcast(body, src=0)
+    if refusal is not None:
+        raise refusal
+    raise _refusal(bytes(body.tolist()).decode(), int(head[1]))
+
+
+def _refusal(message: str, exit_code: int) -> UserError:
+    exc = UserError(message)
+    exc.exit_code = exit_code  # what rank 0 exits with (2 for bad input)
+    return exc
 
 
 def _ranks(ranks: list[int]) -> str:
