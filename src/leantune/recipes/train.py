@@ -135,6 +135,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     distributed.check_world(len(data["train"]), acc.num_processes)
+    _check_optimization(cfg, data["train"], acc, mode == "fsdp")  # before the model loads
     identity = _run_identity(cfg, data)
     if resume:
         from leantune.recipes.resume import check_resume_identity
@@ -169,6 +170,15 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     if mode == "fsdp":
         distributed.refuse_fsdp_runtimes(prep.runtimes)
     return prep
+
+
+def _check_optimization(cfg: Config, train_data: list[dict], acc, fsdp: bool) -> None:
+    """The optimizer and schedule this run names, checked against the machine and the run's length."""
+    from leantune.train.loop import check_schedule
+    from leantune.train.optim import check_optimizer
+
+    check_optimizer(cfg.train, acc.device.type == "cuda", fsdp)
+    check_schedule(cfg, train_data, acc.process_index, acc.num_processes)
 
 
 def method_runtimes(prep: Prepared) -> list:
