@@ -242,10 +242,44 @@ class EvalConfig(Strict):
     )
 
 
+#: output.report_to: accelerate's trackers leantune sets up (train/logging.py), each with its package
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
 class OutputConfig(Strict):
     dir: str = "runs/default"
     overwrite: bool = Field(False, description="Replace an existing run directory.")
-    tensorboard: bool = True
+    report_to: list[str] = Field(
+        ["tensorboard"],
+        description="Experiment trackers (through accelerate), one or a list: tensorboard, wandb, mlflow, "
+        "trackio, or none; their files go to the run folder's trackers/ (docs/usage.md).",
+    )
+    tensorboard: bool = Field(True, description="false leaves tensorboard out of report_to (older configs).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        """`wandb` or `[tensorboard, wandb]`; `none` alone means no tracker."""
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return value  # pydantic names the type error
+        if "none" in names:
+            if len(names) > 1:
+                raise ValueError("'none' cannot be combined with trackers; write none or a list of trackers")
+            return []
+        for name in names:
+            if name not in TRACKERS:
+                hint = difflib.get_close_matches(name, [*TRACKERS, "none"], n=1)
+                fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(TRACKERS)} or none"
+                raise ValueError(f"unknown tracker '{name}'; {fix}")
+        if len(set(names)) < len(names):
+            raise ValueError("a tracker is listed twice; list each once")
+        return names
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run logs to (report_to, without tensorboard when output.tensorboard=false)."""
+        return [t for t in self.report_to if t != "tensorboard" or self.tensorboard]
 
 
 def describe_validation_error(

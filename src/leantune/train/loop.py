@@ -130,7 +130,7 @@ class Trainer:
         self.state = TrainState()
         verbose = accelerator.is_main_process
         self.prefix_cache = PrefixCache(self.module, verbose) if tc.cache_frozen_prefix else None
-        self.log = RunLogger(run_dir, accelerator.is_main_process, cfg.output.tensorboard)
+        self.log = RunLogger(run_dir, accelerator.is_main_process, accelerator, cfg.output.trackers)
         self._running = torch.zeros((), device=accelerator.device)  # no host sync per step
         self._running_n = 0
 
@@ -349,6 +349,7 @@ class Trainer:
 
     def fit(self) -> TrainState:
         st = self.state
+        self.log.start(st.step, self.cfg.model_dump(mode="json"))  # after a resume: purges later events
         self.model.train()
         for rt in self.runtimes:
             rt.on_train_start(self)
