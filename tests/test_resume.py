@@ -415,7 +415,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 def test_log_truncation_drops_lines_after_the_checkpoint(tmp_path):
     from leantune.train.logging import RunLogger
 
-    log = RunLogger(tmp_path, enabled=True, tensorboard=False)
+    log = RunLogger(tmp_path, enabled=True)
     for step in (3, 6, 7, 9, 12):
         log.log({"step": step, "loss": 1.0 / step})
     log.log({"step": 7, "split": "validation", "accuracy": 0.5})
@@ -425,5 +425,5 @@ def test_log_truncation_drops_lines_after_the_checkpoint(tmp_path):
     log.log({"step": 12, "loss": 0.5})
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 7, 9, 7, 12]
-    RunLogger(tmp_path, enabled=False, tensorboard=False).truncate_after(0)  # other ranks never touch it
+    RunLogger(tmp_path, enabled=False).truncate_after(0)  # other ranks never touch it
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6

@@ -149,7 +149,7 @@ def test_tensorboard_events_hold_the_logged_losses(base_overrides, tmp_path):
     run_train(
         load_config(None, [*base_overrides, "methods=[full]", "train.log_every=4", "output.tensorboard=true"])
     )
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "trackers" / "leantune"))
     events.Reload()
     tb_losses = [e.value for e in events.Scalars("train/loss")]
     assert tb_losses == pytest.approx(_logged_losses(tmp_path / "run"), rel=1e-6)

@@ -42,7 +42,8 @@ OWN_NAMES = frozenset(
         "checkpoints",
         "model",
         "predictions.jsonl",
-        "tensorboard",
+        "tensorboard",  # runs before output.report_to wrote their events here
+        "trackers",  # output.report_to: every tracker's files (train/logging.py)
         "best.safetensors",
         "best-checkpointed.safetensors",
         "rank_history.png",

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from leantune.errors import UserError
@@ -45,6 +46,20 @@ GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match
 #: scored on generated answers when the references are a small set of labels (eval/generation.py)
 ANSWER_METRICS = ("accuracy", "f1", "precision", "recall")
 
+
+#: train.optimizer: each the library's own implementation (train/optim.py)
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "adafactor", "sgd"]
+#: train.lr_scheduler: names of transformers.get_scheduler
+Scheduler = Literal["linear", "cosine", "constant_with_warmup", "cosine_with_restarts"]
+#: the optimizer each optimizer-specific key belongs to (a key set for another optimizer is refused)
+OPTIMIZER_KEYS = {
+    "adam_beta1": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
+    "adam_beta2": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
+    "adam_epsilon": ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
+    "adamw_impl": ("adamw",),
+    "momentum": ("sgd",),
+    "nesterov": ("sgd",),
+}
 
 #: seeds go to torch, numpy and random (accelerate's set_seed): 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
@@ -151,8 +166,29 @@ class TrainConfig(Strict):
     )
     lr: float = Field(5e-4, gt=0, le=1, description="Learning rate (at most 1).")
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Optimizer = Field(
+        "adamw",
+        description="adamw (torch), adamw_8bit / paged_adamw / paged_adamw_8bit (bitsandbytes; paged only "
+        "on CUDA), adafactor (transformers, with the schedule's lr), sgd (torch; momentum, nesterov).",
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW family: first-moment decay.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW family: second-moment decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW family: denominator epsilon.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum factor.")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+    lr_scheduler: Scheduler = Field(
+        "linear",
+        description="transformers.get_scheduler: linear, cosine, constant_with_warmup or "
+        "cosine_with_restarts, each after warmup.",
+    )
+    lr_cycles: int = Field(1, gt=0, description="cosine_with_restarts: number of hard restarts.")
+    warmup_ratio: float = Field(0.06, ge=0, le=1, description="Warmup as a fraction of the optimizer steps.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup optimizer steps; when set it wins over warmup_ratio."
+    )
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this; null: no clipping."
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     nan_policy: Literal["stop", "skip"] = Field(
@@ -162,7 +198,9 @@ class TrainConfig(Strict):
     )
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
     adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
-        "auto", description="torch AdamW kernel (same arithmetic); a speed lever measured in speed-levers-2."
+        "auto",
+        description="optimizer adamw: torch's kernel (same arithmetic; auto = torch's choice, fused = one "
+        "kernel where the device has it); a speed lever measured in speed-levers-2.",
     )
     compile_blocks: bool = Field(
         False,
@@ -194,6 +232,33 @@ class TrainConfig(Strict):
         "example's first pass and skip that prefix later; dropout in it is off (train/prefix_cache.py).",
     )
 
+    @model_validator(mode="after")
+    def _optimizer_checks(self) -> TrainConfig:
+        """Keys of another optimizer or schedule, set to a value that would be ignored, are refused: a
+        run's saved config.yaml holds every key at its default, and must still load."""
+        for key, owners in OPTIMIZER_KEYS.items():
+            if self.optimizer not in owners and self._changed(key):
+                raise ValueError(
+                    f"train.{key} applies to optimizer {' / '.join(owners)}, not {self.optimizer}; "
+                    f"remove it or set train.optimizer={owners[0]}"
+                )
+        if self.lr_scheduler != "cosine_with_restarts" and self._changed("lr_cycles"):
+            raise ValueError(
+                "train.lr_cycles applies to lr_scheduler cosine_with_restarts; remove it or set "
+                "train.lr_scheduler=cosine_with_restarts"
+            )
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("train.nesterov needs train.momentum > 0 (e.g. 0.9)")
+        if self.max_steps is not None and (self.warmup_steps or 0) > self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}: the run "
+                "would end before the learning rate reaches train.lr; lower warmup_steps"
+            )
+        return self
+
+    def _changed(self, key: str) -> bool:
+        return key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default
+
 
 class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0)
@@ -223,10 +288,44 @@ class EvalConfig(Strict):
     )
 
 
+#: output.report_to: accelerate's trackers leantune sets up (train/logging.py), each with its package
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
 class OutputConfig(Strict):
     dir: str = "runs/default"
     overwrite: bool = Field(False, description="Replace an existing run directory.")
-    tensorboard: bool = True
+    report_to: list[str] = Field(
+        ["tensorboard"],
+        description="Experiment trackers (through accelerate), one or a list: tensorboard, wandb, mlflow, "
+        "trackio, or none; their files go to the run folder's trackers/ (docs/usage.md).",
+    )
+    tensorboard: bool = Field(True, description="false leaves tensorboard out of report_to (older configs).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        """`wandb` or `[tensorboard, wandb]`; `none` alone means no tracker."""
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return value  # pydantic names the type error
+        if "none" in names:
+            if len(names) > 1:
+                raise ValueError("'none' cannot be combined with trackers; write none or a list of trackers")
+            return []
+        for name in names:
+            if name not in TRACKERS:
+                hint = difflib.get_close_matches(name, [*TRACKERS, "none"], n=1)
+                fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(TRACKERS)} or none"
+                raise ValueError(f"unknown tracker '{name}'; {fix}")
+        if len(set(names)) < len(names):
+            raise ValueError("a tracker is listed twice; list each once")
+        return names
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run logs to (report_to, without tensorboard when output.tensorboard=false)."""
+        return [t for t in self.report_to if t != "tensorboard" or self.tensorboard]
 
 
 def describe_validation_error(
@@ -251,6 +350,8 @@ def describe_validation_error(
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(valid)}"
         return f"unknown {noun} '{key}': {fix}"
+    if err["type"] == "value_error" and msg.startswith(f"{key}."):  # a section's check names its keys
+        return msg
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
     return f"{noun} '{key}': {msg[0].lower()}{msg[1:]}{shown}"

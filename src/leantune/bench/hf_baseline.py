@@ -206,10 +206,23 @@ def _timing_callback(clock: dict[str, float], log_lines: list[dict]):
     return Log()
 
 
+#: transformers.Trainer's `optim` for each train.optimizer (adamw: plain torch AdamW, as leantune's default)
+HF_OPTIM = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw": "paged_adamw_32bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+}
+
+
 def _training_args(cfg, out: Path, steps: int):
     """TrainingArguments equal to leantune's train section (see the module docstring for what differs)."""
     import torch
     from transformers import TrainingArguments
+
+    from leantune.train.optim import warmup_steps
 
     tc = cfg.train
     return TrainingArguments(
@@ -222,10 +235,15 @@ def _training_args(cfg, out: Path, steps: int):
         max_steps=tc.max_steps or -1,
         learning_rate=tc.lr,
         weight_decay=tc.weight_decay,
-        warmup_steps=round(tc.warmup_ratio * steps),  # an int: a float in [0, 1) would mean a ratio
-        lr_scheduler_type="linear",
+        warmup_steps=warmup_steps(tc, steps),  # an int: a float in [0, 1) would mean a ratio
+        lr_scheduler_type=tc.lr_scheduler,
+        lr_scheduler_kwargs={"num_cycles": tc.lr_cycles} if tc.lr_scheduler == "cosine_with_restarts" else {},
         max_grad_norm=tc.max_grad_norm if tc.max_grad_norm is not None else 0.0,
-        optim="adamw_torch",
+        optim=HF_OPTIM[tc.optimizer],
+        optim_args=f"momentum={tc.momentum},nesterov={tc.nesterov}" if tc.optimizer == "sgd" else None,
+        adam_beta1=tc.adam_beta1,
+        adam_beta2=tc.adam_beta2,
+        adam_epsilon=tc.adam_epsilon,
         seed=tc.seed,
         bf16=tc.mixed_precision == "bf16",
         fp16=tc.mixed_precision == "fp16",

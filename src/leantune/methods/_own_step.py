@@ -9,6 +9,15 @@ from leantune.errors import UserError
 
 # Methods that bring their own optimisation step: at most one of them per run.
 OWN_STEP = ("mezo", "lomo", "adalomo", "grad_approx")
+# The trainer's optimizer options (train.optimizer and its keys), at their neutral values: a method that
+# applies its update itself ignores them, so it refuses them when set (see `check_train_options`).
+OPTIMIZER_OPTIONS: dict[str, Any] = {
+    "optimizer": "adamw",
+    "adamw_impl": "auto",
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+}
 
 
 def refuse_other_steps(method: str, methods: tuple[str, ...]) -> None:

@@ -295,6 +295,15 @@ class DynamicRankRuntime(MethodRuntime):
         trainer.log.log(event)
 
     # -- hooks -----------------------------------------------------------------------------------------
+    def check_run(self, cfg, world: int) -> None:
+        """Its budget counts AdamW's two fp32 moments, and a rank change carries AdamW's moments into the
+        new factors (`_adam_carry`): another optimizer's state would be dropped or mis-read."""
+        if cfg.train.optimizer != "adamw":
+            raise UserError(
+                f"dynamic_rank plans its memory for and carries the moments of train.optimizer=adamw, not "
+                f"{cfg.train.optimizer}; set train.optimizer=adamw"
+            )
+
     def on_train_start(self, trainer) -> None:
         from leantune.memory.estimate import gradient_checkpointing
 

@@ -30,8 +30,9 @@ AdaLomo's moments in name-keyed dicts outside any state_dict (no exact resume) a
 DeepSpeed integration. The update rules here follow its `fuse_update` arithmetic.
 
 Refused (one line): `train.grad_accum > 1` (gradients are consumed per micro-batch, nothing accumulates),
-an explicit `train.adamw_impl` (no AdamW runs), fp16 (loss scaling), more than one process (the hooks
-would update before DDP's all-reduce), and a second method with its own step.
+an explicit `train.optimizer`, `adamw_impl` or Adam beta/epsilon (no AdamW runs), fp16 (loss scaling),
+more than one process (the hooks would update before DDP's all-reduce), and a second method with its
+own step.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from leantune.errors import UserError
-from leantune.methods._own_step import check_train_options, refuse_other_steps
+from leantune.methods._own_step import OPTIMIZER_OPTIONS, check_train_options, refuse_other_steps
 from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -90,7 +91,7 @@ class LomoRuntime(MethodRuntime):
     # -- hooks around the trainer's steps ----------------------------------------------------------
     def check_run(self, cfg, world: int) -> None:
         name, tc = self.cfg.name, cfg.train
-        check_train_options(cfg, world, name, {"adamw_impl": "auto"})
+        check_train_options(cfg, world, name, OPTIMIZER_OPTIONS)
         if tc.grad_accum > 1:
             raise UserError(
                 f"{name} applies each gradient inside backward, so train.grad_accum={tc.grad_accum} cannot "

@@ -29,8 +29,8 @@ Dropout would give L+ and L- different masks, which swamps the difference eps ma
 passes run with the model in eval mode (as the MeZO reference code's `zo_forward` does), so dropout of any
 kind (nn.Dropout, attention dropout, LoRA dropout) is off for mezo; the report counts the dropout modules
 this silences. Single process only (the projected gradients are not all-reduced); fp16 (loss scaling) is
-refused; `train.max_grad_norm` and `train.adamw_impl` set explicitly are refused because nothing here
-uses them.
+refused; `train.max_grad_norm` and the optimizer options (`train.optimizer`, `adamw_impl`, the Adam
+betas and epsilon) set explicitly are refused because nothing here uses them.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from leantune.methods._own_step import check_train_options, refuse_other_steps
+from leantune.methods._own_step import OPTIMIZER_OPTIONS, check_train_options, refuse_other_steps
 from leantune.methods.registry import MethodConfig, MethodContext, MethodRuntime, MethodSpec, register
 
 CHUNK = 1 << 18  # elements of z generated at a time (1 MiB in fp32): the only transient buffer
@@ -97,7 +97,7 @@ class MezoRuntime(MethodRuntime):
         self.abs_projected_sum = 0.0
 
     def check_run(self, cfg, world: int) -> None:
-        check_train_options(cfg, world, "mezo", {"max_grad_norm": None, "adamw_impl": "auto"})
+        check_train_options(cfg, world, "mezo", {"max_grad_norm": None, **OPTIMIZER_OPTIONS})
 
     def on_train_start(self, trainer) -> None:
         import torch

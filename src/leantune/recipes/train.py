@@ -124,11 +124,17 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     mode = distributed.resolve_mode(cfg)  # refuses an impossible launch on every rank, before anything
     _absolute_local_paths(cfg)
     out, changed = _check_output(cfg, resume, force_resume)
+    from leantune.train.logging import check_trackers
+
+    check_trackers(cfg.output.trackers)  # a missing tracker package: one line, before any model loads
     setup_torch(cfg.train.seed, cfg.train.num_threads)
 
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    from leantune.train.logging import TRACKERS_DIR
 
     if mode != "single":
         distributed.init_process_group(cfg)  # our backend and timeout; accelerate adopts the group
@@ -139,10 +145,16 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     # accelerate keeps one process-wide state; a second run in the same process (tests, benchmarks) with
     # another precision must start from a clean one. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=cfg.output.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / TRACKERS_DIR)),
+    )
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     distributed.check_world(len(data["train"]), acc.num_processes)
+    _check_optimization(cfg, data["train"], acc, mode == "fsdp")  # before the model loads
     identity = _run_identity(cfg, data)
     resume_from: Path | None = None
     if resume:
@@ -187,6 +199,15 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     if mode == "fsdp":
         distributed.refuse_fsdp_runtimes(prep.runtimes)
     return prep
+
+
+def _check_optimization(cfg: Config, train_data: list[dict], acc, fsdp: bool) -> None:
+    """The optimizer and schedule this run names, checked against the machine and the run's length."""
+    from leantune.train.loop import check_schedule
+    from leantune.train.optim import check_optimizer
+
+    check_optimizer(cfg.train, acc.device.type == "cuda", fsdp)
+    check_schedule(cfg, train_data, acc.process_index, acc.num_processes)
 
 
 def method_runtimes(prep: Prepared) -> list:
@@ -337,6 +358,7 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     export_state = trainer.export_state_dict()  # FSDP: whole tensors on rank 0 (every rank takes part)
     if acc.is_main_process:
         _write_results(prep, trainer, summary, predictions, t_start, export_state)
+    trainer.log.final(state.step, summary.to_dict())
     trainer.log.close()
     acc.wait_for_everyone()
     return summary.to_dict()

@@ -60,12 +60,24 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch's optimizer state dict as safetensors tensors + JSON. A slot may hold a dict of tensors one
+    level deep (bitsandbytes keeps its quantisation maps in `__bnb_optimizer_quant_state__`): its tensors
+    are stored as `<idx>.<slot>/<key>`."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"param_groups": state["param_groups"], "state": {}}
     for idx, slots in state["state"].items():
         meta["state"][str(idx)] = {}
         for key, value in slots.items():
-            if torch.is_tensor(value):
+            if isinstance(value, dict):
+                inner = {}
+                for sub, item in value.items():
+                    if torch.is_tensor(item):
+                        tensors[f"{idx}.{key}/{sub}"] = item
+                        inner[sub] = "__tensor__"
+                    else:
+                        inner[sub] = item
+                meta["state"][str(idx)][key] = {"__dict__": inner}
+            elif torch.is_tensor(value):
                 tensors[f"{idx}.{key}"] = value
                 meta["state"][str(idx)][key] = "__tensor__"
             else:
@@ -73,9 +85,30 @@ def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with its own memory: safetensors refuses tensors that share it, and
+    bitsandbytes hands every parameter's state the same quantisation map (loaded back as copies)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.contiguous().cpu()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def _join_slot(tensors: dict[str, torch.Tensor], name: str, value):
+    if value == "__tensor__":
+        return tensors[name]
+    if isinstance(value, dict) and "__dict__" in value:
+        return {k: _join_slot(tensors, f"{name}/{k}", v) for k, v in value["__dict__"].items()}
+    return value
+
+
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state = {
-        int(idx): {k: tensors[f"{idx}.{k}"] if v == "__tensor__" else v for k, v in slots.items()}
+        int(idx): {k: _join_slot(tensors, f"{idx}.{k}", v) for k, v in slots.items()}
         for idx, slots in meta["state"].items()
     }
     return {"state": state, "param_groups": meta["param_groups"]}
@@ -165,7 +198,7 @@ def _write_checkpoint_files(
     trainable = {k: v.contiguous() for k, v in trainable_state(model).items()}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+    save_file(_unshared(opt_tensors), str(tmp / "optimizer.safetensors"))
     _write_run_state(tmp, opt_meta, trainer_state, torch_rng, method_tensors, save_model)
 
 

@@ -42,14 +42,30 @@ from leantune.train import distributed as dist_mode
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
 from leantune.train.optim import (
-    build_optimizer,
     compile_blocks,
     decay_split,
-    linear_schedule,
+    make_optimizer,
+    make_scheduler,
     unwrap_optimizer,
 )
 from leantune.train.prefix_cache import PrefixCache
 from leantune.train.step import backprop_step
+
+
+def planned_steps(tc, batches_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: every epoch's, capped by train.max_steps."""
+    total = tc.epochs * math.ceil(batches_per_epoch / tc.grad_accum)
+    return min(total, tc.max_steps) if tc.max_steps else total
+
+
+def check_schedule(cfg: Config, train_data: list[dict], rank: int, world: int) -> None:
+    """Refuse a warmup longer than the run, before anything is written (the steps need the data)."""
+    from leantune.train.optim import warmup_steps
+
+    tc = cfg.train
+    lengths = example_lengths(train_data)
+    batches = epoch_batches(lengths, tc.batch_size, tc.seed, 0, rank, world, tc.group_by_length)
+    warmup_steps(tc, planned_steps(tc, len(batches)))
 
 
 @dataclass
@@ -105,22 +121,20 @@ class Trainer:
         else:
             self.model = accelerator.prepare(model)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        raw_opt = build_optimizer(self.module, tc.lr, tc.weight_decay, tc.adamw_impl)
+        raw_opt = make_optimizer(self.module, tc)
         if tc.compile_blocks:
             compile_blocks(self.module)
         self.optimizer = accelerator.prepare(raw_opt)
         self.lengths = example_lengths(train_data)  # tokens per training example, for the sampler
         self.batches_per_epoch = len(self._epoch_batches(0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / tc.grad_accum)
-        self.total_steps = tc.epochs * self.steps_per_epoch
-        if tc.max_steps:
-            self.total_steps = min(self.total_steps, tc.max_steps)
-        self.scheduler = linear_schedule(raw_opt, round(tc.warmup_ratio * self.total_steps), self.total_steps)
+        self.total_steps = planned_steps(tc, self.batches_per_epoch)
+        self.scheduler = make_scheduler(raw_opt, tc, self.total_steps)
         self.state = TrainState()
         self._checkpointed_best: int | None = None  # best_step of the newest published checkpoint
         verbose = accelerator.is_main_process
         self.prefix_cache = PrefixCache(self.module, verbose) if tc.cache_frozen_prefix else None
-        self.log = RunLogger(run_dir, accelerator.is_main_process, cfg.output.tensorboard)
+        self.log = RunLogger(run_dir, accelerator.is_main_process, accelerator, cfg.output.trackers)
         self._running = torch.zeros((), device=accelerator.device)  # no host sync per step
         self._running_n = 0
 
@@ -360,6 +374,7 @@ class Trainer:
 
     def fit(self) -> TrainState:
         st = self.state
+        self.log.start(st.step, self.cfg.model_dump(mode="json"))  # after a resume: purges later events
         self.model.train()
         for rt in self.runtimes:
             rt.on_train_start(self)

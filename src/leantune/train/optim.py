@@ -1,8 +1,23 @@
-"""AdamW with the usual no-decay groups (biases and norms), and linear warmup then linear decay."""
+"""The optimizer and learning-rate schedule named in `train`, each the library's own implementation:
+torch's AdamW (for_loop / foreach / fused kernels) and SGD, bitsandbytes' 8-bit and paged AdamW,
+transformers' Adafactor, and transformers.get_scheduler's schedules, all with the usual no-decay groups
+(biases and norms). Nothing here re-implements an update rule.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from leantune.errors import UserError
+
+#: optimizers that need bitsandbytes, and its class for each
+BNB_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw": "PagedAdamW",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+}
+#: optimizers whose state FSDP2 sharded checkpoints can hold (per-parameter tensors shaped like it)
+FSDP_OPTIMIZERS = ("adamw", "sgd")
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_")
 
@@ -24,26 +39,105 @@ def decay_split(model: torch.nn.Module) -> tuple[list, list]:
 
 
 def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, impl: str = "auto"
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    impl: str = "auto",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """`impl` picks torch's AdamW kernel: "auto" (torch's choice: foreach on multi-tensor devices),
+    """torch's AdamW. `impl` picks its kernel: "auto" (torch's choice: foreach on multi-tensor devices),
     "for_loop" (one parameter at a time), "foreach" (batched per group) or "fused" (one kernel; CPU since
     torch 2.4). The arithmetic is the same; benchmarks/suites/speed-levers-2.yaml measures the speed."""
-    decay, no_decay = decay_split(model)
-    if not decay and not no_decay:
-        raise ValueError("no trainable parameters")
-    groups = [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
+    groups = param_groups(model, weight_decay)
     kernel = {
         "auto": {},
         "for_loop": {"foreach": False},
         "foreach": {"foreach": True},
         "fused": {"fused": True},
     }
-    return torch.optim.AdamW(groups, lr=lr, **kernel[impl])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernel[impl])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decayed and not-decayed groups, in that order, leaving out an empty one."""
+    decay, no_decay = decay_split(model)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters")
+    both = ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+    return [g for g in both if g["params"]]
+
+
+def check_optimizer(tc, cuda: bool, fsdp: bool) -> None:
+    """Refuse, before anything is written, an optimizer this machine or launch cannot run as named:
+    bitsandbytes missing, a paged optimizer without CUDA (bitsandbytes then silently runs it unpaged),
+    or a non-torch optimizer under FSDP (its state is not shaped like the sharded parameters)."""
+    name = tc.optimizer
+    if name in BNB_OPTIMIZERS:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(
+                f"train.optimizer={name} needs bitsandbytes, which is not installed: "
+                "pip install 'leantune[quant]' (or pip install bitsandbytes)"
+            )
+        if name.startswith("paged") and not cuda:
+            raise UserError(
+                f"train.optimizer={name} pages optimizer state between GPU and host memory, and this "
+                "machine has no CUDA GPU (bitsandbytes would run it unpaged); use adamw_8bit or adamw"
+            )
+    if fsdp and name not in FSDP_OPTIMIZERS:
+        raise UserError(
+            f"train.optimizer={name} cannot be sharded by train.distributed=fsdp here; use "
+            f"{' or '.join(FSDP_OPTIMIZERS)}, or train.distributed=ddp"
+        )
+
+
+def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    """The optimizer `tc.optimizer` names, over the trainable parameters of `model`."""
+    groups = param_groups(model, tc.weight_decay)
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    if tc.optimizer == "adamw":
+        return build_optimizer(model, tc.lr, tc.weight_decay, tc.adamw_impl, betas, tc.adam_epsilon)
+    if tc.optimizer in BNB_OPTIMIZERS:
+        import bitsandbytes as bnb
+
+        cls = getattr(bnb.optim, BNB_OPTIMIZERS[tc.optimizer])
+        return cls(groups, lr=tc.lr, betas=betas, eps=tc.adam_epsilon)
+    if tc.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # the schedule drives the rate (as transformers.Trainer's `optim=adafactor`): no relative step
+        return Adafactor(groups, lr=tc.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov)
+    raise ValueError(f"unknown optimizer {tc.optimizer!r}")  # the config's Literal keeps this unreachable
+
+
+def warmup_steps(tc, total: int) -> int:
+    """Warmup steps of a run of `total` optimizer steps: train.warmup_steps, else the ratio's share."""
+    if tc.warmup_steps is None:
+        return round(tc.warmup_ratio * total)
+    if tc.warmup_steps > total:
+        raise UserError(
+            f"train.warmup_steps={tc.warmup_steps} exceeds the {total} optimizer steps of this run: the "
+            "learning rate would never reach train.lr; lower warmup_steps (or use warmup_ratio)"
+        )
+    return tc.warmup_steps
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tc, total: int):
+    """transformers.get_scheduler's schedule `tc.lr_scheduler` (the names transformers.Trainer takes)."""
+    from transformers import get_scheduler
+
+    extra = {"num_cycles": tc.lr_cycles} if tc.lr_scheduler == "cosine_with_restarts" else {}
+    return get_scheduler(
+        tc.lr_scheduler,
+        optimizer,
+        num_warmup_steps=warmup_steps(tc, total),
+        num_training_steps=total,
+        scheduler_specific_kwargs=extra,
+    )
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
