@@ -40,15 +40,33 @@ def _has_checkpoint(run: Path) -> bool:
     return latest_checkpoint(run / "checkpoints") is not None
 
 
-def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    if positions and cfg.model.max_length > positions:
+def check_positions(cfg: Config, positions: int | None) -> None:
+    """The longest input (model.max_length) plus what methods put before it (soft prompts, prefixes)
+    must fit the model's positions: otherwise the first long batch would fail mid-run."""
+    if not positions:
+        return
+    added = [(i, m) for i, m in enumerate(cfg.methods) if m.added_positions()]
+    total = cfg.model.max_length + sum(m.added_positions() for _, m in added)
+    if total <= positions:
+        return
+    if not added:
         raise UserError(
             f"model.max_length={cfg.model.max_length} exceeds the {positions} positions of "
             f"{cfg.model.name}; set model.max_length <= {positions}"
         )
+    i, first = added[0]
+    extra = total - cfg.model.max_length
+    room = f"set model.max_length <= {positions - extra} or " if positions > extra else ""
+    raise UserError(
+        f"model.max_length={cfg.model.max_length} + {extra} virtual tokens (methods.{i} {first.name}) "
+        f"= {total} exceeds the {positions} positions of {cfg.model.name}; {room}use fewer virtual tokens"
+    )
+
+
+def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
+    from leantune.models.loader import positions_of
+
+    check_positions(cfg, positions_of(model.config))  # a hub model: its positions are known only now
     if cfg.task == "classification" and num_labels < 2:
         raise UserError(
             f"the training data of {cfg.data.source} has {num_labels} class(es) "
@@ -126,12 +144,13 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         distributed.init_process_group(cfg)  # our backend and timeout; accelerate adopts the group
 
     from leantune.methods import MethodContext, apply_methods, get_method
-    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.loader import declared_positions, load_model, load_tokenizer
 
     # accelerate keeps one process-wide state; a second run in the same process (tests, benchmarks) with
     # another precision must start from a clean one. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    check_positions(cfg, declared_positions(cfg.model.name))  # before the tokenizer, data and model load
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     distributed.check_world(len(data["train"]), acc.num_processes)
