@@ -368,6 +368,8 @@ def _build_summary(
         resume_forced_changes=prep.resume_changes or None,
         train_time_s=state.train_time_s,
         epoch_train_time_s=state.epoch_train_time_s,
+        train_cpu_time_s=state.train_cpu_time_s,
+        gpu_utilisation_pct=state.gpu_util_sum / state.gpu_util_n if state.gpu_util_n else None,
         eval_time_s=state.eval_time_s,
         samples_per_s=per_second(state.samples, state.train_time_s),
         tokens_per_s=per_second(state.tokens, state.train_time_s),
