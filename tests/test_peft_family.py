@@ -126,6 +126,38 @@ def test_refusals_are_one_line(tiny_models, arch, task, methods, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
+def test_virtual_tokens_plus_max_length_refused_before_model_load(tiny_models, tmp_path, monkeypatch, method):
+    """The tiny Llama has 128 positions: 100 virtual tokens fit alone (the apply-time backstop passes),
+    but not with model.max_length=64; refused before the tokenizer or the model loads."""
+    import leantune.models.loader as loader
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded before the positions were checked")
+
+    monkeypatch.setattr(loader, "load_model", no_load)
+    monkeypatch.setattr(loader, "load_tokenizer", no_load)
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_models['llama']}",
+            "task=causal_lm",
+            "model.max_length=64",
+            f"methods=[{{name: {method}, num_virtual_tokens: 100}}]",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
+    refusal = "64 \\+ 100 virtual tokens .* = 164 exceeds the 128 positions"
+    with pytest.raises(UserError, match=refusal) as info:
+        prepare(cfg)
+    assert "set model.max_length <= 28" in str(info.value)
+    assert not (tmp_path / "run").exists()
+    cfg.model.max_length = 28  # the sum fits exactly: the check passes
+    from leantune.recipes.train import check_positions
+
+    check_positions(cfg, 128)
+
+
 def test_zero_length_prompts_fail_at_validation(capsys):
     for method in ("prefix", "prompt", "ptuning"):
         line = cli_err(capsys, "train", f"methods=[{{name: {method}, num_virtual_tokens: 0}}]")

@@ -69,6 +69,7 @@ def test_a_leantune_summary_keeps_its_optional_parts_where_they_were():
             "skipped_steps": 0,
             "resume_forced_changes": ["train.lr"],
             "epoch_train_time_s": [2.0],
+            "train_cpu_time_s": 3.0,
             "prefix_cache": {"bytes": 1},
         },
     )
@@ -82,10 +83,13 @@ def test_a_leantune_summary_keeps_its_optional_parts_where_they_were():
         "resume_forced_changes",
         "train_time_s",
         "epoch_train_time_s",
+        "train_cpu_time_s",
+        "cpu_utilisation",
         *TRAIN[5:],
         *RATES,
         "prefix_cache",
     ]
+    assert d["train"]["cpu_utilisation"] == 1.5  # 3 CPU seconds over 2 s of training: 1.5 cores busy
 
 
 def test_the_console_table_and_warnings_read_the_object_or_its_dict():

@@ -159,6 +159,16 @@ def _cases() -> list[Case]:
     )
     out.append(
         Case(
+            id="train-prompt-past-positions",
+            family="model",
+            what="a soft prompt that, with model.max_length, exceeds the model's positions",
+            argv=train("methods=[{name: prompt, num_virtual_tokens: 120}]"),
+            phrase="+ 120 virtual tokens (methods.0 prompt) = 136 exceeds the 128 positions",
+            files=with_data(),
+        )
+    )
+    out.append(
+        Case(
             id="train-model-missing",
             family="model",
             what="model.name is a path that does not exist",

@@ -158,6 +158,8 @@ def _timing(summary: dict, wall_time_s: float) -> dict:
         "eval_time_s": train.get("eval_time_s"),
         "time_per_epoch_s": time_per_epoch(summary),
         "epoch_train_time_s": train.get("epoch_train_time_s"),  # measured, per epoch (leantune runs)
+        "cpu_utilisation": train.get("cpu_utilisation"),  # cores busy while training (leantune runs)
+        "gpu_utilisation_pct": train.get("gpu_utilisation_pct"),  # CUDA with NVML only
         "prefix_cache": train.get("prefix_cache"),
         "steps": train["steps"],
         "epochs_completed": train["epochs_completed"],

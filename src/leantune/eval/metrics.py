@@ -10,17 +10,22 @@ MINIMISED = {"loss", "perplexity", "mse", "rmse", "mae"}
 
 
 def classification_metrics(preds: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
-    """Accuracy, F1, precision, recall (binary: of class 1; otherwise macro) and MCC."""
+    """Accuracy, F1, precision, recall (binary: of class 1; otherwise macro), their macro averages over
+    all classes (also for binary: a run that predicts one class scores 0 F1 on the other) and MCC."""
     from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 
     average = "binary" if num_labels == 2 else "macro"
     p, r, f1, _ = precision_recall_fscore_support(labels, preds, average=average, zero_division=0)
+    mp, mr, mf1, _ = precision_recall_fscore_support(labels, preds, average="macro", zero_division=0)
     majority = Counter(labels).most_common(1)[0][1] / len(labels) if labels else 0.0
     return {
         "accuracy": float(accuracy_score(labels, preds)),
         "f1": float(f1),
         "precision": float(p),
         "recall": float(r),
+        "macro_f1": float(mf1),
+        "macro_precision": float(mp),
+        "macro_recall": float(mr),
         "mcc": float(matthews_corrcoef(labels, preds)) if len(set(labels) | set(preds)) > 1 else 0.0,
         "majority_accuracy": float(majority),
     }

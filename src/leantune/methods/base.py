@@ -4,7 +4,8 @@ A method is one module in `leantune/methods/` (private helpers start with `_` an
 provides, and hands to `leantune.methods.registry.register` at import time as a `MethodSpec`:
 
 - a pydantic config, a subclass of `MethodConfig` with `name: Literal["<method>"] = "<method>"` and its
-  own fields and defaults (unknown keys are an error);
+  own fields and defaults (unknown keys are an error); `added_positions()` if it puts positions before
+  every input;
 - `apply(model, cfg, ctx: MethodContext) -> model`: freeze, wrap or inject, and leave `requires_grad`
   right on every parameter; it may return a new model object (peft does);
 - optionally `runtime(model, cfg, ctx) -> MethodRuntime`: what the method does while training runs
@@ -61,6 +62,12 @@ class MethodConfig(BaseModel):
         from leantune.numbers import check_number
 
         return check_number(value, cls.model_fields[info.field_name].annotation)
+
+    def added_positions(self) -> int:
+        """Sequence positions this method puts before every input (a soft prompt, a prefix): the run
+        checks `model.max_length` plus these against the model's positions before the model loads, so a
+        long batch cannot overrun the position table mid-run. Most methods add none."""
+        return 0
 
 
 @dataclass(frozen=True)

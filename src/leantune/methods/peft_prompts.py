@@ -26,7 +26,16 @@ from leantune.methods import _blocks
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
 
 
-class PrefixConfig(MethodConfig):
+class _VirtualTokens(MethodConfig):
+    """The three prompt-learning configs: their virtual tokens take positions before every input."""
+
+    num_virtual_tokens: int
+
+    def added_positions(self) -> int:
+        return self.num_virtual_tokens
+
+
+class PrefixConfig(_VirtualTokens):
     name: Literal["prefix"] = "prefix"
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix length (key/value positions per block).")
     encoder_hidden_size: int | None = Field(
@@ -34,12 +43,12 @@ class PrefixConfig(MethodConfig):
     )
 
 
-class PromptConfig(MethodConfig):
+class PromptConfig(_VirtualTokens):
     name: Literal["prompt"] = "prompt"
     num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length in tokens.")
 
 
-class PtuningConfig(MethodConfig):
+class PtuningConfig(_VirtualTokens):
     name: Literal["ptuning"] = "ptuning"
     num_virtual_tokens: int = Field(20, gt=0, description="Soft-prompt length in tokens.")
     encoder_hidden_size: int | None = Field(
@@ -78,6 +87,8 @@ def context_length(model) -> int | None:
 
 
 def _check_length(model, cfg) -> None:
+    """The backstop when a method is applied without a run config; a run checks model.max_length plus
+    the virtual tokens against the positions before the model loads (recipes/train.py)."""
     limit = context_length(model)
     if limit is not None and cfg.num_virtual_tokens >= limit:
         raise UserError(

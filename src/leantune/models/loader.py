@@ -50,6 +50,31 @@ TOKENIZER_FILES = (
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 
 
+#: config.json keys that hold a model's number of positions (BERT/Llama, GPT-2, a few others)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def positions_of(config: object) -> int | None:
+    """The number of positions a model config (a transformers config or a config.json dict) declares."""
+    for key in POSITION_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def declared_positions(name: str) -> int | None:
+    """The positions a local or embedded model's config.json declares, read without loading the model
+    (so a run can refuse a too-long input before the load); None for a hub id or an undeclared count."""
+    if not name.startswith("embedded:") and not Path(name).expanduser().is_dir():
+        return None
+    config = Path(resolve_model_path(name)) / "config.json"
+    try:
+        return positions_of(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # an adapter folder, or a damage check_model_folder reports when the model loads
+
+
 def check_model_folder(path: Path) -> None:
     """A local model (or adapter) folder has a usable config and intact safetensors weights.
 

@@ -40,15 +40,33 @@ def _has_checkpoint(run: Path) -> bool:
     return latest_checkpoint(run / "checkpoints") is not None
 
 
-def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    if positions and cfg.model.max_length > positions:
+def check_positions(cfg: Config, positions: int | None) -> None:
+    """The longest input (model.max_length) plus what methods put before it (soft prompts, prefixes)
+    must fit the model's positions: otherwise the first long batch would fail mid-run."""
+    if not positions:
+        return
+    added = [(i, m) for i, m in enumerate(cfg.methods) if m.added_positions()]
+    total = cfg.model.max_length + sum(m.added_positions() for _, m in added)
+    if total <= positions:
+        return
+    if not added:
         raise UserError(
             f"model.max_length={cfg.model.max_length} exceeds the {positions} positions of "
             f"{cfg.model.name}; set model.max_length <= {positions}"
         )
+    i, first = added[0]
+    extra = total - cfg.model.max_length
+    room = f"set model.max_length <= {positions - extra} or " if positions > extra else ""
+    raise UserError(
+        f"model.max_length={cfg.model.max_length} + {extra} virtual tokens (methods.{i} {first.name}) "
+        f"= {total} exceeds the {positions} positions of {cfg.model.name}; {room}use fewer virtual tokens"
+    )
+
+
+def _check_model_fits(cfg: Config, model, num_labels: int) -> None:
+    from leantune.models.loader import positions_of
+
+    check_positions(cfg, positions_of(model.config))  # a hub model: its positions are known only now
     if cfg.task == "multi_label" and num_labels < 1:
         raise UserError(
             f"the training data of {cfg.data.source} names no label at all; multi_label needs label sets "
@@ -140,7 +158,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         distributed.init_process_group(cfg)  # our backend and timeout; accelerate adopts the group
 
     from leantune.methods import MethodContext, apply_methods, get_method
-    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.loader import declared_positions, load_model, load_tokenizer
 
     # accelerate keeps one process-wide state; a second run in the same process (tests, benchmarks) with
     # another precision must start from a clean one. The process group (PartialState) is kept.
@@ -151,6 +169,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         log_with=cfg.output.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / TRACKERS_DIR)),
     )
+    check_positions(cfg, declared_positions(cfg.model.name))  # before the tokenizer, data and model load
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     distributed.check_world(len(data["train"]), acc.num_processes)
@@ -441,6 +460,8 @@ def _build_summary(
         resume_forced_changes=prep.resume_changes or None,
         train_time_s=state.train_time_s,
         epoch_train_time_s=state.epoch_train_time_s,
+        train_cpu_time_s=state.train_cpu_time_s,
+        gpu_utilisation_pct=state.gpu_util_sum / state.gpu_util_n if state.gpu_util_n else None,
         eval_time_s=state.eval_time_s,
         samples_per_s=per_second(state.samples, state.train_time_s),
         tokens_per_s=per_second(state.tokens, state.train_time_s),

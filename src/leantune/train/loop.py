@@ -78,6 +78,10 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     train_time_s: float = 0.0
+    # CPU seconds of this process (all its threads) over the same steps: / train_time_s = cores kept busy
+    train_cpu_time_s: float = 0.0
+    gpu_util_sum: float = 0.0  # CUDA: the driver's utilisation (%) sampled at each log line, summed
+    gpu_util_n: int = 0
     epoch_train_time_s: list[float] = field(default_factory=list)  # training seconds of each epoch
     eval_time_s: float = 0.0
     samples: int = 0
@@ -396,13 +400,27 @@ class Trainer:
         self.check_weights_finite()
         return st
 
+    def _sample_gpu_utilisation(self) -> None:
+        """The driver's GPU utilisation (% of the last sample period a kernel ran), at each log line.
+
+        Through torch.cuda.utilization (NVML); it counts every process on the GPU, and a machine without
+        NVML simply records no samples."""
+        if not torch.cuda.is_available():
+            return
+        try:
+            value = float(torch.cuda.utilization())
+        except Exception:  # noqa: BLE001 - no NVML (pynvml missing, a MIG slice): no figure, not an error
+            return
+        self.state.gpu_util_sum += value
+        self.state.gpu_util_n += 1
+
     def _run_steps(self, bar) -> None:
         tc, st = self.cfg.train, self.state
         batches, batches_epoch = [], None
         while st.step < self.total_steps and not st.stopped_early:
             if batches_epoch != st.epoch:  # every epoch has its own order, derived from (seed, epoch) alone
                 batches, batches_epoch = self._epoch_batches(st.epoch), st.epoch
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             first = st.group * tc.grad_accum
             self.step_meter.start()
             for rt in self.runtimes:
@@ -415,12 +433,14 @@ class Trainer:
             st.group += 1
             spent = time.perf_counter() - t0
             st.train_time_s += spent
+            st.train_cpu_time_s += time.process_time() - cpu0
             st.epoch_train_time_s += [0.0] * (st.epoch + 1 - len(st.epoch_train_time_s))
             st.epoch_train_time_s[st.epoch] += spent
             bar.update(1)
             if st.step % tc.log_every == 0 or st.step == self.total_steps:
                 loss = float(self.acc.reduce(self._running, reduction="mean")) / max(self._running_n, 1)
                 bar.set_postfix(loss=f"{loss:.4f}")
+                self._sample_gpu_utilisation()
                 self.log.log(
                     {
                         "step": st.step,

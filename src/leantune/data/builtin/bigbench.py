@@ -25,6 +25,18 @@ drawn with random.Random("natural_instructions:<subtask>"), first listed target 
 rows (subtask053 has only 58). Columns: `text` = Alpaca-style prompt (instruction, input, "### Response:"),
 `label` = response (causal_lm masks the prompt out of the loss), `subtask`.
 
+natural_instructions_unseen: the same rows, split by task category for zero-shot evaluation on unseen
+kinds of task (seed 003's generalisation claim). Natural Instructions v1 groups its 61 subtasks in six
+categories; two are held out whole: classification (the 12 subtasks in NI_UNSEEN["classification"]:
+short label answers, so exact match means something) and incorrect answer generation (the 8 in
+NI_UNSEEN["incorrect_answer_generation"]: the instruction asks for a wrong answer to inputs whose right
+answer other subtasks teach, so only a model that reads the instruction scores). `train` holds the other
+41 subtasks (question generation, answer generation, minimal modification, verification: 4,058 rows),
+`test` the 20 held-out ones (2,000 rows), shuffled with random.Random("natural_instructions_unseen") so
+that any prefix (eval.max_generate_samples) mixes subtasks of both held-out categories. There is no
+validation split: leantune carves it from `train`, so validation scores *seen* tasks. Column `category`
+names the held-out category ("seen" in train).
+
 hhh_preferences: BIG-bench HHH alignment (Askell et al., 2021), 221 human-written preference pairs for
 reward-model / DPO work: `prompt` = the human turn (some hold an earlier dialogue), `chosen` = the
 response scored 1, `rejected` = the one scored 0, `category` = harmless 58 / helpful 59 / honest 61 /
@@ -121,6 +133,48 @@ def natural_instructions() -> dict[str, list[Record]]:
         name = task.split("/", 1)[1]
         rows += parse_natural_instructions(name, json.loads(path.read_text(encoding="utf-8")))
     return {"train": rows}
+
+
+#: Natural Instructions v1 categories held out of training by `natural_instructions_unseen` (fixed here)
+NI_UNSEEN: dict[str, tuple[str, ...]] = {
+    "classification": (
+        "subtask018_mctaco_temporal_reasoning_presence",
+        "subtask019_mctaco_temporal_reasoning_category",
+        "subtask021_mctaco_grammatical_logical",
+        "subtask022_cosmosqa_passage_inappropriate_binary",
+        "subtask027_drop_answer_type_generation",
+        "subtask044_essential_terms_identifying_essential_words",
+        "subtask046_miscellaenous_question_typing",
+        "subtask049_multirc_questions_needed_to_answer",
+        "subtask050_multirc_answerability",
+        "subtask052_multirc_identify_bad_question",
+        "subtask056_multirc_classify_correct_answer",
+        "subtask057_multirc_classify_incorrect_answer",
+    ),
+    "incorrect_answer_generation": (
+        "subtask005_mctaco_wrong_answer_generation_event_duration",
+        "subtask008_mctaco_wrong_answer_generation_transient_stationary",
+        "subtask011_mctaco_wrong_answer_generation_event_ordering",
+        "subtask014_mctaco_wrong_answer_generation_absolute_timepoint",
+        "subtask017_mctaco_wrong_answer_generation_frequency",
+        "subtask025_cosmosqa_incorrect_answer_generation",
+        "subtask042_qasc_incorrect_option_generation",
+        "subtask055_multirc_write_incorrect_answer",
+    ),
+}
+
+
+def split_unseen(rows: list[Record]) -> dict[str, list[Record]]:
+    """Seen-category rows for training, held-out-category rows (seeded shuffle) for the test split."""
+    held = {subtask: category for category, names in NI_UNSEEN.items() for subtask in names}
+    train = [{**r, "category": "seen"} for r in rows if r["subtask"] not in held]
+    test = [{**r, "category": held[r["subtask"]]} for r in rows if r["subtask"] in held]
+    random.Random("natural_instructions_unseen").shuffle(test)
+    return {"train": train, "test": test}
+
+
+def natural_instructions_unseen() -> dict[str, list[Record]]:
+    return split_unseen(natural_instructions()["train"])
 
 
 HHH_CATEGORIES = ("harmless", "helpful", "honest", "other")

