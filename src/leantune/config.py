@@ -27,14 +27,18 @@ from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, check_method_list, method_config_class
 from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.config import DataConfig`)
     CLASSIFICATION_METRICS,
+    DPO_METRICS,
     GENERATION_METRICS,
     LM_METRICS,
     MAX_SEED,
+    PPO_METRICS,
     REWARD_METRICS,
     DataConfig,
+    DPOConfig,
     EvalConfig,
     ModelConfig,
     OutputConfig,
+    PPOConfig,
     Strict,
     Task,
     TrainConfig,
@@ -55,6 +59,8 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -84,9 +90,12 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        known = {"classification": CLASSIFICATION_METRICS, "reward": REWARD_METRICS}.get(
-            self.task, LM_METRICS + GENERATION_METRICS
-        )
+        known = {
+            "classification": CLASSIFICATION_METRICS,
+            "reward": REWARD_METRICS,
+            "dpo": DPO_METRICS,
+            "ppo": PPO_METRICS,
+        }.get(self.task, LM_METRICS + GENERATION_METRICS)
         if self.eval.metric is not None and self.eval.metric not in known:
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
@@ -99,7 +108,7 @@ class Config(Strict):
         if self.task in ("classification", "seq2seq") and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
         if self.eval.generate and (
-            self.task in ("classification", "reward") or self.data.label_column is None
+            self.task in ("classification", "reward", "dpo", "ppo") or self.data.label_column is None
         ):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if self.eval.metric in GENERATION_METRICS and not self.eval.generate:
@@ -113,8 +122,10 @@ class Config(Strict):
                 "eval.generate scores text_column/label_column targets, not chat records; "
                 "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
             )
-        if self.task == "reward" and self.train.cache_frozen_prefix:
-            raise ValueError("train.cache_frozen_prefix does not support task reward; set it false")
+        if self.task in ("reward", "dpo", "ppo") and self.train.cache_frozen_prefix:
+            raise ValueError(f"train.cache_frozen_prefix does not support task {self.task}; set it false")
+        if self.task in ("dpo", "ppo"):
+            self._rl_checks()
         if self.data.packing:
             if self.task != "causal_lm":
                 raise ValueError(
@@ -129,9 +140,27 @@ class Config(Strict):
         check_method_list(self.task, [m.name for m in self.methods])  # by name only: no torch
         return self
 
+    def _rl_checks(self) -> None:
+        """dpo/ppo settings that cannot work together, refused before anything loads."""
+        if self.task == "ppo" and not self.ppo.reward_run:
+            raise ValueError(
+                "task ppo needs a reward model: set ppo.reward_run to the folder of a finished "
+                "`task: reward` run"
+            )
+        if self.task == "ppo" and self.train.grad_accum != 1:
+            raise ValueError("task ppo makes one rollout per optimizer step; set train.grad_accum=1")
+        if self.task == "ppo" and self.ppo.max_new_tokens >= self.model.max_length:
+            raise ValueError(
+                f"ppo.max_new_tokens={self.ppo.max_new_tokens} leaves no room for the prompt in "
+                f"model.max_length={self.model.max_length}; lower it or raise model.max_length"
+            )
+        if self.train.distributed == "fsdp":
+            raise ValueError(f"task {self.task} runs without FSDP; set train.distributed=auto, ddp or none")
+
     @property
     def metric(self) -> str:
-        return self.eval.metric or ("accuracy" if self.task in ("classification", "reward") else "loss")
+        default = {"classification": "accuracy", "reward": "accuracy", "ppo": "reward"}
+        return self.eval.metric or default.get(self.task, "loss")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -15,6 +15,8 @@ _AUTO_CLASS = {
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "reward": "AutoModelForSequenceClassification",  # one output: the reward (models/reward.py)
+    "dpo": "AutoModelForCausalLM",  # the policy (models/dpo.py)
+    "ppo": "AutoModelForCausalLM",  # the policy; its value head is added by train/ppo.py
 }
 
 

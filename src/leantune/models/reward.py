@@ -51,8 +51,9 @@ def _post_hook(module, args, kwargs, output):
 
 
 def method_task(task: str) -> str:
-    """The task methods see: a reward model is a sequence classifier (its head trained like one)."""
-    return "classification" if task == "reward" else task
+    """The task methods see: a reward model is a sequence classifier (its head trained like one), a DPO
+    or PPO policy a causal LM."""
+    return {"reward": "classification", "dpo": "causal_lm", "ppo": "causal_lm"}.get(task, task)
 
 
 def attach_pair_loss(model):

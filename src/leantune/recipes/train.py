@@ -147,6 +147,10 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     if cfg.task == "reward":
         attach_pair_loss(model)
+    if cfg.task == "dpo":  # the frozen reference: the adapter disabled, or a copy of the base taken now
+        from leantune.models.dpo import attach_dpo_loss
+
+        attach_dpo_loss(model, cfg.dpo.beta)
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     if cfg.data.packing:
