@@ -46,17 +46,20 @@ def _pad_to(ids, width: int, value: int):
     return F.pad(ids, (0, width - ids.shape[1]), value=value)
 
 
-def reference_logits(module, input_ids, attention_mask):
+def reference_logits(module, input_ids, attention_mask, position_ids=None):
     """Logits of the frozen reference (no gradient): the adapter disabled, or the frozen copy."""
     import torch
 
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     with torch.no_grad():
         ref = module.__dict__.get(REFERENCE)
         if ref is not None:
             ref.to(input_ids.device)  # a no-op once moved; the trainer moves only the policy
-            return ref(input_ids=input_ids, attention_mask=attention_mask).logits
+            return ref(**inputs).logits
         with module.disable_adapter():  # the base model itself: its own hooks are not this module's
-            return module.get_base_model()(input_ids=input_ids, attention_mask=attention_mask).logits
+            return module.get_base_model()(**inputs).logits
 
 
 def token_logps(logits, labels):

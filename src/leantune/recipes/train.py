@@ -73,6 +73,7 @@ class Prepared:
     identity: dict | None = None  # config + data fingerprint, recorded in every checkpoint
     resume_changes: list[str] | None = None  # what --force-resume let change since the checkpoint
     runtimes: list | None = None  # each method's runtime, built and checked before anything is written
+    task_runtime: object | None = None  # task ppo's runtime (train/ppo.py), last in `runtimes`
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -90,7 +91,9 @@ class Prepared:
             self.out,
             runtimes,
             identity=self.identity,
-            extra_eval=generation_evaluator(
+            extra_eval=self._ppo_evaluator("validation")
+            if self.task_runtime is not None
+            else generation_evaluator(
                 self.cfg,
                 self.tokenizer,
                 self.generation_rows["validation"],
@@ -100,6 +103,11 @@ class Prepared:
             if self.generation_rows
             else None,
         )
+
+    def _ppo_evaluator(self, split: str):
+        """Scores sampled responses to `split`'s prompts under the reward model (train/ppo.py)."""
+        rows, cfg = self.data[split], self.cfg
+        return lambda module: self.task_runtime.evaluate(module, rows, cfg.eval.batch_size, cfg.train.seed)
 
 
 def _absolute_local_paths(cfg: Config) -> None:
@@ -151,6 +159,11 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         from leantune.models.dpo import attach_dpo_loss
 
         attach_dpo_loss(model, cfg.dpo.beta)
+    task_runtime = None
+    if cfg.task == "ppo":  # the reward run is checked here, before anything is written
+        from leantune.recipes.rlhf import ppo_runtime
+
+        task_runtime = ppo_runtime(cfg, tok, model)
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     if cfg.data.packing:
@@ -167,7 +180,8 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         )
     specs = [get_method(m.name) for m in cfg.methods]
     prep = Prepared(cfg, out, acc, tok, data, model, params, specs, gen_rows, mmlu, identity, changed)
-    prep.runtimes = method_runtimes(prep)
+    prep.task_runtime = task_runtime
+    prep.runtimes = method_runtimes(prep) + ([task_runtime] if task_runtime is not None else [])
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
     if mode == "fsdp":
@@ -303,6 +317,8 @@ def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
             trainer.num_labels,
             lockstep=trainer.fsdp,
         )
+    if prep.task_runtime is not None:
+        test.update(prep._ppo_evaluator("test")(trainer.module))
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
         from leantune.eval.generation import run_generation_eval
@@ -341,6 +357,7 @@ def _build_summary(
     """The run's summary, gathered on every process (the weights digest is a collective call); peak
     memory is read here, after the test evaluation and before the model is saved."""
     from leantune.memory.measure import peak_memory
+    from leantune.recipes.rlhf import rlhf_report
 
     cfg = prep.cfg
     digests = trainer.weights_digest()
@@ -379,6 +396,7 @@ def _build_summary(
         versions=versions(),
         machine=machine(),
         config=cfg.model_dump(mode="json"),
+        rlhf=rlhf_report(cfg.task, prep.task_runtime, trainer.log.path),
     )
 
 
