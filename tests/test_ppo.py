@@ -108,3 +108,39 @@ def test_ppo_resume_after_kill_replays_exactly(tiny_models, tmp_path, synthetic_
     # a checkpoint at step 3 falls in the middle of a rollout's two steps: the buffer must travel
     extra = ["train.save_every=3", "train.max_steps=6", "train.eval_every=null"]
     assert_resume_replays(_ppo_overrides(tmp_path, tiny_models, extra), tmp_path / "run", from_step=3)
+
+
+@pytest.mark.parametrize("task", ["dpo", "ppo"])
+def test_plan_takes_reference_logits_and_reward_model_from_the_budget(tiny_models, tmp_path, task):
+    from leantune.config import load_config
+    from leantune.memory.rlhf import weight_bytes
+    from leantune.models.loader import load_model
+    from leantune.recipes.plan import make_plan
+    from tests.test_reward import preference_rows
+
+    rows = preference_rows(40, 0)
+    data = write_csv(tmp_path / "prefs.csv", [{**r, "text": r["prompt"]} for r in rows])
+    cfg = load_config(
+        None,
+        [
+            f"task={task}",
+            f"model.name={tiny_models['llama']}",
+            "model.max_length=32",
+            f"data.source={data}",
+            "data.prompt_column=prompt",
+            "data.label_column=null",
+            f"ppo.reward_run={tmp_path}",
+            "ppo.max_new_tokens=8",
+            "train.batch_size=4",
+            "methods=[{name: lora, target_modules: all-linear}]",
+        ],
+    )
+    plan = make_plan(cfg, "64MiB")
+    held = plan["rlhf"]
+    vocab, rows_per_step = 30522, 8 if task == "dpo" else 4  # DPO: chosen and rejected rows
+    assert held["reference_logits"] == rows_per_step * plan["seq_len"] * vocab * 4
+    assert held["reference_weights"] == 0  # the adapter disabled is the reference
+    base = weight_bytes(load_model(str(tiny_models["llama"]), "causal_lm"))
+    assert held["reward_model_weights"] == (base if task == "ppo" else 0)
+    assert plan["budget_bytes"] == 64 * 2**20 - held["total"]
+    assert plan["estimate"]["total"] <= plan["budget_bytes"]

@@ -6,6 +6,11 @@ model), on the config's data and model, and writes nothing unless `--json` is gi
 `--allow-quantize` the saving of a 4-bit base is what the `quant` method's `plan_for` hook says.
 Configs without a `dynamic_rank` method are planned with its defaults over the LoRA method's
 targets, so `leantune plan configs/default.yaml --memory-budget 1GiB` works too.
+
+Tasks dpo and ppo plan the policy's ranks within the budget left after what those tasks hold beside the
+policy (memory/rlhf.py): the frozen reference (none with an adapter), the reference's logits, and for
+PPO the reward model (taken as the same architecture as the policy) and the policy's value head; a DPO
+step carries chosen and rejected rows, twice the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 from leantune.config import Config
 from leantune.errors import UserError
+from leantune.models.reward import method_task
 from leantune.outputs import check_new_file
 
 
@@ -65,27 +71,55 @@ def make_plan(
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
-    model = apply_methods(model, methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
-    train = data["train"]
+    task = method_task(cfg.task)  # a DPO/PPO policy is planned as the causal LM it is
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # PPO's reward model
+    model = apply_methods(model, methods, MethodContext(task=task, seed=cfg.train.seed))
+    train = _probe_rows(cfg.task, data["train"])
     importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
     complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)
     seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
+    held = _rlhf_held(cfg, model, seq_len, base_bytes)
     quant = get_method("quant")
     plan = plan_ranks_for(
         model,
         method,
         importance,
         complexity,
-        task=cfg.task,
+        task=task,
         seq_len=seq_len,
-        batch_size=cfg.train.batch_size,
-        budget=budget_bytes,
+        batch_size=cfg.train.batch_size * (2 if cfg.task == "dpo" else 1),
+        budget=budget_bytes - (held["total"] if held else 0),
         allow_recompute=allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
         allow_quantize=allow_quantize,
         quantize_with=quant.plan_for(model, quant.config_cls(bits=4)) if allow_quantize else None,
     )
-    return {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
+    out = {**plan.to_dict(), "seq_len": seq_len, "task_complexity": complexity, "budget": str(method.budget)}
+    return {**out, "rlhf": held} if held else out
+
+
+def _probe_rows(task: str, train):
+    """Causal-LM rows the importance probe can run: a DPO pair's chosen side, a PPO prompt as text."""
+    if task == "dpo":
+        return [{k: v for k, v in row.items() if not k.startswith("rejected_")} for row in train]
+    if task == "ppo":
+        return [{**row, "labels": list(row["input_ids"])} for row in train]
+    return train
+
+
+def _rlhf_held(cfg: Config, model, seq_len: int, base_bytes: int) -> dict | None:
+    """What a dpo/ppo run holds beside the policy's step (memory/rlhf.py), for the budget."""
+    if cfg.task not in ("dpo", "ppo"):
+        return None
+    from leantune.memory.rlhf import rlhf_memory
+
+    if cfg.task == "ppo":
+        from leantune.train.ppo import attach_value_head
+
+        attach_value_head(model)
+    mem = rlhf_memory(model, cfg.task, cfg.train.batch_size, seq_len, base_bytes)
+    held = {k: mem[k] for k in ("reference_weights", "reference_logits", "reward_model_weights")}
+    return {**held, "total": sum(held.values())}
 
 
 def format_plan(plan: dict) -> str:
@@ -104,6 +138,7 @@ def format_plan(plan: dict) -> str:
         f"{c['label_entropy']:.2f}, probe loss {c['probe_loss']:.3f} = {c['loss_vs_chance']:.2f} of chance)"
         f" -> rank cap {plan['max_rank']}",
         "changed to fit: " + ("; ".join(plan["changes"]) if plan["changes"] else "nothing"),
+        *([_rlhf_line(plan["rlhf"])] if plan.get("rlhf") else []),
         "",
     ]
     width = max(len(layer["name"]) for layer in plan["layers"])
@@ -116,6 +151,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def _rlhf_line(held: dict) -> str:
+    from leantune.memory.planner import fmt_bytes
+
+    return (
+        f"held beside the policy (outside the estimate above, taken from the budget): reference "
+        f"{fmt_bytes(held['reference_weights'])}, reference logits {fmt_bytes(held['reference_logits'])}, "
+        f"reward model {fmt_bytes(held['reward_model_weights'])}"
+    )
+
+
 def run_plan(
     cfg: Config,
     budget: str | None,
@@ -124,7 +169,7 @@ def run_plan(
     json_out: Path | None = None,
     allow_quantize: bool = False,
 ) -> dict:
-    if cfg.task == "reward":
+    if cfg.task == "reward":  # dpo and ppo are planned (memory/rlhf.py)
         raise UserError(
             "leantune plan does not plan reward models yet; plan the same model as classification"
         )
