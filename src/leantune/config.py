@@ -29,17 +29,21 @@ from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.conf
     ANSWER_METRICS,
     CLASSIFICATION_METRICS,
     CLASSIFYING_TASKS,
+    DPO_METRICS,
     GENERATION_METRICS,
     HEAD_TASKS,
     LM_METRICS,
     MAX_SEED,
     MULTI_LABEL_METRICS,
+    PPO_METRICS,
     REGRESSION_METRICS,
     REWARD_METRICS,
     DataConfig,
+    DPOConfig,
     EvalConfig,
     ModelConfig,
     OutputConfig,
+    PPOConfig,
     Strict,
     Task,
     TrainConfig,
@@ -53,6 +57,7 @@ DEFAULT_METRIC = {
     "classification": "accuracy",
     "prompt_classification": "accuracy",
     "reward": "accuracy",
+    "ppo": "reward",
     "regression": "mse",
     "multi_label": "micro_f1",
 }
@@ -69,6 +74,8 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -104,6 +111,8 @@ class Config(Strict):
             "regression": REGRESSION_METRICS,
             "multi_label": MULTI_LABEL_METRICS,
             "reward": REWARD_METRICS,
+            "dpo": DPO_METRICS,
+            "ppo": PPO_METRICS,
         }.get(self.task, LM_METRICS + GENERATION_METRICS + ANSWER_METRICS)
         if self.eval.metric is not None and self.eval.metric not in known:
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
@@ -114,11 +123,11 @@ class Config(Strict):
                 "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "
                 "set it false"
             )
-        if self.task != "causal_lm" and self.task != "reward" and self.data.label_column is None:
+        if self.task not in ("causal_lm", "reward", "dpo", "ppo") and self.data.label_column is None:
             raise ValueError(f"task {self.task} needs data.label_column (the label or target column)")
         self._check_label_settings()
         if self.eval.generate and (
-            self.task in (*HEAD_TASKS, *CLASSIFYING_TASKS) or self.data.label_column is None
+            self.task in (*HEAD_TASKS, *CLASSIFYING_TASKS, "dpo", "ppo") or self.data.label_column is None
         ):
             raise ValueError("eval.generate needs task seq2seq or causal_lm with a data.label_column target")
         if (
@@ -136,9 +145,11 @@ class Config(Strict):
                 "eval.generate scores text_column/label_column targets, not chat records; "
                 "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
             )
-        if self.task in ("reward", "prompt_classification") and self.train.cache_frozen_prefix:
+        if self.task in ("reward", "prompt_classification", "dpo", "ppo") and self.train.cache_frozen_prefix:
             raise ValueError(f"train.cache_frozen_prefix does not support task {self.task}; set it false")
         self._check_prompt()
+        if self.task in ("dpo", "ppo"):
+            self._rl_checks()
         if self.data.packing:
             if self.task != "causal_lm":
                 raise ValueError(
@@ -205,6 +216,23 @@ class Config(Strict):
                     f"data.label_words has {len(words)} words for {len(names)} classes {names}; "
                     "give one word per class, in label order"
                 )
+
+    def _rl_checks(self) -> None:
+        """dpo/ppo settings that cannot work together, refused before anything loads."""
+        if self.task == "ppo" and not self.ppo.reward_run:
+            raise ValueError(
+                "task ppo needs a reward model: set ppo.reward_run to the folder of a finished "
+                "`task: reward` run"
+            )
+        if self.task == "ppo" and self.train.grad_accum != 1:
+            raise ValueError("task ppo makes one rollout per optimizer step; set train.grad_accum=1")
+        if self.task == "ppo" and self.ppo.max_new_tokens >= self.model.max_length:
+            raise ValueError(
+                f"ppo.max_new_tokens={self.ppo.max_new_tokens} leaves no room for the prompt in "
+                f"model.max_length={self.model.max_length}; lower it or raise model.max_length"
+            )
+        if self.train.distributed == "fsdp":
+            raise ValueError(f"task {self.task} runs without FSDP; set train.distributed=auto, ddp or none")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

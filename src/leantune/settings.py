@@ -26,7 +26,15 @@ from leantune.errors import UserError
 from leantune.numbers import check_number
 
 Task = Literal[
-    "classification", "prompt_classification", "regression", "multi_label", "causal_lm", "seq2seq", "reward"
+    "classification",
+    "prompt_classification",
+    "regression",
+    "multi_label",
+    "causal_lm",
+    "seq2seq",
+    "reward",
+    "dpo",
+    "ppo",
 ]
 #: tasks scored by a sequence-classification head (one output per label, or one score)
 HEAD_TASKS = ("classification", "regression", "multi_label", "reward")
@@ -41,6 +49,12 @@ MULTI_LABEL_METRICS = ("micro_f1", "macro_f1", "micro_precision", "micro_recall"
 LM_METRICS = ("loss", "perplexity")
 #: a reward model: held-out pair accuracy (r_chosen > r_rejected) and the Bradley-Terry loss
 REWARD_METRICS = ("accuracy", "loss")
+#: DPO on held-out pairs (models/dpo.py): the loss, how often and by how much the implicit reward
+#: beta * log(pi / pi_ref) ranks chosen over rejected, and the token-level KL to the reference
+DPO_METRICS = ("loss", "reward_accuracy", "reward_margin", "kl")
+#: PPO on held-out prompts (train/ppo.py): the reward model's mean score of sampled responses, the KL
+#: to the reference on them, and the two combined (score - kl_coef * kl)
+PPO_METRICS = ("reward", "kl", "objective")
 #: scored on generated text (eval/generation.py); need eval.generate=true
 GENERATION_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
 #: scored on generated answers when the references are a small set of labels (eval/generation.py)
@@ -125,10 +139,12 @@ class DataConfig(Strict):
     system_prompt: str | None = Field(
         None, description="Chat formats: a system turn put first where a conversation has none."
     )
-    chosen_column: str = Field("chosen", description="task reward: the preferred response.")
-    rejected_column: str = Field("rejected", description="task reward: the dispreferred response.")
+    chosen_column: str = Field("chosen", description="task reward/dpo: the preferred response.")
+    rejected_column: str = Field("rejected", description="task reward/dpo: the dispreferred response.")
     prompt_column: str | None = Field(
-        None, description="task reward: a prompt put before both responses (null: responses alone)."
+        None,
+        description="task reward/dpo: a prompt put before both responses (null: responses alone); "
+        "task ppo reads its prompts from text_column.",
     )
     template: str = Field(
         "{text} It was {mask}",
@@ -286,6 +302,42 @@ class EvalConfig(Strict):
     mmlu_questions: int | None = Field(
         None, gt=0, description="MMLU: a seeded subset of this many questions (default: all 14,042)."
     )
+
+
+class DPOConfig(Strict):
+    """task dpo (models/dpo.py): Rafailov et al.'s sigmoid loss against the frozen base model."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Strength of the KL constraint: the implicit reward is beta * log(pi / pi_ref).",
+    )
+
+
+class PPOConfig(Strict):
+    """task ppo (train/ppo.py): rollouts scored by a trained reward model, clipped PPO with a value head."""
+
+    reward_run: str | None = Field(
+        None, description="Run folder of a finished `task: reward` run: the reward model (required)."
+    )
+    max_new_tokens: int = Field(16, gt=0, description="Response length of each rollout.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    ppo_epochs: int = Field(
+        2, gt=0, description="Optimizer steps per rollout batch (the clipped ratio binds from the second)."
+    )
+    clip_range: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip, PPO's epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value prediction clip around the rollout's.")
+    vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial weight of the per-token KL penalty.")
+    kl_target: float | None = Field(
+        6.0,
+        gt=0,
+        description="Adaptive KL (Ziegler et al. 2019): kl_coef moves so the rollouts' KL approaches this "
+        "(nats per response); null keeps kl_coef fixed.",
+    )
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL: samples over which kl_coef adapts.")
 
 
 #: output.report_to: accelerate's trackers leantune sets up (train/logging.py), each with its package

@@ -11,6 +11,9 @@
 - seq2seq: `text_column` is the source, `label_column` the target;
 - reward: `chosen_column` / `rejected_column` responses, each after `prompt_column` when set (preference
   pairs for a Bradley-Terry reward model, models/reward.py);
+- dpo: the same pairs as reward, each response (+ EOS) after the prompt with the prompt masked out of
+  the labels, as causal-LM examples (models/dpo.py scores the response tokens);
+- ppo: `text_column` prompts alone; the policy writes the responses (train/ppo.py);
 - causal_lm with `data.format` alpaca / sharegpt / messages: chat records rendered with the tokenizer's
   chat template, only assistant turns in the loss (data/chat.py); `data.packing` packs them (packing.py).
 """
@@ -242,6 +245,12 @@ def encode(
         return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))]
     if task == "reward":
         return _preference_pairs(rows, tok, cfg, max_length, source)
+    if task == "dpo":
+        return _dpo_pairs(rows, tok, cfg, max_length, source)
+    if task == "ppo":
+        check_columns(rows, cfg, ("text_column",), source)
+        prompts = [tok(_text(r, cfg.text_column, source))["input_ids"][-max_length:] for r in rows]
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompts]
     if task == "causal_lm" and cfg.format != "text":
         from leantune.data.chat import encode_chat
 
@@ -305,6 +314,21 @@ def _preference_pairs(rows: list[Record], tok, cfg: DataConfig, max_length: int,
     return out
 
 
+def _dpo_pairs(rows: list[Record], tok, cfg: DataConfig, max_length: int, source: str) -> list[dict]:
+    """Chosen and rejected causal-LM examples (prompt masked) side by side: `rejected_*` keys."""
+    check_columns(rows, cfg, ("chosen_column", "rejected_column", "prompt_column"), source)
+    out = []
+    for r in rows:
+        prompt = tok(_text(r, cfg.prompt_column, source) if cfg.prompt_column else "")["input_ids"]
+        pair = []
+        for col in (cfg.chosen_column, cfg.rejected_column):
+            response = tok(_text(r, col, source), add_special_tokens=False)["input_ids"]
+            pair.append(_prompt_and_target(prompt, response, tok.eos_token_id, max_length))
+        chosen, rejected = pair
+        out.append({**chosen, **{f"rejected_{k}": v for k, v in rejected.items()}})
+    return out
+
+
 def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: str) -> dict:
     """Prompt + response + EOS; too long, the prompt loses its *start*, so the target is always learnt."""
     prompt = tok(_text(row, cfg.text_column, source))["input_ids"]
@@ -312,7 +336,12 @@ def _causal_example(row: Record, tok, cfg: DataConfig, max_length: int, source: 
         ids = (prompt + [tok.eos_token_id])[:max_length]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
     response = tok(_text(row, cfg.label_column, source), add_special_tokens=False)["input_ids"]
-    target = (response + [tok.eos_token_id])[: max_length - 1]  # keep at least one prompt token
+    return _prompt_and_target(prompt, response, tok.eos_token_id, max_length)
+
+
+def _prompt_and_target(prompt: list[int], response: list[int], eos: int, max_length: int) -> dict:
+    """One causal-LM example: prompt (masked) + response + EOS, the prompt cut from its start to fit."""
+    target = (response + [eos])[: max_length - 1]  # keep at least one prompt token
     prompt = (
         prompt[len(prompt) + len(target) - max_length :] if len(prompt) + len(target) > max_length else prompt
     )
@@ -342,7 +371,12 @@ def collate(features: list[dict], pad_id: int) -> Batch:
             batch[key] = torch.tensor(values)
             continue
         width = max(len(v) for v in values)
-        fill = {"input_ids": pad_id, "rejected_input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+        fill = {
+            "input_ids": pad_id,
+            "rejected_input_ids": pad_id,
+            "labels": IGNORE_INDEX,
+            "rejected_labels": IGNORE_INDEX,
+        }.get(key, 0)
         batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values])
     if "position_ids" in batch:
         from leantune.data.packing import packed_attention_mask

@@ -41,6 +41,8 @@ def evaluate(
     """
     from accelerate.utils import gather_object
 
+    if task == "ppo":  # prompts alone: scored by generation under the reward model (train/ppo.py)
+        return {}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -58,7 +60,11 @@ def evaluate(
     for start in bar:
         batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
         out = model(**batch)
-        if task == "reward":  # logits are (chosen, rejected) rewards (models/reward.py); a tie is wrong
+        if task == "dpo":  # logits are (chosen reward, rejected reward, KL) per pair (models/dpo.py)
+            preds += out.logits.tolist()
+            loss_sum += float(out.loss) * len(out.logits)
+            tokens += len(out.logits)
+        elif task == "reward":  # logits are (chosen, rejected) rewards (models/reward.py); a tie is wrong
             preds += (out.logits[:, 0] > out.logits[:, 1]).long().tolist()
             labels += [1] * len(out.logits)
             loss_sum += float(out.loss) * len(out.logits)
@@ -80,6 +86,8 @@ def evaluate(
         labels = [lab for part in parts for lab in part[1]]
         loss_sum = sum(part[2] for part in parts)
         tokens = sum(part[3] for part in parts)
+    if task == "dpo":
+        return dpo_metrics(preds, loss_sum / max(tokens, 1))
     if task == "reward":
         return {"accuracy": sum(preds) / max(len(preds), 1), "loss": loss_sum / max(tokens, 1)}
     if task in ("classification", "prompt_classification"):
@@ -111,3 +119,17 @@ def _target_tokens(labels: torch.Tensor, shifted: bool) -> int:
     if shifted:
         labels = labels[:, 1:]
     return int((labels != IGNORE_INDEX).sum())
+
+
+def dpo_metrics(pairs: list[list[float]], loss: float) -> dict[str, float]:
+    """From (chosen reward, rejected reward, KL) per pair: how often and by how much chosen wins (a tie
+    is a loss, as for reward models), the mean rewards and the mean KL to the reference."""
+    n = max(len(pairs), 1)
+    return {
+        "loss": loss,
+        "reward_accuracy": sum(c > r for c, r, _ in pairs) / n,
+        "reward_margin": sum(c - r for c, r, _ in pairs) / n,
+        "chosen_reward": sum(c for c, _, _ in pairs) / n,
+        "rejected_reward": sum(r for _, r, _ in pairs) / n,
+        "kl": sum(k for _, _, k in pairs) / n,
+    }

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 
 #: metrics where smaller is better; every other metric is maximised.
-MINIMISED = {"loss", "perplexity", "mse", "rmse", "mae"}
+MINIMISED = {"loss", "perplexity", "mse", "rmse", "mae", "kl"}
 
 
 def classification_metrics(preds: list[int], labels: list[int], num_labels: int) -> dict[str, float]:

@@ -17,6 +17,8 @@ _AUTO_CLASS = {
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "reward": "AutoModelForSequenceClassification",  # one output: the reward (models/reward.py)
+    "dpo": "AutoModelForCausalLM",  # the policy (models/dpo.py)
+    "ppo": "AutoModelForCausalLM",  # the policy; its value head is added by train/ppo.py
 }
 #: prompt_classification: the LM whose head scores the label words (models/prompt_head.py)
 _PROMPT_CLASS = {"causal": "AutoModelForCausalLM", "masked": "AutoModelForMaskedLM"}

@@ -53,10 +53,11 @@ def _post_hook(module, args, kwargs, output):
 def method_task(task: str) -> str:
     """The task methods see: a reward model, a regressor and a multi-label classifier are sequence
     classifiers (their head trained and saved like one; only the labels and the loss differ); a prompt
-    classifier is a language model (its LM head scores the label words, models/prompt_head.py)."""
+    classifier (its LM head scores the label words, models/prompt_head.py) and a DPO or PPO policy are
+    language models."""
     from leantune.settings import HEAD_TASKS
 
-    if task == "prompt_classification":
+    if task in ("prompt_classification", "dpo", "ppo"):
         return "causal_lm"
     return "classification" if task in HEAD_TASKS else task
 

@@ -60,7 +60,8 @@ def load_trained_model(run_dir: Path, cfg: Config):
 
 def _with_task_hooks(model, cfg: Config):
     """A reward model scores preference pairs (the Bradley-Terry loss hooks of models/reward.py); a
-    prompt classifier scores its label words (models/prompt_head.py)."""
+    prompt classifier scores its label words (models/prompt_head.py); a DPO policy is scored against its
+    reference, the base model (models/dpo.py)."""
     if cfg.task == "reward":
         from leantune.models.reward import attach_pair_loss
 
@@ -70,6 +71,12 @@ def _with_task_hooks(model, cfg: Config):
         from leantune.models.prompt_head import setup_label_words
 
         setup_label_words(model, load_tokenizer(cfg.model.name), cfg.data, cfg.model.name)
+    if cfg.task == "dpo":
+        from leantune.models.dpo import attach_dpo_loss, has_adapter
+        from leantune.models.loader import load_model
+
+        base = None if has_adapter(model) else load_model(cfg.model.name, "dpo", cfg.model.dtype)
+        attach_dpo_loss(model, cfg.dpo.beta, reference=base)
     return model
 
 

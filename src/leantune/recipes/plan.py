@@ -12,6 +12,11 @@ methods as they are) trains data-parallel in `train.distributed`'s mode: DDP rep
 gradients and optimizer state, FSDP shards them (`leantune.memory.sharding`). `--global-batch G` keeps
 the global batch fixed (each process then takes G / (N x grad_accum) rows per micro-batch); without it
 `train.batch_size` is per process, as in `leantune train`.
+
+Tasks dpo and ppo plan the policy's ranks within the budget left after what those tasks hold beside the
+policy (memory/rlhf.py): the frozen reference (none with an adapter), the reference's logits, and for
+PPO the reward model (taken as the same architecture as the policy) and the policy's value head; a DPO
+step carries chosen and rejected rows, twice the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 from leantune.config import Config
 from leantune.errors import UserError
+from leantune.models.reward import method_task
 from leantune.outputs import check_new_file
 
 
@@ -58,7 +64,6 @@ def make_plan(
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
     from leantune.models.loader import load_model, load_tokenizer
-    from leantune.models.reward import method_task
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
 
@@ -74,32 +79,60 @@ def make_plan(
     full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
-    model = apply_methods(model, methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
-    train = data["train"]
+    task = method_task(cfg.task)  # a DPO/PPO policy is planned as the causal LM it is
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # PPO's reward model
+    model = apply_methods(model, methods, MethodContext(task=task, seed=cfg.train.seed))
+    train = _probe_rows(cfg.task, data["train"])
     importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
     complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)
+    held = _rlhf_held(cfg, model, seq_len, base_bytes)
     quant = get_method("quant")
     plan = plan_ranks_for(
         model,
         method,
         importance,
         complexity,
-        task=cfg.task,
+        task=task,
         seq_len=seq_len,
-        batch_size=cfg.train.batch_size,
-        budget=budget_bytes,
+        batch_size=cfg.train.batch_size * (2 if cfg.task == "dpo" else 1),
+        budget=budget_bytes - (held["total"] if held else 0),
         allow_recompute=allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
         allow_quantize=allow_quantize,
         quantize_with=quant.plan_for(model, quant.config_cls(bits=4)) if allow_quantize else None,
     )
-    return {
+    out = {
         **plan.to_dict(),
         "seq_len": seq_len,
         "task_complexity": complexity,
         "budget": str(method.budget),
         "full_parameter": full,
     }
+    return {**out, "rlhf": held} if held else out
+
+
+def _probe_rows(task: str, train):
+    """Causal-LM rows the importance probe can run: a DPO pair's chosen side, a PPO prompt as text."""
+    if task == "dpo":
+        return [{k: v for k, v in row.items() if not k.startswith("rejected_")} for row in train]
+    if task == "ppo":
+        return [{**row, "labels": list(row["input_ids"])} for row in train]
+    return train
+
+
+def _rlhf_held(cfg: Config, model, seq_len: int, base_bytes: int) -> dict | None:
+    """What a dpo/ppo run holds beside the policy's step (memory/rlhf.py), for the budget."""
+    if cfg.task not in ("dpo", "ppo"):
+        return None
+    from leantune.memory.rlhf import rlhf_memory
+
+    if cfg.task == "ppo":
+        from leantune.train.ppo import attach_value_head
+
+        attach_value_head(model)
+    mem = rlhf_memory(model, cfg.task, cfg.train.batch_size, seq_len, base_bytes)
+    held = {k: mem[k] for k in ("reference_weights", "reference_logits", "reward_model_weights")}
+    return {**held, "total": sum(held.values())}
 
 
 #: methods that tune every weight without AdamW's gradients and state, in the order plan proposes them
@@ -171,6 +204,7 @@ def format_plan(plan: dict) -> str:
             if plan.get("full_parameter")
             else []
         ),
+        *([_rlhf_line(plan["rlhf"])] if plan.get("rlhf") else []),
         "",
     ]
     width = max(len(layer["name"]) for layer in plan["layers"])
@@ -183,6 +217,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def _rlhf_line(held: dict) -> str:
+    from leantune.memory.planner import fmt_bytes
+
+    return (
+        f"held beside the policy (outside the estimate above, taken from the budget): reference "
+        f"{fmt_bytes(held['reference_weights'])}, reference logits {fmt_bytes(held['reference_logits'])}, "
+        f"reward model {fmt_bytes(held['reward_model_weights'])}"
+    )
+
+
 def run_plan(
     cfg: Config,
     budget: str | None,
@@ -191,7 +235,7 @@ def run_plan(
     json_out: Path | None = None,
     allow_quantize: bool = False,
 ) -> dict:
-    if cfg.task == "reward":
+    if cfg.task == "reward":  # dpo and ppo are planned (memory/rlhf.py)
         raise UserError(
             "leantune plan does not plan reward models yet; plan the same model as classification"
         )
@@ -246,7 +290,6 @@ def make_rank_plan(cfg: Config, world: int, mode: str, batch: int) -> dict:
     from leantune.memory.sharding import rank_memory
     from leantune.methods import MethodContext, apply_methods
     from leantune.models.loader import load_model, load_tokenizer
-    from leantune.models.reward import method_task
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
 

@@ -99,6 +99,7 @@ class Prepared:
     resume_from: Path | None = None  # the checkpoint whose config and data identity prepare checked
     prompt_head: dict | None = None  # task prompt_classification: kind, template, label words and tokens
     rss_before_model: dict | None = None  # this rank's RSS right before the model loaded (peak reset there)
+    task_runtime: object | None = None  # task ppo's runtime (train/ppo.py), last in `runtimes`
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -116,7 +117,9 @@ class Prepared:
             self.out,
             runtimes,
             identity=self.identity,
-            extra_eval=generation_evaluator(
+            extra_eval=self._ppo_evaluator("validation")
+            if self.task_runtime is not None
+            else generation_evaluator(
                 self.cfg,
                 self.tokenizer,
                 self.generation_rows["validation"],
@@ -126,6 +129,11 @@ class Prepared:
             if self.generation_rows
             else None,
         )
+
+    def _ppo_evaluator(self, split: str):
+        """Scores sampled responses to `split`'s prompts under the reward model (train/ppo.py)."""
+        rows, cfg = self.data[split], self.cfg
+        return lambda module: self.task_runtime.evaluate(module, rows, cfg.eval.batch_size, cfg.train.seed)
 
 
 def _absolute_local_paths(cfg: Config) -> None:
@@ -193,6 +201,15 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         from leantune.models.prompt_head import setup_label_words
 
         prompt_head = setup_label_words(model, tok, cfg.data, cfg.model.name)
+    if cfg.task == "dpo":  # the frozen reference: the adapter disabled, or a copy of the base taken now
+        from leantune.models.dpo import attach_dpo_loss
+
+        attach_dpo_loss(model, cfg.dpo.beta)
+    task_runtime = None
+    if cfg.task == "ppo":  # the reward run is checked here, before anything is written
+        from leantune.recipes.rlhf import ppo_runtime
+
+        task_runtime = ppo_runtime(cfg, tok, model)
     _name_portable_base(model, cfg.model.name)
     _check_model_fits(cfg, model, len(cfg.data.label_names or []))
     if cfg.data.packing:
@@ -212,7 +229,8 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     prep.resume_from = resume_from
     prep.prompt_head = prompt_head
     prep.rss_before_model = rss_before_model
-    prep.runtimes = method_runtimes(prep)
+    prep.task_runtime = task_runtime
+    prep.runtimes = method_runtimes(prep) + ([task_runtime] if task_runtime is not None else [])
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
     if mode == "fsdp":
@@ -410,6 +428,8 @@ def _final_test(prep: Prepared, trainer) -> tuple[dict, list | None]:
             threshold=cfg.eval.threshold,
             confusion=True,
         )
+    if prep.task_runtime is not None:
+        test.update(prep._ppo_evaluator("test")(trainer.module))
     predictions = None
     if prep.generation_rows and prep.generation_rows["test"]:
         from leantune.eval.generation import run_generation_eval
@@ -448,6 +468,7 @@ def _build_summary(
     """The run's summary, gathered on every process (the weights digest is a collective call); peak
     memory is read here, after the test evaluation and before the model is saved."""
     from leantune.memory.measure import peak_memory
+    from leantune.recipes.rlhf import rlhf_report
 
     cfg = prep.cfg
     digests = trainer.weights_digest()
@@ -490,6 +511,7 @@ def _build_summary(
         machine=machine(),
         config=cfg.model_dump(mode="json"),
         prompt_head=prep.prompt_head,
+        rlhf=rlhf_report(cfg.task, prep.task_runtime, trainer.log.path),
     )
 
 

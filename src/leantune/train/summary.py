@@ -113,6 +113,7 @@ class RunSummary:
     weights_sha256_per_rank: list[str] | None = None  # leantune runs: DDP must end identical
     distributed: str | None = None  # leantune runs: fsdp, ddp or none
     baseline: dict[str, Any] | None = None  # the HF baseline: what its framework did
+    rlhf: dict[str, Any] | None = None  # tasks dpo/ppo: reward and KL over training (recipes/rlhf.py)
     wall_time_s: float | None = None  # set last, just before the summary is written
     warnings: list[str] | None = None  # leantune runs: quality_warnings
     prompt_head: dict | None = None  # task prompt_classification: models/prompt_head.setup_label_words
@@ -128,7 +129,7 @@ class RunSummary:
             "train": self.train.to_dict(),
             "validation": self.validation,
             "test": self.test,
-            **_present([("mmlu", self.mmlu), ("confusion", self.confusion)]),
+            **_present([("mmlu", self.mmlu), ("confusion", self.confusion), ("rlhf", self.rlhf)]),
             "memory": self.memory,
             "world_size": self.world_size,
             **_present([("distributed", self.distributed)]),

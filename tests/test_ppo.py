@@ -1,0 +1,146 @@
+"""PPO (task: ppo): GAE and the adaptive KL controller by hand; on a synthetic reward the score rises
+while the KL to the reference stays near its target; resume after a kill replays exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import assert_resume_replays, make_sentiment_rows, write_csv
+
+NEW_TOKENS = 8
+
+
+@pytest.fixture
+def synthetic_reward(monkeypatch, tiny_models):
+    """Runs score the responses by how many of their tokens lie in a target half of the vocabulary,
+    instead of with a reward model (the reward run is not read). The half is the tokens whose output
+    embedding leans along one fixed direction, so one shift of the final hidden state reaches all of
+    them: a reward a random tiny model can learn in tens of steps (a random half of a uniform 30k-token
+    vocabulary it cannot)."""
+    from safetensors.torch import load_file
+
+    import leantune.recipes.rlhf as rlhf
+
+    head = load_file(str(tiny_models["llama"] / "model.safetensors"))["lm_head.weight"]
+    direction = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
+    target = set((head @ direction > 0).nonzero().flatten().tolist())
+
+    def score(sequences: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([float(sum(t in target for t in s[-NEW_TOKENS:])) for s in sequences])
+
+    monkeypatch.setattr(rlhf, "load_reward_scorer", lambda run, tok: score)
+
+
+def test_gae_matches_the_recursion_by_hand():
+    from leantune.train.ppo import gae
+
+    rewards = torch.tensor([[0.0, 0.5, 1.0, 9.0]])
+    values = torch.tensor([[0.2, 0.4, 0.1, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is past the response's end
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.1
+    d1 = 0.5 + 0.9 * 0.1 - 0.4
+    d0 = 0.0 + 0.9 * 0.4 - 0.2
+    a2, a1 = d2, d1 + 0.45 * d2
+    expected = torch.tensor([[d0 + 0.45 * a1, a1, a2, 0.0]])
+    assert torch.allclose(adv, expected)
+    assert torch.allclose(ret, expected + values)
+
+
+def test_adaptive_kl_coef_moves_towards_the_target():
+    from leantune.train.ppo import adapted_kl_coef
+
+    assert adapted_kl_coef(0.1, kl=12.0, target=6.0, samples=100, horizon=1000) == pytest.approx(0.102)
+    assert adapted_kl_coef(0.1, kl=3.0, target=6.0, samples=100, horizon=1000) == pytest.approx(0.098)
+    assert adapted_kl_coef(0.1, kl=6.0, target=6.0, samples=100, horizon=1000) == pytest.approx(0.1)
+
+
+def _ppo_overrides(tmp_path, tiny_models, extra: list[str] = ()) -> list[str]:
+    rows = [{"text": r["text"]} for r in make_sentiment_rows(160, 3)]
+    data = write_csv(tmp_path / "prompts.csv", rows)
+    return [
+        "task=ppo",
+        f"model.name={tiny_models['llama']}",
+        "model.max_length=24",
+        f"data.source={data}",
+        "data.label_column=null",
+        f"ppo.reward_run={tmp_path}",
+        f"ppo.max_new_tokens={NEW_TOKENS}",
+        "ppo.kl_target=10.0",
+        "ppo.temperature=0.3",  # the random model's next-token distribution is uniform; sharpen it
+        "ppo.kl_coef=0.5",
+        "ppo.kl_horizon=16",
+        "ppo.ppo_epochs=4",
+        "methods=[full]",
+        "train.lr=1e-2",
+        "train.batch_size=16",
+        "train.max_steps=40",
+        "train.epochs=10",
+        "train.warmup_ratio=0",
+        "train.num_threads=1",
+        "train.save_every=null",
+        "train.eval_every=10",
+        "eval.batch_size=32",
+        "output.tensorboard=false",
+        f"output.dir={tmp_path / 'run'}",
+        *extra,
+    ]
+
+
+def test_ppo_raises_the_reward_with_kl_near_its_target(tiny_models, tmp_path, synthetic_reward):
+    from leantune.config import load_config
+    from leantune.recipes.train import run_train
+
+    summary = run_train(load_config(None, _ppo_overrides(tmp_path, tiny_models)))
+    history = summary["rlhf"]["history"]
+    assert len(history) == 10  # 40 steps, 4 optimizer steps per rollout
+    first = sum(h["score"] for h in history[:3]) / 3
+    last = sum(h["score"] for h in history[-3:]) / 3
+    assert last > first + 0.5, history  # about 0.5 target tokens of 8 at the start
+    kls = [h["kl"] for h in history]
+    assert max(kls[-5:]) < 1.5 * 10.0, kls  # within its target (10 nats per response), with slack
+    assert summary["test"]["kl"] < 1.5 * 10.0
+    assert summary["method_reports"] == {} or "ppo" not in summary["method_reports"]
+
+
+def test_ppo_resume_after_kill_replays_exactly(tiny_models, tmp_path, synthetic_reward):
+    # a checkpoint at step 3 falls in the middle of a rollout's two steps: the buffer must travel
+    extra = ["train.save_every=3", "train.max_steps=6", "train.eval_every=null"]
+    assert_resume_replays(_ppo_overrides(tmp_path, tiny_models, extra), tmp_path / "run", from_step=3)
+
+
+@pytest.mark.parametrize("task", ["dpo", "ppo"])
+def test_plan_takes_reference_logits_and_reward_model_from_the_budget(tiny_models, tmp_path, task):
+    from leantune.config import load_config
+    from leantune.memory.rlhf import weight_bytes
+    from leantune.models.loader import load_model
+    from leantune.recipes.plan import make_plan
+    from tests.test_reward import preference_rows
+
+    rows = preference_rows(40, 0)
+    data = write_csv(tmp_path / "prefs.csv", [{**r, "text": r["prompt"]} for r in rows])
+    cfg = load_config(
+        None,
+        [
+            f"task={task}",
+            f"model.name={tiny_models['llama']}",
+            "model.max_length=32",
+            f"data.source={data}",
+            "data.prompt_column=prompt",
+            "data.label_column=null",
+            f"ppo.reward_run={tmp_path}",
+            "ppo.max_new_tokens=8",
+            "train.batch_size=4",
+            "methods=[{name: lora, target_modules: all-linear}]",
+        ],
+    )
+    plan = make_plan(cfg, "64MiB")
+    held = plan["rlhf"]
+    vocab, rows_per_step = 30522, 8 if task == "dpo" else 4  # DPO: chosen and rejected rows
+    assert held["reference_logits"] == rows_per_step * plan["seq_len"] * vocab * 4
+    assert held["reference_weights"] == 0  # the adapter disabled is the reference
+    base = weight_bytes(load_model(str(tiny_models["llama"]), "causal_lm"))
+    assert held["reward_model_weights"] == (base if task == "ppo" else 0)
+    assert plan["budget_bytes"] == 64 * 2**20 - held["total"]
+    assert plan["estimate"]["total"] <= plan["budget_bytes"]
