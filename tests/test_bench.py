@@ -88,7 +88,8 @@ def test_artefacts_hold_every_key_and_sane_numbers(bench):
         assert a["config"]["train"]["num_threads"] == 2  # the suite's thread count
         assert a["samples_per_s"] > 0 and a["tokens_per_s"] > a["samples_per_s"]
         assert 0 < a["train_time_s"] < a["wall_time_s"]
-        assert 0 < a["cpu_utilisation"] <= 2.5  # 2 torch threads (and a little of the main thread's)
+        if a["kind"] == "leantune":  # the HF Trainer baseline does not measure it
+            assert 0 < a["cpu_utilisation"] <= 2.5  # 2 torch threads (and a little of the main thread's)
         assert a["time_per_epoch_s"] > a["train_time_s"]  # 4 steps are less than an epoch of 256 rows
         p = a["params"]
         assert 0 < p["trainable"] <= p["total"]

