@@ -91,7 +91,7 @@ def test_training_reallocates_logs_reasons_and_saves_a_peft_adapter(base_overrid
     assert len(allocations) == 3 and report["reallocations"] == 2  # steps 0, 8 and 16
     assert all(e["reason"] for e in allocations) and "drifted" in allocations[1]["reason"]
     assert report["plan"]["estimate"]["total"] <= report["budget_bytes"]
-    assert report["measured_peak_source"] == "rss" and 0 < report["measured_peak_bytes"]
+    assert report["measured_peak_source"] == "rss" and report["measured_peak_bytes"] > 0
     assert report["measured_peak_bytes"] < summary["memory"]["step_peak_bytes"]  # RSS holds the runtime too
     assert (run / "rank_history.png").stat().st_size > 1000
     ranks = report["ranks"]
