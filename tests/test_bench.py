@@ -412,3 +412,48 @@ def test_processes_launch_under_torchrun_with_the_threads_split(tmp_path):
 
     with pytest.raises(ValidationError, match="processes must be 1"):
         Suite.model_validate({"name": "p", "runs": [{"id": "hf", "kind": "hf_baseline", "processes": 2}]})
+
+
+def test_runs_at_the_majority_class_are_labelled_and_refused_unless_the_suite_allows_them():
+    from leantune.bench.report import check_learned
+    from leantune.errors import UserError
+
+    arts = [_fake("full", 1, 10.0, 10.0, 0.80, methods=("full",)), _fake("lora_lr1e-2", 1, 5.0, 20.0, 0.55)]
+    for a in arts:
+        a["metrics"]["test"]["majority_accuracy"] = 0.55  # lora ends exactly at the majority share
+    table = Table(arts, ["full", "lora_lr1e-2"])
+    header, rows = table.rows()
+    by = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert by["lora_lr1e-2"]["accuracy"] == "0.5500 (did not learn)" and by["full"]["accuracy"] == "0.8000"
+    with pytest.raises(UserError, match="lora_lr1e-2 ended at or below the majority class"):
+        check_learned(table, "s", False)
+    with pytest.raises(UserError, match="allow_no_learning"):
+        check_learned(table, "s", ["full"])  # a pattern that does not cover the run
+    assert "time-only" in check_learned(table, "s", True)[0]
+    assert "rows are marked" in check_learned(table, "s", ["*_lr1e-2"])[0]
+    arts[1]["metrics"]["test"]["accuracy"] = 0.5501
+    assert check_learned(Table(arts), "s", False) == []  # above the majority: nothing to say
+
+
+def test_report_of_a_suite_that_did_not_learn_writes_nothing_unless_time_only(bench, capsys, tmp_path):
+    import shutil
+
+    results, _ = bench
+    copy = tmp_path / "results"
+    shutil.copytree(results / "smoke", copy / "smoke")
+    for f in (copy / "smoke").glob("report.*"):
+        f.unlink()
+    for path in (copy / "smoke").glob("*-r1.json"):  # every run at the majority share (4 steps: near it)
+        art = json.loads(path.read_text())
+        art["metrics"]["test"]["accuracy"] = art["metrics"]["test"]["majority_accuracy"]
+        path.write_text(json.dumps(art))
+    assert "allow_no_learning: true" in SMOKE.read_text()  # the smoke suite times, it does not judge
+    strict = tmp_path / "smoke.yaml"
+    strict.write_text(SMOKE.read_text().replace("allow_no_learning: true", "allow_no_learning: false"))
+    line = cli_err(capsys, "report", strict, "--results", copy)
+    assert "'smoke': full, lora, hf_lora ended at or below the majority class" in line
+    assert "no report written" in line and not list((copy / "smoke").glob("report.*"))
+    assert main(["report", str(SMOKE), "--results", str(copy)]) == 0
+    md = (copy / "smoke" / "report.md").read_text()
+    assert "**DID NOT LEARN: a time-only table.** full, lora, hf_lora ended" in md
+    assert md.count("(did not learn) |") == 3

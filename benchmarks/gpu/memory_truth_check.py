@@ -19,20 +19,41 @@ import sys
 import tempfile
 from pathlib import Path
 
+_PEAKS: list[int] = []  # the current run's step peaks
 
-def _record_steps(peaks: list[int]) -> None:
-    """Keep every step's peak as the trainer's meter reads it (the runtime only logs the max per check)."""
+
+def _record_steps() -> None:
+    """Keep every step's peak as the trainer's meter reads it (the runtime only logs the max per check).
+    Installed once: each run clears `_PEAKS` first."""
     from leantune.memory.measure import StepPeakMeter
 
+    if getattr(StepPeakMeter.stop, "records", False):
+        return
     stop = StepPeakMeter.stop
 
     def recording(self):
         peak = stop(self)
         if peak is not None:
-            peaks.append(peak if self.cuda else self.last_growth)
+            _PEAKS.append(peak if self.cuda else self.last_growth)
         return peak
 
+    recording.records = True
     StepPeakMeter.stop = recording
+
+
+def derived(result: dict) -> dict:
+    """Figures the docs quote: the largest step peak, how many steps went over, peak / estimate."""
+    peaks, budget = result["step_peaks_bytes"], result["budget_bytes"]
+    return {
+        "max_step_peak_mib": max(peaks) / 2**20,
+        "estimate_mib": result["estimate_bytes"] / 2**20,
+        "budget_mib": budget / 2**20,
+        "steps": len(peaks),
+        "steps_over_budget": (over := [i + 1 for i, peak in enumerate(peaks) if peak > budget]),
+        "steps_over_budget_count": len(over),
+        "last_step_over_budget": max(over, default=0),
+        "max_peak_over_estimate": max(peaks) / result["estimate_bytes"],
+    }
 
 
 def run_one(budget: str, cpu: bool, steps: int, root: Path) -> dict:
@@ -68,15 +89,16 @@ def run_one(budget: str, cpu: bool, steps: int, root: Path) -> dict:
         f"output.dir={root / ('run-' + budget)}",
         *extra,
     ]
-    peaks: list[int] = []
-    _record_steps(peaks)
+    _PEAKS.clear()
+    _record_steps()
     try:
         summary = run_train(load_config(None, overrides))
     except UserError as exc:
         return {"budget": budget, "error": str(exc)}
     report = summary["method_reports"]["dynamic_rank"]
     budget_bytes = report["budget_bytes"]
-    return {
+    peaks = list(_PEAKS)
+    result = {
         "budget": budget,
         "budget_bytes": budget_bytes,
         "device": "cpu" if cpu else "cuda",
@@ -92,6 +114,7 @@ def run_one(budget: str, cpu: bool, steps: int, root: Path) -> dict:
         "memory": summary["memory"],
         "test_accuracy": summary["test"].get("accuracy"),
     }
+    return result | derived(result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,11 @@ from __future__ import annotations
 from tests.bad_input.harness import Case, Env
 
 SUITE = "name: tiny\nruns:\n  - {id: a, overrides: [train.max_steps=1]}\n"
+# a finished artefact of that suite's run, its test accuracy below the majority share
+NO_LEARNING = (
+    '{"schema": 1, "run_id": "a", "repeat": 1, "kind": "leantune", "methods": ["lora"], '
+    '"metrics": {"test": {"accuracy": 0.45, "majority_accuracy": 0.55}}}'
+)
 
 # id, what, argv, phrase, files, setup
 ROWS = [
@@ -180,6 +185,14 @@ ROWS = [
         ("report", "nope.yaml"),
         "suite file not found",
         {},
+        None,
+    ),
+    (
+        "report-did-not-learn",
+        "report of a suite whose run ended at the majority class",
+        ("report", "suite.yaml", "--results", "results"),
+        "ended at or below the majority class",
+        {"suite.yaml": SUITE, "results/tiny/a-r1.json": NO_LEARNING},
         None,
     ),
     (

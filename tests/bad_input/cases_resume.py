@@ -24,6 +24,11 @@ def _trained(env: Env, saving: tuple[str, ...] = SAVING) -> Path:
     return run
 
 
+def _lora_sp_init(env: Env) -> None:
+    """A LoRA-SP run whose masked entries kept peft's init (the only behaviour before the option)."""
+    _trained(env, (*SAVING, "methods=[{name: lora_sp, frozen_entries: init}]"))
+
+
 def _never_saved(env: Env) -> None:
     _trained(env, ("train.keep_checkpoints=5",))
 
@@ -115,6 +120,13 @@ RESUME = [
         "methods.0.r: 8 -> 2",
     ),
     ("changed-method", "another method", ("methods=[full]",), _then(lambda r: None), "methods.0.name"),
+    (
+        "lora-sp-init-as-zero",
+        "a LoRA-SP run with masked entries at init resumed under the default, zero",
+        ("methods=[{name: lora_sp}]",),
+        _lora_sp_init,
+        "methods.0.frozen_entries: init -> zero",
+    ),
     (
         "changed-length",
         "a changed max_length",

@@ -65,6 +65,17 @@ def _test(key: str) -> Callable[[dict], float | None]:
     return lambda a: a["metrics"]["test"].get(key)
 
 
+def did_not_learn(artefact: dict) -> bool:
+    """A classification run whose test accuracy ends at or below the majority class share: a constant
+    guess scores as much, so its quality cells compare nothing."""
+    test = (artefact.get("metrics") or {}).get("test") or {}
+    acc, majority = test.get("accuracy"), test.get("majority_accuracy")
+    return acc is not None and majority is not None and acc <= majority
+
+
+DID_NOT_LEARN = " (did not learn)"
+
+
 class Table:
     """The artefacts grouped by run id (suite order) and repeat, with per-repeat ratios."""
 
@@ -84,6 +95,8 @@ class Table:
         self.metric = _quality_metric(artefacts)
         shots = {m["shots"] for a in artefacts if (m := a["metrics"].get("mmlu"))}
         self.mmlu_header = f"MMLU {'/'.join(map(str, sorted(shots)))}-shot" if shots else None
+        # run ids with a repeat at or below the majority class: labelled in every table
+        self.no_learning = [i for i in ids if any(did_not_learn(a) for a in self.by_id[i].values())]
 
     def first(self, run_id: str) -> dict:
         return self.by_id[run_id][min(self.by_id[run_id])]
@@ -136,7 +149,8 @@ class Table:
                     _cell(self.values(i, lambda a: a["samples_per_s"])),
                     self._ratio_cell(i, self.hf, lambda a: a["samples_per_s"]),
                     _cell(self.values(i, lambda a: a["peak_memory_bytes"] / MiB), ".0f"),
-                    _cell(self.values(i, _test(self.metric)), ".4f"),
+                    _cell(self.values(i, _test(self.metric)), ".4f")
+                    + (DID_NOT_LEARN if i in self.no_learning else ""),
                     _cell(self.values(i, _test("f1")), ".4f"),
                     _cell(self.values(i, _test("mcc")), ".4f"),
                     _cell([100 * f for f in frac], ".2f"),
@@ -343,6 +357,38 @@ p {{ max-width: 60em; }} p.note {{ color: #555; font-size: 0.9em; }}
 """
 
 
+def check_learned(table: Table, suite: str, allow: bool | list[str]) -> list[str]:
+    """Refuse (UserError) a table whose runs end at or below the majority class unless the suite allows
+    them; return the loud context line for those it allows (empty when every run learned)."""
+    from fnmatch import fnmatch
+
+    from leantune.errors import name_some
+
+    if not table.no_learning:
+        return []
+    allowed = allow is True or all(
+        any(fnmatch(i, pattern) for pattern in allow or []) for i in table.no_learning
+    )
+    shown = name_some(table.no_learning)
+    if not allowed:
+        barred = [i for i in table.no_learning if not any(fnmatch(i, p) for p in allow or [])]
+        raise UserError(
+            f"suite '{suite}': {name_some(barred)} ended at or below the majority class (test accuracy <= "
+            "majority share), so a quality table would rank methods that learned nothing; no report "
+            "written. Make them learn (more data or steps, their own lr), or set allow_no_learning: true "
+            "in the suite for a time-only suite (or list those run ids there)"
+        )
+    if allow is True:
+        return [
+            f"**DID NOT LEARN: a time-only table.** {shown} ended at or below the majority class; "
+            "their quality columns compare nothing (the suite sets allow_no_learning)."
+        ]
+    return [
+        f"**DID NOT LEARN:** {shown} ended at or below the majority class (allowed by the suite's "
+        "allow_no_learning, e.g. the diverging end of an lr sweep); their rows are marked."
+    ]
+
+
 def run_report(suite_arg: str, results: Path | None = None) -> tuple[Path, Path]:
     from leantune.atomic import write_text_atomic
     from leantune.bench.runner import DEFAULT_RESULTS
@@ -350,9 +396,10 @@ def run_report(suite_arg: str, results: Path | None = None) -> tuple[Path, Path]
 
     order = None
     name = suite_arg
+    allow: bool | list[str] = False
     try:
         suite = load_suite(resolve_suite_path(suite_arg))
-        name, order = suite.name, [r.id for r in suite.runs]
+        name, order, allow = suite.name, [r.id for r in suite.runs], suite.allow_no_learning
     except UserError:
         if suite_arg.endswith((".yaml", ".yml")):
             raise
@@ -362,7 +409,7 @@ def run_report(suite_arg: str, results: Path | None = None) -> tuple[Path, Path]
     if not artefacts:
         raise UserError(f"no benchmark artefacts in {folder}; run `leantune bench {suite_arg}` first")
     table = Table(artefacts, order)
-    context = _context_lines(artefacts)
+    context = check_learned(table, name, allow) + _context_lines(artefacts)
     md_path, html_path = folder / "report.md", folder / "report.html"
     write_text_atomic(md_path, markdown(table, name, context))
     write_text_atomic(html_path, html_report(table, name, context, folder))

@@ -11,10 +11,17 @@ runs:
 repeat: 1                                           # each run this many times, interleaved
 threads: 2                                          # torch threads of every run and of the matmul peak
 env: {MALLOC_MMAP_THRESHOLD_: "131072"}             # optional: environment of every run
+allow_no_learning: false                            # or true (time-only suite), or run-id patterns
 ```
 
 A run may set `processes: N` (leantune runs only): it is launched under torchrun with N processes, each
 with threads / N torch threads (at least one), so a suite compares 1, 2, 4 processes on the same cores.
+
+`leantune report` refuses a suite whose classification runs end at or below the majority class (see
+`leantune.bench.report.check_learned`): a quality table would rank methods that learned nothing.
+`allow_no_learning: true` marks a time-only suite, whose table is then labelled "did not learn";
+a list of fnmatch patterns (e.g. `["*_lr1e-2_*"]`, the diverging end of an lr sweep) allows just those
+runs, each labelled in its row.
 
 Why validate everything here, before anything runs: a suite can take many minutes, and a typo in the
 last run's overrides must not cost the first ones. Each run's leantune config is validated too (without
@@ -90,6 +97,11 @@ class Suite(_Strict):
         default_factory=dict,
         description="Environment variables for every run (e.g. the allocator's MALLOC_MMAP_THRESHOLD_);"
         " the artefact's command starts with them.",
+    )
+    allow_no_learning: bool | list[str] = Field(
+        False,
+        description="false: `leantune report` refuses runs that end at or below the majority class; "
+        "true: a time-only suite (its table says 'did not learn'); or run-id patterns allowed to.",
     )
 
     @field_validator("name")
