@@ -474,7 +474,7 @@ sys.exit(main(["train", *sys.argv[1:]]))
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=[pytest.mark.slow, heavy])])
 def test_refusal_at_the_first_write_stops_every_rank_at_once(mode, tiny_models, sentiment_csv, tmp_path):
     """Rank 0 alone sees the refusal; every rank must print the same line and exit 2 within seconds,
-    not wait at a barrier until train.distributed_timeout_s (here 120 s), nor end with a lost-rank line
+    not wait at a barrier until train.distributed_timeout_s (here 300 s), nor end with a lost-rank line
     (exit 1), which is what rank 1 did before rank 0 broadcast its verdict (`main_decides`). About 10 s
     for the ddp launch here (imports and the tiny model's load are most of it); fsdp is the same path."""
     script = tmp_path / "race.py"
@@ -483,12 +483,12 @@ def test_refusal_at_the_first_write_stops_every_rank_at_once(mode, tiny_models, 
     args = [
         *_overrides(tiny_models["bert"], sentiment_csv, run),
         f"train.distributed={mode}",
-        "train.distributed_timeout_s=120",
+        "train.distributed_timeout_s=300",
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["--log-dir", str(logs), "--redirects", "3", str(script), *args]
     start = time.monotonic()
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=110)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=280)
     took = time.monotonic() - start
     text = done.stdout + done.stderr
     per_rank = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
@@ -502,7 +502,7 @@ def test_refusal_at_the_first_write_stops_every_rank_at_once(mode, tiny_models, 
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", text)
     assert done.returncode != 0 and codes and set(codes) == {"2"}, text[-3000:]
     print(f"{mode}: every rank refused in one line, exit 2, {took:.1f} s for the whole launch")
-    assert took < 60
+    assert took < 150  # a waiting rank would take the 300 s timeout; a loaded 2-core machine takes ~35 s
 
 
 # -- leantune plan --world-size against the measured per-rank peaks --------------------------------------
@@ -551,7 +551,7 @@ def test_plan_predicts_the_per_rank_peak(method, small_bert, sentiment_csv, tmp_
     """`leantune plan --world-size 2` under FSDP within 15% of each rank's measured peak (RSS growth
     since the model started loading, less the libraries' code pages; glibc returning freed memory, as
     the memory model is validated). Full fine-tuning peaks at the end of backward, LoRA at the root's
-    all-gather: the two ends of the model. Measured here: full 183 MiB vs 197 predicted, LoRA 126 vs 113."""
+    all-gather: the two ends of the model. Measured here: full 183 MiB vs 176 predicted, LoRA 126 vs 128."""
     from leantune.cli import main
 
     args = _plan_args(small_bert, sentiment_csv, method)

@@ -15,8 +15,9 @@ activations. Across N processes (`train.batch_size` is per process, so activatio
   (tests/test_fsdp.py::test_plan_predicts_the_per_rank_peak), so the model takes `FSDP_GATHER_FACTOR`
   = 2.5. The root unit (the embeddings, the head and whatever is outside the blocks) then stays
   gathered until the end of backward, beside up to two gathered blocks (the one running and the next
-  one, prefetched in backward). At the end of backward the root's whole gradients exist twice (the
-  gradient and the reduce-scatter input) before they are scattered. So the embeddings of a small
+  one, prefetched in backward). At the end of backward FSDP2 reshards the root (frees its whole
+  weights) and only then reduces: its whole gradients exist twice (the gradient and the reduce-scatter
+  input) before they are scattered. So the embeddings of a small
   model, which are most of its weights, do not shrink with N at the peak.
 - Loading: every rank loads the whole model before sharding (`load_model`, then `shard_model`, which
   copies this rank's shards before the whole tensors go), so the whole weights (plus, under FSDP, the
@@ -25,12 +26,15 @@ activations. Across N processes (`train.batch_size` is per process, so activatio
   objects, autograd and dispatcher state, small allocations on the heap), whatever the model's size:
   measured as the RSS growth of a one-process LoRA run of a 44 MB BERT beyond its weights and
   activations. It is added on CPU only: on a GPU the peak is `torch.cuda.max_memory_allocated`, tensors
-  only.
+  only. An FSDP rank holds ~15 MiB more of its own (FSDP2's parameter-group state and DTensor metadata,
+  the gloo communicator): measured on the 2-rank runs of an 11M-parameter BERT (full and LoRA) as what
+  their peaks exceeded the model above; `CPU_FSDP_RUNTIME_BYTES`.
 
 Four moments of a step compete for the training peak (see `MemoryEstimate.step_bytes` for the
 one-process reasoning): the root's all-gather at the start of forward (FSDP), the start of backward (all
 activations saved, the root and two blocks gathered), the end of backward (under FSDP the root's whole
-gradients and their reduce-scatter copy beside the sharded ones), and the optimizer update (every
+weights and gradients while its backward runs, then, resharded, its gradients and their reduce-scatter
+copy beside the sharded ones), and the optimizer update (every
 gradient alive plus AdamW's temporaries). The measured side subtracts the shared libraries' code pages
 that the first step pages in (`leantune.memory.budget.library_rss`), which are not the model's memory.
 """
@@ -52,6 +56,7 @@ MODES = ("none", "ddp", "fsdp")
 FSDP_GATHERED_BLOCKS = 2  # the block running and the next one, prefetched in backward
 FSDP_GATHER_FACTOR = 2.5  # a unit held while it is all-gathered, in units of its whole size (see above)
 CPU_RUNTIME_BYTES = 16 * 2**20  # what a CPU training process adds on its first steps (see above)
+CPU_FSDP_RUNTIME_BYTES = CPU_RUNTIME_BYTES + 15 * 2**20  # ... plus FSDP2's and gloo's own state (see above)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class RankMemory:
     gathered_weights: int  # FSDP: the root and the largest blocks, whole, during forward and backward
     root_gather: int  # FSDP: the root unit while it is all-gathered (FSDP_GATHER_FACTOR x its size)
     gathered_root_gradients: int  # FSDP: the root's whole gradients + their reduce-scatter copy
+    root_weights: int  # FSDP: the root unit's whole weights (gathered while its own backward runs)
     optimizer_transient: int
     load: int  # the whole model, on every rank, before sharding
     runtime: int  # CPU_RUNTIME_BYTES on CPU, 0 on a GPU
@@ -83,9 +89,15 @@ class RankMemory:
         return {
             **moments,
             "backward_start": base + self.gathered_weights + self.activations + self.transient,
-            "backward_end": base + self.gathered_weights + self.gradients + self.gathered_root_gradients,
+            "backward_end": base + self.gradients + self.backward_end_root,
             "update": base + self.gradients + self.optimizer_transient,
         }
+
+    @property
+    def backward_end_root(self) -> int:
+        """The root at the end of backward: its whole weights and gradients while its backward runs,
+        then (FSDP2 reshards before it reduces) the gradients and their reduce-scatter copy."""
+        return max(self.root_weights + self.gathered_root_gradients // 2, self.gathered_root_gradients)
 
     @property
     def training(self) -> int:
@@ -170,6 +182,7 @@ def rank_memory(model, estimate: MemoryEstimate, world_size: int, mode: str) -> 
             gathered_weights=0,
             root_gather=0,
             gathered_root_gradients=0,
+            root_weights=0,
             optimizer_transient=estimate.optimizer_transient_bytes,
         )
     blocks, root = _units(model)
@@ -178,7 +191,8 @@ def rank_memory(model, estimate: MemoryEstimate, world_size: int, mode: str) -> 
     block_sizes = sorted((_nbytes(unit) for unit in blocks), reverse=True)
     weights = sum(shard_bytes(p, world_size) for p in params)
     return RankMemory(
-        **{**common, "load": full_weights + weights},  # the shards are copied before the whole goes
+        # the shards are copied before the whole goes; FSDP's own state comes on top of the CPU runtime
+        **{**common, "load": full_weights + weights, "runtime": common["runtime"] and CPU_FSDP_RUNTIME_BYTES},
         weights=weights,
         gradients=grads,
         optimizer_state=slots * grads + steps * len(trainable),
@@ -186,6 +200,7 @@ def rank_memory(model, estimate: MemoryEstimate, world_size: int, mode: str) -> 
         gathered_weights=_nbytes(root) + sum(block_sizes[:FSDP_GATHERED_BLOCKS]),
         root_gather=int(FSDP_GATHER_FACTOR * _nbytes(root)),
         gathered_root_gradients=2 * _nbytes(root, trainable_only=True),
+        root_weights=_nbytes(root),
         optimizer_transient=int(OPTIMIZER_TRANSIENT_FACTOR[optimizer] * largest_shard),
     )
 

@@ -285,9 +285,14 @@ def check_world_args(
 
 def make_rank_plan(cfg: Config, world: int, mode: str, batch: int) -> dict:
     """The memory model per process for the config's methods on `world` processes in `mode`."""
+    model, seq_len = load_for_rank_plan(cfg)
+    return rank_plan(model, cfg, world, mode, batch, seq_len)
+
+
+def load_for_rank_plan(cfg: Config):
+    """The model with the config's methods applied, and the sequence length to plan for (the longest
+    training example, capped at model.max_length); separate so that a table of world sizes loads once."""
     from leantune.data.arrow_features import example_lengths
-    from leantune.memory.estimate import estimate_memory
-    from leantune.memory.sharding import rank_memory
     from leantune.methods import MethodContext, apply_methods
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.recipes.common import setup_torch
@@ -300,10 +305,16 @@ def make_rank_plan(cfg: Config, world: int, mode: str, batch: int) -> dict:
         raise UserError(f"the training split of {cfg.data.source} is empty; the plan needs its lengths")
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
-    seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
+    return model, min(max(example_lengths(data["train"])), cfg.model.max_length)
+
+
+def rank_plan(model, cfg: Config, world: int, mode: str, batch: int, seq_len: int) -> dict:
+    from leantune.memory.estimate import estimate_memory
+    from leantune.memory.sharding import rank_memory
+    from leantune.models.reward import method_task
+
     est = estimate_memory(model, method_task(cfg.task), batch, seq_len, "adamw")
-    per_rank = rank_memory(model, est, world, mode)
-    return {**per_rank.to_dict(), "one_process": est.totals()}
+    return {**rank_memory(model, est, world, mode).to_dict(), "one_process": est.totals()}
 
 
 def format_rank_plan(plan: dict) -> str:

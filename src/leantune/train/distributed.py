@@ -276,16 +276,19 @@ def main_decides(act: Callable[[], None]) -> None:
             refusal = exc
     text = str(refusal).encode() if refusal is not None else b""
     code = getattr(refusal, "exit_code", EXIT_USER_ERROR) if refusal is not None else 0
-    head = torch.tensor([len(text), code], dtype=torch.int64)
+    head = torch.tensor([refusal is not None, len(text), code], dtype=torch.int64)
     dist.broadcast(head, src=0)
-    if int(head[0]) == 0:
+    if not int(head[0]):
         return
-    body = torch.tensor(list(text), dtype=torch.uint8) if refusal is not None else None
-    body = body if body is not None else torch.empty(int(head[0]), dtype=torch.uint8)
-    dist.broadcast(body, src=0)
+    if refusal is not None:
+        body = torch.tensor(list(text), dtype=torch.uint8)
+    else:
+        body = torch.empty(int(head[1]), dtype=torch.uint8)
+    if len(body):
+        dist.broadcast(body, src=0)
     if refusal is not None:
         raise refusal
-    raise _refusal(bytes(body.tolist()).decode(), int(head[1]))
+    raise _refusal(bytes(body.tolist()).decode(), int(head[2]))
 
 
 def _refusal(message: str, exit_code: int) -> UserError:
