@@ -12,6 +12,10 @@ provides, and hands to `leantune.methods.registry.register` at import time as a 
   (its own optimisation step, hooks around each step, state that must survive `--resume`, numbers
   for the summary). Hooks get the trainer as a `TrainerView`: exactly what a runtime may use of it;
 - optionally `report(model, cfg) -> dict`: static numbers for summary.json;
+- optionally `load_options(cfg, task, dtype) -> dict | None`: keyword arguments for the base model's
+  `from_pretrained` (a `quantization_config`, so a quantised base never holds its full-precision weights),
+  asked before the base loads, for training and for every reload; None loads as usual. The loader merges
+  them without asking which method gave them;
 - optionally `reload(model, cfg, run_dir) -> model`: what `eval`/`export` must rebuild on a freshly
   loaded base before the saved weights load (a quantised base);
 - optionally `plan_for(model, cfg) -> MemoryContribution`: what applying the method to `model` would
@@ -191,6 +195,9 @@ class MethodSpec:
     apply: Callable[[Any, Any, MethodContext], Any]
     runtime: Callable[[Any, Any, MethodContext], MethodRuntime] | None = None
     report: Callable[[Any, Any], dict[str, Any]] | None = None
+    # Asked before the base model loads: `load_options(cfg, task, dtype) -> dict | None`, keyword arguments
+    # for `from_pretrained` (e.g. a BitsAndBytesConfig as `quantization_config`); None: load as usual.
+    load_options: Callable[[Any, str, str], dict[str, Any] | None] | None = None
     # Rebuilds, on a freshly loaded base model, what the saved weights do not hold (a quantised base):
     # `reload(model, cfg, run_dir) -> model`, called by `eval`/`export` before the adapter is loaded.
     reload: Callable | None = None

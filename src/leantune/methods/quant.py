@@ -1,4 +1,12 @@
-"""Quantised frozen base (QLoRA's half): 8-bit or 4-bit (NF4/FP4) linear layers, replaced in place.
+"""Quantised frozen base (QLoRA's half): 8-bit or 4-bit (NF4/FP4) linear layers.
+
+Where it can, the base is quantised while it loads: `load_options` hands the loader a
+`BitsAndBytesConfig` (`from_pretrained(quantization_config=...)`), so transformers quantises each weight
+as it is read and the full-precision base never sits in memory (benchmarks/results/quant-load measures
+the peak). Where it cannot (backend torch, bitsandbytes missing, a blocksize other than transformers' 64)
+it says why, the base loads in full precision and the layers are replaced in place after, as before.
+Both paths quantise the same weights with the same bitsandbytes call, so they give the same codes: a run
+trained on one reloads on the other.
 
 Why a method that only replaces layers: the adapter on top stays whatever the next method in the list
 is (`methods: [quant, lora]` is QLoRA), so quantisation composes instead of being a LoRA option.
@@ -22,7 +30,7 @@ from pydantic import Field, model_validator
 
 from leantune.errors import UserError
 from leantune.methods.registry import MethodConfig, MethodContext, MethodSpec, register
-from leantune.models.quantizable import NEVER_QUANTIZED, quantizable_layers
+from leantune.models.quantizable import NEVER_QUANTIZED, quantizable_layers, skipped
 
 __all__ = ["NEVER_QUANTIZED", "QuantConfig", "quantizable_layers", "quantize", "quantized_layers"]
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -150,6 +158,50 @@ def check_order(cfg: QuantConfig, ctx: MethodContext, model) -> None:
         )
 
 
+#: the blocksize transformers' BitsAndBytesConfig quantises with (it has no setting for it)
+LOAD_TIME_BLOCKSIZE = 64
+
+
+def load_time_blocker(cfg: QuantConfig) -> str | None:
+    """Why this config cannot be quantised while the base loads, or None when it can."""
+    if resolve_backend(cfg) != "bitsandbytes":
+        return "backend torch (pure-PyTorch layers) replaces layers after loading"
+    if cfg.bits == 4 and cfg.blocksize != LOAD_TIME_BLOCKSIZE:
+        return f"blocksize {cfg.blocksize}: transformers' BitsAndBytesConfig quantises in blocks of 64 only"
+    return None
+
+
+def skip_patterns(cfg: QuantConfig) -> list[str]:
+    """`skipped()`'s rule (a path component, or a dotted suffix) as transformers' skip patterns (regexes
+    matched from the start of a module name up to a module boundary), so both paths quantise the same
+    layers."""
+    import re
+
+    return [rf"(?:.*\.)?{re.escape(s)}" for s in NEVER_QUANTIZED + tuple(cfg.skip_modules)]
+
+
+def load_options(cfg: QuantConfig, task: str, dtype: str) -> dict[str, Any] | None:
+    """A BitsAndBytesConfig for `from_pretrained`: the base is quantised as it loads."""
+    blocker = load_time_blocker(cfg)
+    if blocker is not None:
+        print(f"quant: loading the base in full precision, then quantising it ({blocker})", flush=True)
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=cfg.bits == 4,
+            load_in_8bit=cfg.bits == 8,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
+            llm_int8_threshold=6.0,  # LLM.int8's outlier threshold, as `_bnb_layer` uses
+            llm_int8_skip_modules=skip_patterns(cfg),
+        )
+    }
+
+
 def apply(model, cfg: QuantConfig, ctx: MethodContext):
     check_order(cfg, ctx, model)
     return quantize(model, cfg)
@@ -159,16 +211,40 @@ def reload(model, cfg: QuantConfig, run_dir) -> Any:
     """The run's adapter was trained on the quantised base: evaluate and export it on that base too.
 
     Quantising is deterministic (absmax per block, no randomness), so the same bits, type, blocksize and
-    backend from the run's config give the same codes the run trained on.
+    backend from the run's config give the same codes the run trained on, at load time or after.
     """
     return quantize(model, cfg)
+
+
+def _quantized_at_load(model, cfg: QuantConfig) -> list[str]:
+    """The layers transformers quantised while loading (none on the replace-after path), tagged and set
+    up as `_bnb_layer` sets up its own; a layer in the skip list among them is a bug, not a choice."""
+    import bitsandbytes as bnb
+
+    skip = NEVER_QUANTIZED + tuple(cfg.skip_modules)
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    done = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and not hasattr(m, "leantune_source_dtype")
+    ]
+    wrong = [n for n in done if skipped(n, skip)]
+    if wrong:
+        raise RuntimeError(f"quant: transformers quantised {wrong[0]}, which the skip list keeps")
+    for name in done:
+        layer = model.get_submodule(name)
+        layer.leantune_source_dtype = model.dtype
+        layer.leantune_at_load = True
+        layer.support_avx512bf16_for_cpu = False  # see _bnb_layer
+    return done
 
 
 def quantize(model, cfg: QuantConfig):
     backend = resolve_backend(cfg)
     skip = NEVER_QUANTIZED + tuple(cfg.skip_modules)
-    names = quantizable_layers(model, skip)
-    if not names:
+    at_load = _quantized_at_load(model, cfg) if backend == "bitsandbytes" else []
+    names = quantizable_layers(model, skip)  # what is left: all of them on the replace-after path
+    if not names and not at_load:
         raise UserError(
             f"quant: no linear layer left to quantise after skipping {', '.join(skip)}; "
             "shorten methods.N.skip_modules"
@@ -222,6 +298,7 @@ def report(model, cfg: QuantConfig) -> dict[str, Any]:
         "quant_type": cfg.quant_type if cfg.bits == 4 else "int8",
         "backend": backend,
         "quantized_layers": len(layers),
+        "quantized_at_load": sum(getattr(m, "leantune_at_load", False) for m in layers),
         "quantized_weights": sum(logical_numel(m.weight) for m in layers),
         "weight_bytes_unquantized": before,
         "weight_bytes_quantized": after,
@@ -246,4 +323,14 @@ def plan_for(model, cfg: QuantConfig):
     )
 
 
-SPEC = register(MethodSpec("quant", QuantConfig, apply, report=report, reload=reload, plan_for=plan_for))
+SPEC = register(
+    MethodSpec(
+        "quant",
+        QuantConfig,
+        apply,
+        report=report,
+        reload=reload,
+        plan_for=plan_for,
+        load_options=load_options,
+    )
+)

@@ -100,6 +100,23 @@ def get_method(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
+def load_options(method_cfgs, task: str, dtype: str) -> dict[str, Any]:
+    """Every configured method's `from_pretrained` arguments for the base model, merged; two methods
+    setting the same argument is refused (neither could know what the other's does)."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for mcfg in method_cfgs:
+        hook = get_method(mcfg.name).load_options
+        for key, value in ((hook(mcfg, task, dtype) if hook else None) or {}).items():
+            if key in merged:
+                raise UserError(
+                    f"methods {owner[key]} and {mcfg.name} both set how the base model loads ({key}); "
+                    "keep one of them"
+                )
+            merged[key], owner[key] = value, mcfg.name
+    return merged
+
+
 def method_config_class(name: str) -> type[MethodConfig]:
     return get_method(name).config_cls
 

@@ -196,13 +196,16 @@ def load_model(
     dtype: str = "float32",
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
+    options: dict | None = None,
 ):
-    """The task model; `pad_token_id` (the tokenizer's) fills a config without one (GPT-2 style)."""
+    """The task model; `pad_token_id` (the tokenizer's) fills a config without one (GPT-2 style);
+    `options` are more `from_pretrained` arguments (the methods' `load_options`, e.g. a
+    `quantization_config`), passed on as they are."""
     import torch
     import transformers
 
     path = resolve_model_path(name)
-    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    kwargs: dict = {"dtype": getattr(torch, dtype), **(options or {})}
     if task in ("classification", "multi_label"):
         names = label_names or ["0", "1"]
         kwargs |= {

@@ -48,9 +48,7 @@ def load_trained_model(run_dir: Path, cfg: Config):
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = reload_methods(
-            load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names), cfg, run_dir
-        )
+        base = reload_methods(load_base(cfg), cfg, run_dir)
         model = PeftModel.from_pretrained(base, str(folder))
         _keep_extra_saves(base, model)
         return _with_task_hooks(_after_load(model, cfg), cfg)
@@ -97,6 +95,16 @@ def _keep_extra_saves(base, wrapper) -> None:
 
     for write in getattr(base, "leantune_save_extras", None) or ():
         extend_save(wrapper, write)
+
+
+def load_base(cfg: Config):
+    """The run's base model, loaded as training loaded it (the methods' `load_options`: a base quantised
+    at load time is quantised at load time again)."""
+    from leantune.methods.registry import load_options
+    from leantune.models.loader import load_model
+
+    options = load_options(cfg.methods, cfg.task, cfg.model.dtype)
+    return load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, options=options)
 
 
 def reload_methods(model, cfg: Config, run_dir: Path):

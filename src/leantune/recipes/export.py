@@ -91,12 +91,9 @@ def checkpoint_folder(run_dir: Path, name: str) -> Path:
 def _with_checkpoint_weights(folder: Path, cfg):
     """The base model with the trainable weights of checkpoint `folder` (full or partial fine-tuning);
     an FSDP checkpoint's shards are joined into whole tensors."""
-    from leantune.models.loader import load_model
-    from leantune.recipes.common import reload_methods
+    from leantune.recipes.common import load_base, reload_methods
     from leantune.train.checkpoint import load_trainable_state, read_trainable
 
-    model = reload_methods(
-        load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names), cfg, folder
-    )
+    model = reload_methods(load_base(cfg), cfg, folder)
     load_trainable_state(model, read_trainable(folder))
     return model

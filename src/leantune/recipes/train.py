@@ -166,6 +166,7 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
         distributed.init_process_group(cfg)  # our backend and timeout; accelerate adopts the group
 
     from leantune.methods import MethodContext, apply_methods, get_method
+    from leantune.methods.registry import load_options
     from leantune.models.loader import declared_positions, load_model, load_tokenizer
 
     # accelerate keeps one process-wide state; a second run in the same process (tests, benchmarks) with
@@ -192,7 +193,10 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     gen_rows, mmlu = _final_eval_data(cfg)
     setup_torch(cfg.train.seed, cfg.train.num_threads)  # same head/adapter init however data loading went
     rss_before_model = _rss_mark()
-    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
+    options = load_options(cfg.methods, cfg.task, cfg.model.dtype)  # e.g. a quantised base at load time
+    model = load_model(
+        cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id, options
+    )
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
     if cfg.task == "reward":
         attach_pair_loss(model)
