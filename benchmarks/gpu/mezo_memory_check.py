@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_metric": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "LiveBytes + weights",
         "versions": {"torch": torch.__version__, **_versions()},
+        "load_1min_at_start": os.getloadavg()[0],  # a shared machine changes times, not bytes
         "runs": {},
     }
     ok = True
