@@ -85,8 +85,8 @@ def measured_and_predicted(path, task: str, method: str) -> tuple[int, int]:
 @pytest.mark.parametrize("method", ["mezo", "lomo", "adalomo"])
 @pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("bert", "classification")])
 def test_predicted_step_peak_is_within_15_percent(tiny_models, arch, task, method):
-    """Measured on 2026-12-04 (predicted / measured): llama mezo 1.07, lomo 1.00, adalomo 1.00; bert
-    mezo 1.13, lomo 0.99, adalomo 0.99. (AdamW's backprop model, fitted to RSS on MiniLM, reads 1.40
+    """Measured on 2026-12-04 (predicted / measured): llama mezo 1.07, lomo 1.00, adalomo 1.08; bert
+    mezo 1.13, lomo 0.96, adalomo 1.11. (AdamW's backprop model, fitted to RSS on MiniLM, reads 1.40
     and 1.25 against LiveBytes on these tiny models: it is not what this test checks.)"""
     measured, predicted = measured_and_predicted(tiny_models[arch], task, method)
     assert abs(predicted - measured) <= TOLERANCE * measured, (measured, predicted)
@@ -101,15 +101,15 @@ def test_mezo_is_predicted_and_measured_far_below_adamw(tiny_models):
 
 
 def test_plan_proposes_a_frugal_full_tuning_method_when_adamw_does_not_fit(base_overrides, capsys):
-    """Tiny BERT, batch 16: AdamW full tuning needs ~23 MiB, MeZO ~6 MiB, LOMO/AdaLomo ~19-20 MiB (the
-    word embeddings' gradient squared in float64 dominates so small a model)."""
+    """Tiny BERT, batch 16: AdamW full tuning needs ~23 MiB, AdaLomo ~16, LOMO ~8, MeZO ~6: each budget
+    gets the first that fits, in the order of quality per step (adalomo, lomo, mezo)."""
     from leantune.cli import main
 
-    assert main(["plan", *base_overrides, "--memory-budget", "12MiB"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full fine-tuning"))
-    assert "AdamW needs" in line and "methods: [mezo]" in line
-    assert main(["plan", *base_overrides, "--memory-budget", "21MiB"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full fine-tuning"))
-    assert "methods: [adalomo]" in line  # the first fitting in the order of quality per step
-    assert main(["plan", *base_overrides, "--memory-budget", "64MiB"]) == 0
-    assert "full fine-tuning: AdamW fits" in capsys.readouterr().out
+    def line(budget: str) -> str:
+        assert main(["plan", *base_overrides, "--memory-budget", budget]) == 0
+        return next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full fine-tuning"))
+
+    assert "AdamW needs" in line("7MiB") and "methods: [mezo]" in line("7MiB")
+    assert "methods: [lomo]" in line("12MiB")
+    assert "methods: [adalomo]" in line("20MiB")
+    assert "full fine-tuning: AdamW fits" in line("64MiB")

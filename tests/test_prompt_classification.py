@@ -178,3 +178,27 @@ def test_mezo_learns_prompt_classification_through_the_trainer(pretrained_llama,
     assert tuned["test"]["loss"] < zero["test"]["loss"] - 0.005
     assert tuned["test"]["accuracy"] >= tuned["test"]["majority_accuracy"] + 0.1
     assert set(tuned["test"]) >= {"accuracy", "f1", "precision", "recall"}
+
+
+@pytest.mark.slow  # two training runs of ~15 s each on 2 shared cores
+@pytest.mark.parametrize("methods", ["[full]", "[lora]"])
+def test_backprop_learns_it_and_eval_rescores_the_saved_run(tiny_models, sentiment_csv, tmp_path, methods):
+    """Any method can use the task: backprop (full, LoRA) on the tiny Llama beats the majority class,
+    and `leantune eval` on the saved run (the plain LM, the label-word head re-attached) gives the
+    run's own test numbers."""
+    from leantune.recipes.evaluate import run_eval
+
+    lr = "3e-3" if methods == "[full]" else "1e-2"
+    summary = _run(
+        tiny_models["llama"],
+        sentiment_csv,
+        tmp_path / "run",
+        f"methods={methods}",
+        f"train.lr={lr}",
+        "train.epochs=3",
+    )
+    test = summary["test"]
+    assert test["accuracy"] >= test["majority_accuracy"] + 0.15
+    assert summary["prompt_head"]["label_tokens"] == ["terrible", "great"]
+    again = run_eval(tmp_path / "run", None)
+    assert again["accuracy"] == test["accuracy"] and abs(again["loss"] - test["loss"]) < 1e-5

@@ -4,6 +4,8 @@ reach the GPU machine; memory and time do not depend on the values).
 
     python benchmarks/gpu/mezo_memory_check.py OUT.json            # H200: 8 x 256 tokens, bf16 and fp32
     python benchmarks/gpu/mezo_memory_check.py OUT.json --tiny     # CPU dry run: tiny Llama, LiveBytes
+    python benchmarks/gpu/mezo_memory_check.py OUT.json --minilm --batch 16 --seq 48 --dtypes float32
+                                                                   # CPU: the embedded MiniLM classifier
 
 Each row: a fresh model, `torch.cuda.reset_peak_memory_stats()`, one warm-up step, then the measured
 step (AdamW: its state exists from the warm-up step on, as in training). The steps are leantune's own
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,10 +64,18 @@ TINY = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+MINILM = {"vocab_size": 30522}  # --minilm: the embedded MiniLM-L6 classifier (CPU memory table)
 LR = 1e-6  # values do not matter for memory; small so nothing overflows
 
 
 def build(shape: dict, dtype: torch.dtype, device: torch.device):
+    if shape is MINILM:  # the real embedded MiniLM with a classification head (leantune's loader)
+        from leantune.models.loader import load_model
+
+        torch.manual_seed(0)
+        model = load_model("embedded:minilm", "classification", "float32", ["neg", "pos"]).to(device, dtype)
+        model.config.use_cache = False
+        return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -74,10 +85,11 @@ def build(shape: dict, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def make_batch(vocab: int, batch: int, seq: int, device: torch.device) -> dict:
+def make_batch(vocab: int, batch: int, seq: int, device: torch.device, classify: bool = False) -> dict:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab, (batch, seq), generator=g).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, seq), generator=g).to(device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device) if classify else ids.clone()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 class _Accelerator:
@@ -104,7 +116,8 @@ def forward_loss(model, batch) -> None:
 def forward_logits(model, batch) -> None:
     model.eval()
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().item()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out.logits.float().sum().item()
 
 
 def mezo_steps():
@@ -169,7 +182,7 @@ def _sync(device: torch.device) -> None:
 def measure(name: str, shape: dict, dtype, device, batch_size: int, seq: int) -> dict:
     """One fresh model: a warm-up step, then the measured one (peak and time)."""
     model = build(shape, dtype, device)
-    batch = make_batch(shape["vocab_size"], batch_size, seq, device)
+    batch = make_batch(shape["vocab_size"], batch_size, seq, device, classify=shape is MINILM)
     fn, max_grad_norm = cases()[name]()
     trainer = _trainer(model, max_grad_norm)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -208,21 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="JSON written here")
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama (dry run on CPU)")
+    ap.add_argument("--minilm", action="store_true", help="the embedded MiniLM-L6 classifier instead")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    shape = TINY if args.tiny else SMOLLM2_135M
+    shape = MINILM if args.minilm else TINY if args.tiny else SMOLLM2_135M
     batch, seq = (2, 16) if args.tiny else (args.batch, args.seq)
+    name = "LlamaForCausalLM, SmolLM2-135M config" + (" (tiny dry run)" if args.tiny else "")
     result: dict = {
-        "model": "LlamaForCausalLM, SmolLM2-135M config" + (" (tiny dry run)" if args.tiny else ""),
-        "random_weights": True,
+        "model": "embedded:minilm, BertForSequenceClassification" if args.minilm else name,
+        "random_weights": not args.minilm,
         "batch": batch,
         "seq_len": seq,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_metric": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "LiveBytes + weights",
         "versions": {"torch": torch.__version__, **_versions()},
+        "load_1min_at_start": os.getloadavg()[0],  # a shared machine changes times, not bytes
         "runs": {},
     }
     ok = True

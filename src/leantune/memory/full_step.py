@@ -29,12 +29,11 @@ from leantune.memory.estimate import estimate_memory, probe_batch
 STEP_KINDS = ("backprop", "fused_backward", "forward_only")
 
 
-def _traced_peak(model, task: str, seq_len: int, batch_size: int, backward: bool, square: bool) -> int:
+def _traced_peak(model, task: str, seq_len: int, batch_size: int, backward: bool) -> int:
     """Peak bytes allocated (weights excluded) by one forward pass, and with `backward` a backward pass
-    whose gradients are dropped as soon as each is complete (with `square`: after the float64 square a
-    gradient-norm pass takes of it), as in the first pass of a fused step's two-pass clipping (on by
-    default), which retains the graph. The second (update) pass holds less unless the update's
-    temporaries outgrow the square: `MemoryContribution.transient` says by how much."""
+    whose gradients are dropped as soon as each is complete, with the graph retained as the first pass
+    of a fused step's two-pass clipping (on by default) retains it. What the method's own update
+    allocates besides is its `MemoryContribution.transient`."""
     import torch
 
     from leantune.memory.live import LiveBytes
@@ -46,8 +45,6 @@ def _traced_peak(model, task: str, seq_len: int, batch_size: int, backward: bool
     if backward:
 
         def drop(p) -> None:
-            if square:  # the clipping's norm pass: a float64 square of each gradient
-                p.grad.double().pow(2).sum()
             p.grad = None
 
         hooks = [p.register_post_accumulate_grad_hook(drop) for p in model.parameters() if p.requires_grad]
@@ -66,17 +63,11 @@ def _traced_peak(model, task: str, seq_len: int, batch_size: int, backward: bool
 
 
 def traced_step_peak(model, task: str, seq_len: int, batch_size: int, backward: bool) -> int:
-    """`_traced_peak` at `batch_size`, extrapolated from batches 1 and 2 (the part that scales with the
-    batch and the part that does not separate there). A fused backward peaks either where the saved
-    activations are largest or where the largest gradient is squared (the embeddings' of a small
-    model): both are traced and extrapolated, and the larger counts (a max does not extrapolate)."""
-
-    def extrapolated(square: bool) -> int:
-        one = _traced_peak(model, task, seq_len, 1, backward, square)
-        two = _traced_peak(model, task, seq_len, 2, backward, square)
-        return int(one + (two - one) * (batch_size - 1))
-
-    return max(extrapolated(False), extrapolated(True)) if backward else extrapolated(False)
+    """`_traced_peak` at `batch_size`, extrapolated from batches 1 and 2: the part that scales with the
+    batch (activations, logits) and the part that does not (one parameter's gradient) separate there."""
+    one = _traced_peak(model, task, seq_len, 1, backward)
+    two = _traced_peak(model, task, seq_len, 2, backward)
+    return int(one + (two - one) * (batch_size - 1))
 
 
 def step_estimate(

@@ -148,7 +148,10 @@ class LomoRuntime(MethodRuntime):
         g, p.grad = p.grad, None
         with torch.no_grad():
             if self.mode == "norm":
-                self.sq_norm += g.double().pow(2).sum().cpu()
+                # a dot product allocates nothing the size of g (g.double().pow(2) allocated two
+                # float64 copies of the largest gradient: the peak of the whole step on MiniLM)
+                flat = g.reshape(-1) if g.dtype in (torch.float32, torch.float64) else g.reshape(-1).float()
+                self.sq_norm += torch.dot(flat, flat).double().cpu()
                 return
             i = self.group_of[id(p)]
             self.update(p, g if self.max_norm is None else g * self.coef, self.lr[i], self.wd[i])
@@ -233,9 +236,8 @@ def adalomo_runtime(model, cfg: AdaLomoConfig, ctx: MethodContext) -> AdaLomoRun
 
 def plan_for(model, cfg):
     """For the memory model: a fused backward (one gradient alive at a time: the largest tensor's), no
-    AdamW state; AdaLomo adds its factored fp32 moments. The traced peak includes the float64 square of
-    the clipping's norm pass (on by default, `train.max_grad_norm`); AdaLomo's fp32 update temporaries
-    (g^2, the update u, and fp32 copies of g and theta for a non-fp32 model) are added beyond it."""
+    AdamW state; AdaLomo adds its factored fp32 moments and its update's fp32 temporaries (g^2, the
+    update u, and fp32 copies of g and theta for a non-fp32 model) for the largest tensor."""
     from leantune.memory.contribution import MemoryContribution
     from leantune.methods._own_step import adamw_bytes, trainable_tensors
 
@@ -244,12 +246,12 @@ def plan_for(model, cfg):
     big = max(params, key=lambda p: p.numel(), default=None)
     largest = big.numel() * big.element_size() if big is not None else 0
     numel = big.numel() if big is not None else 0
-    transient = 0  # the SGD update is in place; the norm pass's float64 square is in the traced peak
+    transient = 0  # the SGD update is in place, the norm pass a dot product
     moments = 0
     if cfg.name == "adalomo":
         moments = sum(4 * _moment_numel(p.shape) for p in params)
         copies = 2 if big is not None and big.element_size() != 4 else 0
-        transient = max(0, 4 * numel * (2 + copies) - 16 * numel)  # beyond the norm pass's square
+        transient = 4 * numel * (2 + copies)
     return MemoryContribution(
         gradients=largest - grads,
         optimizer_state=moments - state,
