@@ -1,0 +1,210 @@
+"""Seed 004's RLHF pipeline (benchmarks/suites/seed004-rlhf.yaml): SFT -> merge -> reward model -> DPO and
+PPO, each stage a `leantune train` child process (so its peak RSS is its own), then the judge: greedy
+responses of the SFT, DPO and PPO models to held-out HHH prompts, scored by the trained reward model;
+win rate = share of prompts where the policy's response scores above the SFT model's (ties count half).
+KL to the SFT model: sampled responses, sum over their tokens of log pi - log pi_SFT (the adapter
+disabled is the SFT model). Memory per stage: the memory model (memory/estimate.py, memory/rlhf.py)
+beside the measured peak RSS. Writes benchmarks/results/seed004-rlhf/results.json and curves.png.
+
+    python benchmarks/seed004_rlhf.py [--work DIR] [--prompts N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SUITE = Path("benchmarks/suites/seed004-rlhf.yaml")
+OUT = Path("benchmarks/results/seed004-rlhf")
+NEW_TOKENS = 16
+
+
+def stage_overrides(suite: dict, stage: str, work: Path) -> list[str]:
+    run = next(r for r in suite["runs"] if r["id"] == stage)
+    return [o.replace("WORKDIR", str(work)) for o in [*suite["common"], *run.get("overrides", [])]]
+
+
+def run_stage(suite: dict, stage: str, work: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(suite["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "leantune", "train", *stage_overrides(suite, stage, work)]
+    cmd += [f"output.dir={work / stage}", "output.overwrite=true"]
+    t0 = time.perf_counter()
+    with (work / f"{stage}.log").open("w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads((work / stage / "summary.json").read_text())
+    print(f"{stage}: {wall:.0f} s", flush=True)
+    return {
+        "wall_s": wall,
+        "train_time_s": summary["train"]["train_time_s"],
+        "steps": summary["train"]["steps"],
+        "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
+        "validation": summary["validation"],
+        "test": summary["test"],
+        "rlhf": summary.get("rlhf"),
+        "trainable": summary["params"]["trainable"],
+    }
+
+
+def memory_model(suite: dict, stage: str, work: Path) -> dict:
+    """The memory model's bytes for the stage's step, at its batch size and longest training example."""
+    import torch
+
+    from leantune.config import load_config
+    from leantune.data.arrow_features import example_lengths
+    from leantune.memory.estimate import estimate_memory
+    from leantune.memory.rlhf import rlhf_memory, weight_bytes
+    from leantune.methods import MethodContext, apply_methods
+    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.reward import method_task
+    from leantune.train.features import build_features
+
+    cfg = load_config(None, [*stage_overrides(suite, stage, work), f"output.dir={work / 'unused'}"])
+    tok = load_tokenizer(cfg.model.name)
+    seq = min(max(example_lengths(build_features(cfg, tok)["train"])), cfg.model.max_length)
+    torch.manual_seed(0)
+    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, None, tok.pad_token_id)
+    base = weight_bytes(model)
+    model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=0))
+    if cfg.task in ("dpo", "ppo"):
+        if cfg.task == "ppo":
+            from leantune.train.ppo import attach_value_head
+
+            attach_value_head(model)
+        return {"seq_len": seq, **rlhf_memory(model, cfg.task, cfg.train.batch_size, seq, base)}
+    est = estimate_memory(model, method_task(cfg.task), cfg.train.batch_size, seq)
+    return {"seq_len": seq, "total": est.total_bytes, "policy_weights": est.weight_bytes}
+
+
+def held_out_prompts(n: int) -> list[str]:
+    from leantune.config import DataConfig
+    from leantune.data.tasks import load_raw_splits
+
+    raw = load_raw_splits(DataConfig(source="builtin:hhh_preferences"))
+    return [r["prompt"] for r in raw.test][:n]
+
+
+def judge(work: Path, prompts: list[str]) -> dict:
+    """Greedy responses scored by the reward model; win rate against SFT; sampled KL to SFT."""
+    import torch
+
+    from leantune.models.loader import load_model, load_tokenizer
+    from leantune.recipes.common import load_run_config, load_trained_model
+    from leantune.recipes.rlhf import load_reward_scorer
+    from leantune.settings import PPOConfig
+    from leantune.train.ppo import PPORuntime
+
+    sft_dir = str(work / "sft" / "merged")
+    tok = load_tokenizer(sft_dir)
+    score = load_reward_scorer(work / "reward", tok)
+    max_len = 48
+    features = []
+    for p in prompts:
+        ids = tok(p)["input_ids"][-(max_len - NEW_TOKENS) :]
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    models = {"sft": load_model(sft_dir, "causal_lm").eval()}
+    for stage in ("dpo", "ppo"):
+        models[stage] = load_trained_model(work / stage, load_run_config(work / stage)).eval()
+    rewards, out = {}, {}
+    for name, model in models.items():
+        responses = []
+        with torch.no_grad():
+            for f in features:
+                ids = torch.tensor([f["input_ids"]])
+                seq = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )[0, ids.shape[1] :].tolist()
+                responses.append([t for t in seq if t not in (tok.eos_token_id, tok.pad_token_id)])
+        rewards[name] = score([f["input_ids"] + r for f, r in zip(features, responses, strict=True)]).tolist()
+        runtime = PPORuntime(
+            PPOConfig(max_new_tokens=NEW_TOKENS), score, tok.pad_token_id, tok.eos_token_id, max_len
+        )
+        sampled = runtime.evaluate(model, features, 8, seed=0) if name != "sft" else {"kl": 0.0}
+        out[name] = {
+            "mean_reward_greedy": sum(rewards[name]) / len(prompts),
+            "kl_to_sft": sampled["kl"],
+            "example": tok.decode(responses[0]),
+        }
+    for name in ("dpo", "ppo"):
+        pairs = zip(rewards[name], rewards["sft"], strict=True)
+        out[name]["win_rate_vs_sft"] = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(
+            prompts
+        )
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ppo = results["stages"]["ppo"]["rlhf"]["history"]
+    dpo = results["stages"]["dpo"]["rlhf"]["history"]
+    axes[0].plot(
+        [h["step"] for h in ppo], [h["score"] for h in ppo], "o-", label="PPO rollout reward (RM score)"
+    )
+    axes[0].plot(
+        [h["step"] for h in dpo], [h["reward_margin"] for h in dpo], "s-", label="DPO held-out margin"
+    )
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_title("reward")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(
+        [h["step"] for h in ppo], [h["kl"] for h in ppo], "o-", label="PPO rollout KL (nats/response)"
+    )
+    axes[1].plot([h["step"] for h in dpo], [h["kl"] for h in dpo], "s-", label="DPO held-out KL (nats/token)")
+    axes[1].set_xlabel("optimizer step")
+    axes[1].set_title("KL to the SFT reference")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("seed004-rlhf: SmolLM2-135M-Instruct, LoRA, tiny CPU run", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--prompts", type=int, default=8)
+    args = parser.parse_args()
+    suite = yaml.safe_load(SUITE.read_text())
+    work = (args.work or Path(tempfile.mkdtemp(prefix="seed004-rlhf-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages = {"sft": run_stage(suite, "sft", work)}
+    subprocess.run([sys.executable, "-m", "leantune", "export", str(work / "sft"), "--merge"], check=True)
+    for stage in ("reward", "dpo", "ppo"):
+        stages[stage] = run_stage(suite, stage, work)
+    for stage in stages:
+        stages[stage]["memory_model"] = memory_model(suite, stage, work)
+    results = {
+        "stages": stages,
+        "judge": judge(work, held_out_prompts(args.prompts)),
+        "prompts": args.prompts,
+        "total_wall_s": time.perf_counter() - t0,
+        "load_1min": os.getloadavg()[0],
+        "machine": "shared 2-core CPU (other engineers' jobs running)",
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    from leantune.atomic import write_json_atomic
+
+    write_json_atomic(OUT / "results.json", results)
+    plot(results, OUT / "curves.png")
+    print(json.dumps(results["judge"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
