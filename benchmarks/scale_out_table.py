@@ -23,13 +23,25 @@ RESULTS = Path("benchmarks/results/scale-out")
 MiB = 2**20
 
 
+_LOADED: dict[tuple, tuple] = {}
+
+
 def predict(overrides: list[str], processes: int) -> dict:
+    """`leantune plan --world-size` for the run's own overrides; the model is loaded once per job (the
+    runs of a job differ only in batch size and mode)."""
     from leantune.config import load_config
-    from leantune.recipes.plan import check_world_args, make_rank_plan
+    from leantune.recipes.plan import check_world_args, load_for_rank_plan, rank_plan
 
     cfg = load_config(None, overrides)
     mode, batch = check_world_args(cfg, processes, None, None)
-    return make_rank_plan(cfg, processes, mode, batch)
+    job = tuple(
+        o for o in overrides if not o.startswith(("train.batch_size=", "train.distributed=", "train.num"))
+    )
+    if job not in _LOADED:
+        _LOADED.clear()  # one model in memory at a time
+        _LOADED[job] = load_for_rank_plan(cfg)
+    model, seq_len = _LOADED[job]
+    return rank_plan(model, cfg, processes, mode, batch, seq_len)
 
 
 def row(artefact: dict) -> dict:
