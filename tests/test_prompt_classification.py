@@ -228,3 +228,25 @@ def test_a_masked_lm_with_its_head_trains_through_the_trainer(tiny_models, senti
     )
     assert summary["prompt_head"]["kind"] == "masked"
     assert summary["test"]["accuracy"] > summary["test"]["majority_accuracy"] + 0.03
+
+
+def test_plan_works_for_the_prompt_task(tiny_models, sentiment_csv):
+    """`leantune plan` probes with the label-word head attached and plans LoRA on the LM; the
+    full-parameter line puts MeZO far below AdamW."""
+    from leantune.recipes.plan import make_plan
+
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_models['llama']}",
+            "task=prompt_classification",
+            WORDS,
+            "model.max_length=16",
+            f"data.source={sentiment_csv}",
+            "train.batch_size=16",
+            "train.num_threads=1",
+        ],
+    )
+    plan = make_plan(cfg, "200MiB")
+    peaks = plan["full_parameter"]["peak_bytes"]
+    assert plan["estimate"]["total"] <= 200 * 2**20 and peaks["mezo"] < 0.5 * peaks["adamw"]

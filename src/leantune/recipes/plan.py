@@ -52,6 +52,7 @@ def make_plan(
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
     from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.reward import method_task
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
 
@@ -67,7 +68,11 @@ def make_plan(
     full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
-    model = apply_methods(model, methods, MethodContext(task=cfg.task, seed=cfg.train.seed))
+    model = apply_methods(model, methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
+    if cfg.task == "prompt_classification":  # the probe batches carry label positions
+        from leantune.models.prompt_head import setup_label_words
+
+        setup_label_words(model, tok, cfg.data, cfg.model.name)
     train = data["train"]
     importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
     complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)
