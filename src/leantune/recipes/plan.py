@@ -64,6 +64,7 @@ def make_plan(
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
     from leantune.models.loader import load_model, load_tokenizer
+    from leantune.models.reward import method_task
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
 
@@ -82,6 +83,10 @@ def make_plan(
     task = method_task(cfg.task)  # a DPO/PPO policy is planned as the causal LM it is
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # PPO's reward model
     model = apply_methods(model, methods, MethodContext(task=task, seed=cfg.train.seed))
+    if cfg.task == "prompt_classification":  # the probe batches carry label positions
+        from leantune.models.prompt_head import setup_label_words
+
+        setup_label_words(model, tok, cfg.data, cfg.model.name)
     train = _probe_rows(cfg.task, data["train"])
     importance, probe_loss = score_layers(model, method, train, cfg.train.batch_size, tok.pad_token_id)
     complexity = complexity_of(data["train"], len(cfg.data.label_names or []), probe_loss)
