@@ -107,6 +107,15 @@ class RunConfigView(Protocol):
     train: TrainConfig
 
 
+class StepPeakView(Protocol):
+    """The peak memory of the step just done (`leantune.memory.measure.StepPeakMeter`, which the trainer
+    starts and stops around every optimisation step, before `on_step_end`)."""
+
+    source: str | None  # "cuda_max_allocated", "rss", or None (no step peak known)
+    last: int | None  # bytes: the step's peak (CUDA max allocated, or peak RSS)
+    last_growth: int | None  # bytes: that peak minus what was held when the step started
+
+
 @runtime_checkable
 class TrainerView(Protocol):
     """Everything a `MethodRuntime` may use of the trainer (`leantune.train.loop.Trainer` implements it;
@@ -122,6 +131,7 @@ class TrainerView(Protocol):
     pad_id: int
     num_labels: int  # classes of a classification task (0 otherwise)
     log: RunLogView
+    step_meter: StepPeakView  # the step's peak memory, for methods that keep a budget
 
     @property
     def module(self) -> Any:

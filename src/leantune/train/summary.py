@@ -241,7 +241,8 @@ def _run_rows(s: dict) -> list[tuple[str, str]]:
         (
             "peak memory",
             f"{m['peak_rss_bytes'] / 2**20:.0f} MiB RSS"
-            + (f", {cuda / 2**20:.0f} MiB CUDA" if "cuda_max_allocated_bytes" in m else ""),
+            + (f", {cuda / 2**20:.0f} MiB CUDA" if "cuda_max_allocated_bytes" in m else "")
+            + (f"; largest step {step / 2**20:.0f} MiB" if (step := m.get("step_peak_bytes")) else ""),
         ),
     ]
 
