@@ -24,7 +24,7 @@ import yaml
 
 SUITE = Path("benchmarks/suites/seed004-rlhf.yaml")
 OUT = Path("benchmarks/results/seed004-rlhf")
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 
 
 def stage_overrides(suite: dict, stage: str, work: Path) -> list[str]:
@@ -33,17 +33,12 @@ def stage_overrides(suite: dict, stage: str, work: Path) -> list[str]:
 
 
 def run_stage(suite: dict, stage: str, work: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(suite["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "leantune", "train", *stage_overrides(suite, stage, work)]
-    cmd += [f"output.dir={work / stage}", "output.overwrite=true"]
-    t0 = time.perf_counter()
-    with (work / f"{stage}.log").open("w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-    wall = time.perf_counter() - t0
+    """Run one stage (a finished one in `work` is kept: the same command continues after a stop)."""
+    if not (work / stage / "summary.json").is_file():
+        _train(suite, stage, work)
     summary = json.loads((work / stage / "summary.json").read_text())
-    print(f"{stage}: {wall:.0f} s", flush=True)
     return {
-        "wall_s": wall,
+        "wall_s": summary["wall_time_s"],
         "train_time_s": summary["train"]["train_time_s"],
         "steps": summary["train"]["steps"],
         "peak_rss_bytes": summary["memory"]["peak_rss_bytes"],
@@ -52,6 +47,16 @@ def run_stage(suite: dict, stage: str, work: Path) -> dict:
         "rlhf": summary.get("rlhf"),
         "trainable": summary["params"]["trainable"],
     }
+
+
+def _train(suite: dict, stage: str, work: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(suite["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "leantune", "train", *stage_overrides(suite, stage, work)]
+    cmd += [f"output.dir={work / stage}", "output.overwrite=true"]
+    t0 = time.perf_counter()
+    with (work / f"{stage}.log").open("w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    print(f"{stage}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def memory_model(suite: dict, stage: str, work: Path) -> dict:
@@ -183,18 +188,19 @@ def main() -> None:
     suite = yaml.safe_load(SUITE.read_text())
     work = (args.work or Path(tempfile.mkdtemp(prefix="seed004-rlhf-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     stages = {"sft": run_stage(suite, "sft", work)}
-    subprocess.run([sys.executable, "-m", "leantune", "export", str(work / "sft"), "--merge"], check=True)
+    if not (work / "sft" / "merged").is_dir():
+        subprocess.run([sys.executable, "-m", "leantune", "export", str(work / "sft"), "--merge"], check=True)
     for stage in ("reward", "dpo", "ppo"):
         stages[stage] = run_stage(suite, stage, work)
+    t_judge = time.perf_counter()  # stage walls come from their summaries (a continued run keeps them)
     for stage in stages:
         stages[stage]["memory_model"] = memory_model(suite, stage, work)
     results = {
         "stages": stages,
         "judge": judge(work, held_out_prompts(args.prompts)),
         "prompts": args.prompts,
-        "total_wall_s": time.perf_counter() - t0,
+        "total_wall_s": sum(s["wall_s"] for s in stages.values()) + time.perf_counter() - t_judge,
         "load_1min": os.getloadavg()[0],
         "machine": "shared 2-core CPU (other engineers' jobs running)",
     }
