@@ -60,7 +60,7 @@ def check_number(value: Any, annotation: Any) -> Any:
         if number is None:
             words = " or ".join(sorted(_literal_words(annotation)))
             if words:
-                raise ValueError(f"expected a number or {words}, not {value!r}")
+                raise ValueError(f"expected a number or {words}")
             raise ValueError("expected a number, not text; write it without quotes")
         value = number
     if isinstance(value, float) and not math.isfinite(value):

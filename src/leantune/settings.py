@@ -410,7 +410,8 @@ def describe_validation_error(
     Shared by every YAML file we validate (configs, benchmark suites); `noun` names what a key is.
     """
     err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    # a union's member tags (`train.lr: float | Literal["auto"]` -> 'constrained-float') are not keys
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
     msg = err["msg"].removeprefix("Value error, ")
     if not loc and not prefix:  # a check across sections (a model validator): its message says it all
         return f"{top}: {msg}"
