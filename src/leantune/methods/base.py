@@ -118,6 +118,7 @@ class TrainerView(Protocol):
     pad_id: int
     num_labels: int  # classes of a classification task (0 otherwise)
     log: RunLogView
+    step_meter: Any  # memory.measure.StepPeakMeter: the step's peak memory, read in on_step_end
 
     @property
     def module(self) -> Any:
