@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import torch
@@ -167,6 +168,7 @@ def range_test(trainer) -> dict[str, Any]:
     tc = trainer.cfg.train
     k = max(min(tc.lr_auto_steps, trainer.steps_per_epoch), MIN_STEPS)
     rates = sweep_rates(tc.lr_auto_min, tc.lr_auto_max, k)
+    t0 = time.perf_counter()
     snap = _snapshot(trainer)
     try:
         losses, smoothed, stop = _sweep(trainer, rates)
@@ -185,6 +187,7 @@ def range_test(trainer) -> dict[str, Any]:
         "steps_planned": k,
         "steps_run": len(losses),
         "stopped": stop,
+        "time_s": time.perf_counter() - t0,  # not in train.train_time_s: the run's own steps only
         "curve": {"lr": rates[: len(losses)], "loss": losses, "smoothed_loss": smoothed},
     }
 
@@ -211,6 +214,11 @@ def resolve(trainer) -> None:
     if trainer.cfg.train.lr != "auto":
         return
     st = trainer.state
+    if st.lr_auto is None and st.step > 0:  # --force-resume from a run that had a number
+        raise UserError(
+            f"train.lr=auto cannot start at step {st.step}: the checkpoint was written with a numeric "
+            "train.lr and its schedule is under way; resume with that number, or start a new run"
+        )
     if st.lr_auto is None:
         st.lr_auto = range_test(trainer)
         trainer.cfg = resolved_config(trainer.cfg, st.lr_auto["lr"])
