@@ -100,7 +100,8 @@ def test_artefacts_hold_every_key_and_sane_numbers(bench):
         assert a["matmul_peak"]["fp32_gflops"] > 0 and a["matmul_peak"]["bf16_gflops"] > 0
         f = a["flops"]
         assert f["embedding_params"] > 0 and f["n_total_matmul"] == p["total"] - f["embedding_params"]
-        assert 0 < f["fraction_of_fp32_peak"] < 1.5
+        # executed work only (bench/peak.py; the HF baseline records the same flop_profile): at most the peak
+        assert 0 < f["executed_flops"] <= f["useful_flops"] and 0 < f["fraction_of_fp32_peak"] <= 1
         assert (results / "smoke" / f"{run}-r1.metrics.jsonl").is_file()
     full, lora, hf = arts["full"], arts["lora"], arts["hf_lora"]
     assert full["params"]["trainable"] == full["params"]["total"]

@@ -4,9 +4,12 @@ steps a method reports as forward-only or skipped."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from leantune.bench.peak import embeddings_trained, flops_report, honest_flops
+from leantune.bench.peak import embeddings_trained, flops_report, honest_flops, recompute_flops
 from leantune.config import load_config
 from leantune.methods import MethodContext, apply_methods
 from leantune.models.flop_profile import flop_profile
@@ -34,7 +37,7 @@ def test_full_fine_tuning_is_six_n_tokens(tiny_models):
     assert profile["embedding"] == lookups and profile["embedding_trainable"]
     assert profile["matmul_total"] == profile["matmul_backward"] == profile["matmul_trainable"] == n
     flops = honest_flops(profile, TOKENS, _summary(), profile["matmul_trainable"])
-    assert flops["model_flops"] == 6 * n * TOKENS
+    assert flops["executed_flops"] == 6 * n * TOKENS
 
 
 def test_freeze_k_saves_exactly_the_prefix_backward_and_weight_gradients(tiny_models):
@@ -44,8 +47,8 @@ def test_freeze_k_saves_exactly_the_prefix_backward_and_weight_gradients(tiny_mo
     assert prefix > 0 and not frozen["embedding_trainable"]
     assert frozen["matmul_backward"] == full["matmul_total"] - prefix
     assert frozen["matmul_trainable"] == full["matmul_total"] - prefix
-    a = honest_flops(full, TOKENS, _summary(), full["matmul_trainable"])["model_flops"]
-    b = honest_flops(frozen, TOKENS, _summary(), frozen["matmul_trainable"])["model_flops"]
+    a = honest_flops(full, TOKENS, _summary(), full["matmul_trainable"])["executed_flops"]
+    b = honest_flops(frozen, TOKENS, _summary(), frozen["matmul_trainable"])["executed_flops"]
     assert a - b == 4 * prefix * TOKENS  # no activation gradient and no weight gradient below block 2
 
 
@@ -83,4 +86,54 @@ def test_cached_prefix_is_not_counted_after_the_first_epoch(base_overrides):
     n = profile["matmul_total"]
     assert report["forward_flops"] == pytest.approx(2 * n * tokens - 2 * prefix * cache["tokens_from_cache"])
     assert report["backward_activation_flops"] == pytest.approx(2 * (n - prefix) * tokens)
-    assert report["model_flops"] < (4 * n + 2 * (n - prefix)) * tokens
+    assert report["executed_flops"] < (4 * n + 2 * (n - prefix)) * tokens
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _artefacts() -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted(RESULTS.glob("*/*.json")):
+        artefact = json.loads(path.read_text(encoding="utf-8"))
+        if "flops" in artefact and "tokens_per_s" in artefact:
+            out.append((path, artefact))
+    return out
+
+
+def test_committed_artefacts_never_pass_the_peak_when_recomputed():
+    """Every committed artefact's FLOP figures, recomputed with the current count, are the ones it holds,
+    the executed fraction of the fp32 and bf16 peak is at most 1 (or null where the run recorded no
+    flop_profile: unknown, never an upper bound), and executed work never exceeds useful work."""
+    artefacts = _artefacts()
+    assert len(artefacts) > 100
+    unknown = 0
+    for path, artefact in artefacts:
+        flops = recompute_flops(artefact)
+        name = str(path.relative_to(RESULTS))
+        assert flops == pytest.approx(artefact["flops"], nan_ok=True), name  # regenerated, not stale
+        if flops["executed_flops"] is None:
+            unknown += 1
+            assert flops["fraction_of_fp32_peak"] is None and "flop_profile" in flops["fraction_unknown"]
+            continue
+        assert flops["executed_flops"] <= flops["useful_flops"] * (1 + 1e-12), name
+        for key in ("fraction_of_fp32_peak", "fraction_of_bf16_peak"):
+            if artefact.get("matmul_peak"):
+                assert 0 < flops[key] <= 1, (name, key, flops[key])
+    assert 0 < unknown < len(artefacts)  # the old skip_long artefact (3.27x before) is among the unknown
+    skip = json.loads((RESULTS / "seed000-ablation" / "skip_long-r1.json").read_text())["flops"]
+    assert skip["fraction_of_fp32_peak"] is None
+
+
+def test_skipped_and_cached_work_is_useful_not_executed(tiny_models):
+    profile, _ = _profile(tiny_models["bert"], "full")
+    n = profile["matmul_total"]
+    summary = {
+        "config": {"model": {"name": "x"}, "task": "classification"},
+        "params": {"total": n, "trainable": n, "flop_profile": profile},
+        "method_reports": {"skip": {"skipped_steps": 5}},
+        "train": {"tokens_per_s": TOKENS / 2.0, "train_time_s": 2.0, "steps": 10},
+    }
+    report = flops_report(summary, {"fp32_gflops": 1.0, "bf16_gflops": 1.0})
+    assert report["useful_flops"] == pytest.approx(2 * report["executed_flops"])
+    assert report["fraction_of_fp32_peak"] == pytest.approx(report["executed_flops"] / 2.0 / 1e9)

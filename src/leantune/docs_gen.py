@@ -34,7 +34,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -205,6 +205,16 @@ def _type(annotation: Any) -> str:
         return " | ".join(_type(a) for a in args)
     if annotation is type(None):
         return "null"
+    if origin is Annotated:  # `Annotated[float, Field(gt=0, le=1)]` (train.lr): the type and its bounds
+        metas = [meta for info in args[1:] for meta in getattr(info, "metadata", [info])]
+        signs = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        bounds = ", ".join(
+            f"{sign} {getattr(meta, attr)}"
+            for meta in metas
+            for attr, sign in signs
+            if getattr(meta, attr, None) is not None
+        )
+        return f"{_type(args[0])} ({bounds})" if bounds else _type(args[0])
     if origin in (list, dict):
         text = str(annotation).replace("typing.", "")
         return "list[method mapping]" if "MethodConfig" in text else text

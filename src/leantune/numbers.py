@@ -20,7 +20,18 @@ def _scalar_types(annotation: Any) -> set[type]:
         return set().union(*(_scalar_types(a) for a in get_args(annotation)))
     if typing.get_origin(annotation) is typing.Annotated:
         return _scalar_types(get_args(annotation)[0])
+    if typing.get_origin(annotation) is typing.Literal and annotation is not None:
+        return set()  # its words are checked by pydantic (`float | Literal["auto"]` stays numeric)
     return {object}
+
+
+def _literal_words(annotation: Any) -> set[str]:
+    """The text values a `... | Literal["auto"]` annotation admits besides its numbers."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return {a for a in get_args(annotation) if isinstance(a, str)}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_literal_words(a) for a in get_args(annotation)))
+    return set()
 
 
 def check_number(value: Any, annotation: Any) -> Any:
@@ -30,6 +41,8 @@ def check_number(value: Any, annotation: Any) -> Any:
     One exception: text that spells a float is a float, because YAML 1.1 reads `1e-4` as a string.
     """
     kinds = _scalar_types(annotation)
+    if isinstance(value, str) and value in _literal_words(annotation):
+        return value  # e.g. train.lr: auto
     if bool in kinds and kinds <= {bool, type(None)}:
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"expected true or false, not {value!r}")
@@ -45,6 +58,9 @@ def check_number(value: Any, annotation: Any) -> Any:
         except ValueError:
             number = None
         if number is None:
+            words = " or ".join(sorted(_literal_words(annotation)))
+            if words:
+                raise ValueError(f"expected a number or {words}")
             raise ValueError("expected a number, not text; write it without quotes")
         value = number
     if isinstance(value, float) and not math.isfinite(value):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -180,7 +180,16 @@ class TrainConfig(Strict):
         "equal accuracy, benchmarks/results/speed-levers), but batches skew towards one label where length "
         "and label correlate, so it is opt-in (as in transformers.Trainer).",
     )
-    lr: float = Field(5e-4, gt=0, le=1, description="Learning rate (at most 1).")
+    lr: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        5e-4,
+        description="Learning rate (at most 1), or auto: a short range test before training picks it "
+        "(train/lr_find.py; the choice is in summary.json's lr_auto).",
+    )
+    lr_auto_steps: int = Field(
+        50, ge=5, le=1000, description="lr auto: steps of the range test (fewer when an epoch is shorter)."
+    )
+    lr_auto_min: float = Field(1e-7, gt=0, lt=1, description="lr auto: the rate the range test starts at.")
+    lr_auto_max: float = Field(0.1, gt=0, le=1, description="lr auto: the rate the range test ends at.")
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Optimizer = Field(
         "adamw",
@@ -262,6 +271,15 @@ class TrainConfig(Strict):
             raise ValueError(
                 "train.lr_cycles applies to lr_scheduler cosine_with_restarts; remove it or set "
                 "train.lr_scheduler=cosine_with_restarts"
+            )
+        if self.lr != "auto":
+            for key in ("lr_auto_steps", "lr_auto_min", "lr_auto_max"):
+                if self._changed(key):
+                    raise ValueError(f"train.{key} applies to train.lr=auto; remove it or set train.lr=auto")
+        elif self.lr_auto_min >= self.lr_auto_max:
+            raise ValueError(
+                f"train.lr_auto_min={self.lr_auto_min} is not below train.lr_auto_max={self.lr_auto_max}; "
+                "the range test sweeps upwards (e.g. 1e-7 to 0.1)"
             )
         if self.nesterov and self.momentum == 0:
             raise ValueError("train.nesterov needs train.momentum > 0 (e.g. 0.9)")
@@ -392,7 +410,8 @@ def describe_validation_error(
     Shared by every YAML file we validate (configs, benchmark suites); `noun` names what a key is.
     """
     err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    # a union's member tags (`train.lr: float | Literal["auto"]` -> 'constrained-float') are not keys
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("-" in p or "[" in p)))
     msg = err["msg"].removeprefix("Value error, ")
     if not loc and not prefix:  # a check across sections (a model validator): its message says it all
         return f"{top}: {msg}"

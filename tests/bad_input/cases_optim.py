@@ -75,6 +75,43 @@ ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
         ("methods=[{name: dynamic_rank, budget: 1GiB}]", "train.optimizer=sgd"),
         "set train.optimizer=adamw",
     ),
+    ("lr-word", "a learning rate that is neither a number nor auto", ("train.lr=fast",), "number or auto"),
+    (
+        "lr-auto-keys-fixed-lr",
+        "a range-test key with a fixed learning rate",
+        ("train.lr_auto_steps=20",),
+        "applies to train.lr=auto",
+    ),
+    (
+        "lr-auto-range-inverted",
+        "a range test whose start is not below its end",
+        ("train.lr=auto", "train.lr_auto_min=1e-2", "train.lr_auto_max=1e-3"),
+        "is not below train.lr_auto_max",
+    ),
+    (
+        "lr-auto-steps-few",
+        "a range test of fewer than 5 steps",
+        ("train.lr=auto", "train.lr_auto_steps=2"),
+        "greater than or equal to 5",
+    ),
+    (
+        "lr-auto-mezo",
+        "lr auto with mezo (its own update)",
+        ("methods=[mezo]", "train.lr=auto"),
+        "train.lr=auto cannot run here",
+    ),
+    (
+        "lr-auto-lomo",
+        "lr auto with lomo (update inside backward)",
+        ("methods=[lomo]", "train.lr=auto"),
+        "train.lr=auto cannot run here",
+    ),
+    (
+        "lr-auto-lisa",
+        "lr auto with lisa (stateful step hooks)",
+        ("methods=[lisa]", "train.lr=auto"),
+        "train.lr=auto cannot run here",
+    ),
 ]
 
 

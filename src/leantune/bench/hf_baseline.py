@@ -49,6 +49,8 @@ def check_supported(cfg) -> None:
             f"hf_baseline runs methods [lora] or [full] only (got {names}); "
             "change the run's methods or make it kind: leantune"
         )
+    if cfg.train.lr == "auto":  # transformers.Trainer has no range test: the baseline needs a number
+        raise UserError("hf_baseline needs a number for train.lr (lr: auto is leantune's range test)")
     if cfg.task != "classification":
         raise UserError(f"hf_baseline supports task classification only (got {cfg.task})")
     if cfg.train.early_stopping_patience or cfg.train.eval_every:

@@ -26,6 +26,15 @@ lookups, so they are left out of N (the run records whether it trained them); a 
 inflate its "achieved" FLOP/s several-fold. Attention score FLOPs (~ L^2) are left out, as in the usual
 convention; at our sequence lengths they are a few percent. Steps are assumed to hold equal numbers of
 tokens when step shares are converted into token shares.
+
+Executed and useful FLOPs are reported apart (`flops_report`): `executed_flops` is the count above, what
+the run ran; `useful_flops` is what the same run would compute with nothing skipped and nothing served
+from a cache (every step's forward and backward over every token). The fraction of the machine's peak
+(`fraction_of_fp32_peak`) is the executed count's, so it measures how well the hardware was used and
+cannot pass 1 by counting work that never ran. A summary from before runs recorded their `flop_profile`
+cannot tell executed from skipped work: its executed count and fraction are null (unknown), and only the
+old upper bound `(4*N_total + 2*N_trainable) * tokens` is given, as `useful_flops_upper_bound` (that
+bound counted a skipping method's skipped steps and once showed 3.27x the fp32 peak).
 """
 
 from __future__ import annotations
@@ -106,11 +115,16 @@ def honest_flops(profile: dict, tokens: float, summary: dict, n_trainable: float
         "forward_flops": forward,
         "backward_activation_flops": backward,
         "weight_gradient_flops": weight_grad,
-        "model_flops": forward + backward + weight_grad,
+        "executed_flops": forward + backward + weight_grad,
         "forward_step_share": forward_share,
         "backward_step_share": backward_share,
         "prefix_tokens_not_run": cached_tokens,
     }
+
+
+def useful_flops(profile: dict, tokens: float, n_trainable: float) -> float:
+    """The same run with nothing skipped or cached: every token's forward, activation and weight gradients."""
+    return 2.0 * (profile["matmul_total"] + profile["matmul_backward"] + n_trainable) * tokens
 
 
 @lru_cache(maxsize=8)
@@ -157,24 +171,80 @@ def flops_report(summary: dict, peak: dict | None) -> dict:
     # a method that trains a changing subset (LISA) computes weight gradients only for its active share
     active = params_with_active_share(summary).get("trainable_active", params["trainable"])
     n_trainable = max(active - trained_emb, 0)
+    seconds = max(train["train_time_s"], 1e-9)
     if profile:
         counted = honest_flops(profile, tokens, summary, n_trainable)
-    else:  # a summary from before runs recorded their profile: the old upper bound
+        counted["useful_flops"] = useful_flops(profile, tokens, n_trainable)
+    else:  # a summary from before runs recorded their profile: executed work unknown (module docstring)
         counted = {
-            "formula": "(4*N_total + 2*N_trainable) * tokens, N without embedding tables",
-            "model_flops": training_flops(tokens, n_total, n_trainable),
+            "formula": "(4*N_total + 2*N_trainable) * tokens, N without embedding tables: an upper bound",
+            "executed_flops": None,
+            "useful_flops": None,
+            "useful_flops_upper_bound": training_flops(tokens, n_total, n_trainable),
+            "fraction_unknown": "no flop_profile in the run's summary: skipped or cached work cannot be "
+            "told from executed work, so the fraction of peak is not computed",
         }
-    flops = counted["model_flops"]
-    achieved = flops / max(train["train_time_s"], 1e-9)
+    executed = counted["executed_flops"]
+    achieved = None if executed is None else executed / seconds
     out = {
         **counted,
         "tokens": tokens,
         "n_total_matmul": n_total,
         "n_trainable_matmul": n_trainable,
         "embedding_params": emb,
-        "achieved_gflops": achieved / 1e9,
+        "achieved_gflops": None if achieved is None else achieved / 1e9,  # executed FLOPs per second
+        "useful_gflops": None if counted["useful_flops"] is None else counted["useful_flops"] / seconds / 1e9,
     }
     if peak:
-        out["fraction_of_fp32_peak"] = achieved / (peak[f"{FP32}_gflops"] * 1e9)
-        out["fraction_of_bf16_peak"] = achieved / (peak[f"{BF16}_gflops"] * 1e9)
+        for name in (FP32, BF16):
+            out[f"fraction_of_{name}_peak"] = (
+                None if achieved is None else achieved / (peak[f"{name}_gflops"] * 1e9)
+            )
     return out
+
+
+def artefact_summary(artefact: dict) -> dict:
+    """The parts of a run's summary that `flops_report` reads, from a benchmark artefact (which keeps
+    them), so a committed artefact's FLOP figures can be recomputed with the current count."""
+    return {
+        "config": artefact["config"],
+        "params": artefact["params"],
+        "method_reports": artefact.get("method_reports") or {},
+        "train": {
+            "tokens_per_s": artefact["tokens_per_s"],
+            "train_time_s": artefact["train_time_s"],
+            "steps": artefact["steps"],
+            "prefix_cache": artefact.get("prefix_cache"),
+        },
+    }
+
+
+def recompute_flops(artefact: dict) -> dict:
+    """`flops_report` of a committed artefact, against the peak measured in its own invocation."""
+    return flops_report(artefact_summary(artefact), artefact.get("matmul_peak"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m leantune.bench.peak RESULTS_DIR`: rewrite every artefact's `flops` with the current
+    count (the figures are derived from fields the artefact keeps; nothing else changes)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from leantune.atomic import write_text_atomic
+
+    root = Path((argv if argv is not None else sys.argv[1:])[0])
+    for path in sorted(root.glob("*/*.json")):
+        text = path.read_text(encoding="utf-8")
+        artefact = json.loads(text)
+        if "flops" not in artefact or "tokens_per_s" not in artefact:
+            continue
+        artefact["flops"] = recompute_flops(artefact)
+        second = text.splitlines()[1]  # keep the file's own indentation: the diff is the flops alone
+        indent = len(second) - len(second.lstrip())
+        write_text_atomic(path, json.dumps(artefact, indent=indent, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

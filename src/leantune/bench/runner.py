@@ -153,10 +153,15 @@ def _run_one(
     if (run_dir / "metrics.jsonl").is_file():
         copy_atomic(run_dir / "metrics.jsonl", metrics_path(folder, run.key))
     write_json_atomic(artefact_path(folder, run.key), artefact)  # last: its presence means "finished"
+    fraction = artefact["flops"].get("fraction_of_fp32_peak")
     print(
         f"{wall:.1f} s wall, {artefact['train_time_s']:.1f} s training, "
-        f"{artefact['samples_per_s']:.1f} samples/s, {artefact['flops']['fraction_of_fp32_peak']:.1%} of "
-        f"fp32 peak",
+        f"{artefact['samples_per_s']:.1f} samples/s, "
+        + (
+            f"{fraction:.1%} of fp32 peak (executed FLOPs)"
+            if fraction is not None
+            else "fraction of peak unknown"
+        ),
         flush=True,
     )
     if work is None:

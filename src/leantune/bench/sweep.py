@@ -52,7 +52,9 @@ def group_of(run_id: str) -> str | None:
 
 
 def _lr(a: dict) -> float:
-    return float(a["config"]["train"]["lr"])
+    """The run's rate: train.lr, or under `lr: auto` the rate its range test chose."""
+    lr = a["config"]["train"]["lr"]
+    return float(a["lr_auto"]["lr"]) if lr == "auto" else float(lr)
 
 
 def _validation(a: dict, metric: str) -> float:

@@ -95,6 +95,10 @@ def after_load(model, cfg: AdaLoraMethodConfig):
 
 
 class AdaLoraRuntime(MethodRuntime):
+    lr_auto_refusal = (
+        "adalora prunes ranks on a schedule of its own steps (state the range test would replay)"
+    )
+
     def __init__(self, model, cfg: AdaLoraMethodConfig) -> None:
         self.model, self.cfg = model, cfg
         self._micro = 0

@@ -166,6 +166,10 @@ class MethodRuntime:
     # --resume its `load` then runs *before* the checkpoint's weights are loaded, so it can re-shape the
     # model to the checkpoint's shapes, and the trainer re-reads the parameters (`sync_parameters`).
     reshapes_parameters: bool = False
+    # Why `train.lr: auto` cannot run with this method (it owns the update, or its per-step hooks keep
+    # state the range test would have to replay), or None: the test (train/lr_find.py) runs the trainer's
+    # step without per-step hooks and restores `state`/`tensors` afterwards.
+    lr_auto_refusal: str | None = None
 
     def check_run(self, cfg: RunConfigView, world: int) -> None:
         """Refuse (UserError) run settings this method cannot honour; called with the number of

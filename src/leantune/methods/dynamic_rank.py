@@ -192,6 +192,7 @@ def plan_ranks_for(
 
 class DynamicRankRuntime(MethodRuntime):
     reshapes_parameters = True
+    lr_auto_refusal = "dynamic_rank resizes its factors during training (the range test cannot undo that)"
 
     def __init__(self, model, cfg: DynamicRankConfig, ctx: MethodContext) -> None:
         from leantune.memory.budget import parse_budget

@@ -237,6 +237,8 @@ def runtime(model, cfg: GradApproxConfig, ctx: MethodContext) -> MethodRuntime:
 
 
 class GradApproxRuntime(MethodRuntime):
+    lr_auto_refusal = "grad_approx trains its approximator each step and reads train.lr at the start"
+
     def __init__(self, model, cfg: GradApproxConfig, ctx: MethodContext) -> None:
         import torch
 

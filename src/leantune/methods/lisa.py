@@ -103,6 +103,8 @@ def apply(model, cfg: LisaConfig, ctx: MethodContext):
 
 
 class LisaRuntime(MethodRuntime):
+    lr_auto_refusal = "lisa samples its active layers per period in its step hooks"
+
     def __init__(self, cfg: LisaConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.groups: LayerGroups | None = None

@@ -71,6 +71,8 @@ def _rms(t) -> float:
 
 
 class LomoRuntime(MethodRuntime):
+    lr_auto_refusal = "lomo and adalomo apply their update inside backward, outside the optimizer"
+
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.names: dict[int, str] = {}  # id(param) -> name

@@ -85,6 +85,8 @@ def apply(model, cfg: MezoConfig, ctx: MethodContext):
 
 
 class MezoRuntime(MethodRuntime):
+    lr_auto_refusal = "mezo applies its own zeroth-order update, outside the optimizer"
+
     def __init__(self, cfg: MezoConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.groups: list[tuple[list, float, float]] = []  # (params, lr, weight decay) of this step

@@ -99,6 +99,8 @@ def _average(copies: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class SplitLoraRuntime(MethodRuntime):
+    lr_auto_refusal = "split_lora keeps per-client adapters and moments that its step hooks swap"
+
     def __init__(self, cfg: SplitLoraConfig) -> None:
         self.cfg = cfg
         self.lower: dict[str, Any] = {}  # name -> the model's client-side LoRA parameter

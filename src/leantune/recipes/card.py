@@ -60,7 +60,7 @@ def model_card(summary: dict, base_name: str, is_adapter: bool) -> str:
         f"| trainable parameters | {params['trainable']:,} of {params['total']:,} "
         f"({params['trainable_pct']:.3f}%) |",
         f"| steps | {train['steps']} ({train['epochs_completed']} epochs, "
-        f"batch {cfg['train']['batch_size']}, lr {cfg['train']['lr']}) |",
+        f"batch {cfg['train']['batch_size']}, lr {_lr_text(summary)}) |",
         *_metric_rows(summary),
         "",
         "## Load",
@@ -80,3 +80,9 @@ def model_card(summary: dict, base_name: str, is_adapter: bool) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _lr_text(summary: dict) -> str:
+    """train.lr, or under `lr: auto` the rate the range test chose."""
+    auto = summary.get("lr_auto")
+    return f"auto ({auto['lr']:.3g} from a range test)" if auto else str(summary["config"]["train"]["lr"])

@@ -237,6 +237,9 @@ def prepare(cfg: Config, resume: bool = False, force_resume: bool = False) -> Pr
     prep.runtimes = method_runtimes(prep) + ([task_runtime] if task_runtime is not None else [])
     for runtime in prep.runtimes:  # settings a method cannot honour: refused before the first write
         runtime.check_run(cfg, acc.num_processes)
+    from leantune.train.lr_find import check_lr_auto
+
+    check_lr_auto(cfg, prep.runtimes)
     if mode == "fsdp":
         distributed.refuse_fsdp_runtimes(prep.runtimes)
     return prep
@@ -516,6 +519,7 @@ def _build_summary(
         config=cfg.model_dump(mode="json"),
         prompt_head=prep.prompt_head,
         rlhf=rlhf_report(cfg.task, prep.task_runtime, trainer.log.path),
+        lr_auto=state.lr_auto,
     )
 
 

@@ -39,6 +39,7 @@ from leantune.methods.registry import MethodRuntime
 from leantune.train import best as best_weights
 from leantune.train import checkpoint as ckpt
 from leantune.train import distributed as dist_mode
+from leantune.train import lr_find
 from leantune.train.batching import epoch_batches
 from leantune.train.logging import RunLogger
 from leantune.train.optim import (
@@ -90,6 +91,7 @@ class TrainState:
     running_n: int = 0
     last_eval: dict = field(default_factory=dict)
     skipped_steps: int = 0  # updates dropped for a NaN/inf loss or gradient (train.nan_policy=skip)
+    lr_auto: dict | None = None  # train.lr=auto: the range test's choice and curve (train/lr_find.py)
 
 
 class Trainer:
@@ -336,6 +338,7 @@ class Trainer:
         if tc.max_grad_norm is not None and any(p.grad is not None for p in self.params):
             grad_norm = dist_mode.full_tensor(self.acc.clip_grad_norm_(self.params, tc.max_grad_norm))
         self._step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (logged)
+        self._step_loss = group_loss  # read by the lr range test (train/lr_find.py)
         if not self._finite_step(group_loss, grad_norm):  # nan_policy=skip: no update, not logged
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -380,6 +383,7 @@ class Trainer:
         st = self.state
         self.log.start(st.step, self.cfg.model_dump(mode="json"))  # after a resume: purges later events
         self.model.train()
+        lr_find.resolve(self)  # train.lr=auto: the range test (fresh run) or the checkpoint's rate
         for rt in self.runtimes:
             rt.on_train_start(self)
         bar = tqdm(

@@ -97,21 +97,28 @@ def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     """The optimizer `tc.optimizer` names, over the trainable parameters of `model`."""
     groups = param_groups(model, tc.weight_decay)
     betas = (tc.adam_beta1, tc.adam_beta2)
+    lr = start_lr(tc)
     if tc.optimizer == "adamw":
-        return build_optimizer(model, tc.lr, tc.weight_decay, tc.adamw_impl, betas, tc.adam_epsilon)
+        return build_optimizer(model, lr, tc.weight_decay, tc.adamw_impl, betas, tc.adam_epsilon)
     if tc.optimizer in BNB_OPTIMIZERS:
         import bitsandbytes as bnb
 
         cls = getattr(bnb.optim, BNB_OPTIMIZERS[tc.optimizer])
-        return cls(groups, lr=tc.lr, betas=betas, eps=tc.adam_epsilon)
+        return cls(groups, lr=lr, betas=betas, eps=tc.adam_epsilon)
     if tc.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         # the schedule drives the rate (as transformers.Trainer's `optim=adafactor`): no relative step
-        return Adafactor(groups, lr=tc.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=tc.momentum, nesterov=tc.nesterov)
     raise ValueError(f"unknown optimizer {tc.optimizer!r}")  # the config's Literal keeps this unreachable
+
+
+def start_lr(tc) -> float:
+    """The rate the optimizer is built with: train.lr, or under `lr: auto` the range test's first rate
+    (train/lr_find.py then sets the chosen one before the first real step)."""
+    return tc.lr_auto_min if tc.lr == "auto" else tc.lr
 
 
 def warmup_steps(tc, total: int) -> int:

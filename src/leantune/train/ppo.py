@@ -114,6 +114,8 @@ def adapted_kl_coef(coef: float, kl: float, target: float, samples: int, horizon
 class PPORuntime(MethodRuntime):
     """PPO's step, rollout buffer and reward/KL history (module docstring)."""
 
+    lr_auto_refusal = "task ppo samples rollouts and steps its policy and value head its own way"
+
     def __init__(
         self, cfg: PPOConfig, reward_fn: RewardFn, pad_id: int, eos_id: int, max_length: int
     ) -> None:

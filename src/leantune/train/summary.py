@@ -117,6 +117,7 @@ class RunSummary:
     wall_time_s: float | None = None  # set last, just before the summary is written
     warnings: list[str] | None = None  # leantune runs: quality_warnings
     prompt_head: dict | None = None  # task prompt_classification: models/prompt_head.setup_label_words
+    lr_auto: dict[str, Any] | None = None  # train.lr=auto: chosen rate, range, curve (train/lr_find.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +128,7 @@ class RunSummary:
             "params": self.params,
             "data": self.data,
             "train": self.train.to_dict(),
+            **_present([("lr_auto", self.lr_auto)]),
             "validation": self.validation,
             "test": self.test,
             **_present([("mmlu", self.mmlu), ("confusion", self.confusion), ("rlhf", self.rlhf)]),

@@ -1,0 +1,239 @@
+"""`train.lr: auto`: a learning-rate range test before training (Smith 2017, "Cyclical Learning Rates for
+Training Neural Networks", section 3.3; fastai's `lr_find`).
+
+K optimizer steps (train.lr_auto_steps, at most one epoch's worth when the data is short, at least 5)
+with the rate growing exponentially from train.lr_auto_min to train.lr_auto_max; the loss of each step
+is smoothed (exponential moving average, beta 0.9, bias-corrected, as fastai); the sweep stops early once
+the smoothed loss passes 4x the best so far (divergence) or a step's loss or gradient is not finite.
+
+Which rate: the rate at the minimum of the smoothed loss, divided by 3 (`DIVISOR`). Why the minimum and
+not the steepest descent: on 20-50 noisy fine-tuning steps the slope of the smoothed curve jumps between
+neighbouring points (it differentiates batch noise: on the tiny test task the steepest drop sat at
+3e-6, four decades below any rate that learns), while the minimum is one robust point. Why /3 and not
+fastai v1's /10: our schedules warm up and then decay (linear by default), like Smith's one-cycle
+(Smith 2018), whose peak is the largest rate at which the loss still falls, i.e. near the minimum; /3
+keeps a margin (Smith 2017 sets the bounds of a cycle a factor 3-4 apart). Measured on the tiny test task
+(tests/test_lr_find.py, full fine-tuning, 3 epochs): the minimum sat at 7.5e-3; /10 (7.5e-4) ended at
+the majority class (0.41, majority 0.59), /3 (2.5e-3) reached 1.0 test accuracy (2.4e-3 set by hand:
+0.97; 7.5e-3 itself: 1.0). One tiny task, not a benchmark. The choice is clamped into the tested range.
+
+The test runs the run's own step (`Trainer._optimizer_step`: the method's step function, accumulation,
+clipping, accelerate/DDP, the prefix cache, the task's loss inside the model) on the run's own first
+batches. Afterwards the trainable weights, the optimizer state, the torch/python/numpy RNG states, the
+trainer's counters, the prefix cache's counters and each method runtime's state are put back exactly, the
+optimizer's base rate becomes the chosen one and the schedule is rebuilt on it, so the run then starts as
+if the test had not happened except for the rate. Runtimes whose per-step hooks keep state of their own
+(or that own the update) refuse `lr: auto` through `MethodRuntime.lr_auto_refusal`, so the test calls no
+per-step hooks.
+
+After the test the trainer holds a copy of the config whose `train.lr` is the chosen float: every reader
+of `trainer.cfg.train.lr` (method runtimes from `on_train_start` on) sees a number. The run's config
+(config.yaml, summary.config) keeps `auto`; the choice, the range and the curve are summary.json's
+`lr_auto`, kept in `TrainState` so every checkpoint holds it and `--resume` never reruns the test (the
+checkpoint's optimizer and scheduler hold the chosen rate already).
+
+Why not torch-lr-finder (0.2.2): its `LRFinder.range_test` runs its own loop over a
+(model, optimizer, criterion, DataLoader) as `criterion(model(inputs), labels)` and restores by
+torch.save of model and optimizer; our loss lives inside the model, the step is a method's, batches come
+from the trainer's length-bucketed sampler with accumulation, and it restores neither RNG states nor
+runtime state. Wrapping it would measure a different step than the run takes, so ours is this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+
+from leantune.errors import UserError
+from leantune.train import checkpoint as ckpt
+
+SMOOTH_BETA = 0.9  # fastai's
+DIVERGE_FACTOR = 4.0  # stop once the smoothed loss passes this multiple of the best
+MIN_STEPS = 5
+DIVISOR = 3.0  # the chosen rate is the minimum-loss rate / this (module docstring)
+
+
+def check_lr_auto(cfg, runtimes: list) -> None:
+    """Refuse `train.lr: auto` with a runtime that cannot take part in the range test (one line)."""
+    if cfg.train.lr != "auto":
+        return
+    for rt in runtimes:
+        reason = getattr(rt, "lr_auto_refusal", None)
+        if reason:
+            raise UserError(f"train.lr=auto cannot run here: {reason}; set a number for train.lr")
+
+
+def sweep_rates(lo: float, hi: float, k: int) -> list[float]:
+    """k rates growing exponentially from lo to hi (both included)."""
+    return [lo * (hi / lo) ** (i / (k - 1)) for i in range(k)]
+
+
+def choose(rates: list[float], smoothed: list[float], lo: float, hi: float) -> float:
+    """The rate at the minimum smoothed loss, / DIVISOR, inside [lo, hi] (see the module docstring). The first
+    fifth of the points is left out: the average there rests on a batch or two, so one lucky first batch
+    would win (fastai's plot skips its first 10 of 100 points for the same reason)."""
+    skip = len(smoothed) // 5
+    best = min(range(skip, len(smoothed)), key=lambda i: smoothed[i])
+    return min(max(rates[best] / DIVISOR, lo), hi)
+
+
+class _Fixed:
+    """Stands in for the schedule during the test: the test sets each step's rate itself."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def step(self) -> None:
+        pass
+
+
+def _snapshot(trainer) -> dict[str, Any]:
+    cache = trainer.prefix_cache
+    return {
+        "weights": {n: p.detach().clone() for n, p in trainer.module.named_parameters() if p.requires_grad},
+        "optimizer": copy.deepcopy(trainer.torch_optimizer.state_dict()),
+        "torch_rng": ckpt.torch_rng_state(),
+        "python_rng": ckpt.python_rng_state(),
+        "state": copy.deepcopy(trainer.state),
+        "running": (trainer._running.clone(), trainer._running_n),
+        "runtimes": [(copy.deepcopy(rt.state()), _clone(rt.tensors())) for rt in trainer.runtimes],
+        "cache": (cache.hits, cache.misses, cache.tokens_from_cache) if cache else None,
+        "scheduler": trainer.scheduler,
+    }
+
+
+def _clone(tensors: dict) -> dict:
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in tensors.items()
+    }
+
+
+def _restore(trainer, snap: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for name, p in trainer.module.named_parameters():
+            if name in snap["weights"]:
+                p.copy_(snap["weights"][name])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.torch_optimizer.load_state_dict(snap["optimizer"])
+    ckpt.restore_torch_rng(snap["torch_rng"])
+    ckpt.restore_python_rng(snap["python_rng"])
+    trainer.state.__dict__.update(snap["state"].__dict__)  # in place: callers hold `trainer.state`
+    trainer._running, trainer._running_n = snap["running"]
+    for rt, (state, tensors) in zip(trainer.runtimes, snap["runtimes"], strict=True):
+        rt.load(state, tensors)
+    if snap["cache"] is not None:
+        cache = trainer.prefix_cache
+        cache.hits, cache.misses, cache.tokens_from_cache = snap["cache"]
+    trainer.scheduler = snap["scheduler"]
+
+
+def _sweep(trainer, rates: list[float]) -> tuple[list[float], list[float], str]:
+    """Losses and smoothed losses of the steps taken, and why the sweep ended."""
+    groups = trainer._epoch_batches(0)
+    accum = trainer.cfg.train.grad_accum
+    steps = [groups[i : i + accum] for i in range(0, len(groups), accum)]
+    opt = trainer.torch_optimizer
+    trainer.scheduler = _Fixed(opt)
+    losses: list[float] = []
+    smoothed: list[float] = []
+    avg, best = 0.0, math.inf
+    for i, rate in enumerate(rates):
+        for g in opt.param_groups:
+            g["lr"] = rate
+        try:
+            trainer._optimizer_step(steps[i % len(steps)])
+        except UserError:  # nan_policy=stop: the loss or gradient is not finite
+            return losses, smoothed, "non-finite loss"
+        loss = float(trainer.acc.reduce(trainer._step_loss.detach(), reduction="mean"))
+        if not math.isfinite(loss):  # nan_policy=skip dropped the update
+            return losses, smoothed, "non-finite loss"
+        avg = SMOOTH_BETA * avg + (1 - SMOOTH_BETA) * loss
+        losses.append(loss)
+        smoothed.append(avg / (1 - SMOOTH_BETA ** (i + 1)))
+        best = min(best, smoothed[-1])
+        if smoothed[-1] > DIVERGE_FACTOR * best:
+            return losses, smoothed, "diverged"
+    return losses, smoothed, "end of range"
+
+
+def range_test(trainer) -> dict[str, Any]:
+    """Run the test on `trainer`, put everything back, and return the choice with its curve."""
+    tc = trainer.cfg.train
+    k = max(min(tc.lr_auto_steps, trainer.steps_per_epoch), MIN_STEPS)
+    rates = sweep_rates(tc.lr_auto_min, tc.lr_auto_max, k)
+    t0 = time.perf_counter()
+    snap = _snapshot(trainer)
+    try:
+        losses, smoothed, stop = _sweep(trainer, rates)
+    finally:
+        _restore(trainer, snap)
+    if not smoothed:
+        raise UserError(
+            f"train.lr=auto: the first step of the range test (lr {rates[0]:.2g}) gave a non-finite loss; "
+            "check the data, or lower train.lr_auto_min"
+        )
+    chosen = choose(rates, smoothed, tc.lr_auto_min, tc.lr_auto_max)
+    return {
+        "lr": chosen,
+        "rule": f"rate at the minimum smoothed loss / {DIVISOR:g}",
+        "range": [tc.lr_auto_min, tc.lr_auto_max],
+        "steps_planned": k,
+        "steps_run": len(losses),
+        "stopped": stop,
+        "time_s": time.perf_counter() - t0,  # not in train.train_time_s: the run's own steps only
+        "curve": {"lr": rates[: len(losses)], "loss": losses, "smoothed_loss": smoothed},
+    }
+
+
+def apply_lr(trainer, lr: float) -> None:
+    """Make `lr` the optimizer's base rate and rebuild the schedule on it (a fresh run only)."""
+    from leantune.train.optim import make_scheduler
+
+    opt = trainer.torch_optimizer
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] = lr
+    trainer.scheduler = make_scheduler(opt, trainer.cfg.train, trainer.total_steps)
+
+
+def resolved_config(cfg, lr: float):
+    """A copy of `cfg` whose train.lr is the chosen number (what readers of train.lr see after the test)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})})
+
+
+def resolve(trainer) -> None:
+    """Under `lr: auto`: on a fresh run, run the test and set its rate; on a resumed one, take the rate the
+    checkpoint's state recorded (its optimizer and scheduler already hold it). Then the trainer's config
+    names the chosen rate."""
+    if trainer.cfg.train.lr != "auto":
+        return
+    st = trainer.state
+    if st.lr_auto is None and st.step > 0:  # --force-resume from a run that had a number
+        raise UserError(
+            f"train.lr=auto cannot start at step {st.step}: the checkpoint was written with a numeric "
+            "train.lr and its schedule is under way; resume with that number, or start a new run"
+        )
+    if st.lr_auto is None:
+        st.lr_auto = range_test(trainer)
+        trainer.cfg = resolved_config(trainer.cfg, st.lr_auto["lr"])
+        apply_lr(trainer, st.lr_auto["lr"])
+        lo, hi = st.lr_auto["range"]
+        trainer.log.log(
+            {
+                "step": 0,
+                "split": "lr_auto",
+                "lr": st.lr_auto["lr"],
+                "range_min": lo,
+                "range_max": hi,
+                "steps_run": st.lr_auto["steps_run"],
+                "stopped": st.lr_auto["stopped"],
+            }
+        )
+        return
+    trainer.cfg = resolved_config(trainer.cfg, st.lr_auto["lr"])
