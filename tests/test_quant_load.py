@@ -86,5 +86,5 @@ def test_4bit_load_peak_is_below_the_fp32_load_peak(tmp_path):
     }
     peak = {s: r["load_peak_bytes"] / 2**20 for s, r in rows.items()}
     print(f"load peak MiB: {peak}")
-    assert peak["load_4bit"] < 0.6 * peak["fp32"]
-    assert peak["load_4bit"] < 0.6 * peak["swap_4bit"]
+    assert peak["load_4bit"] < 0.75 * peak["fp32"]
+    assert peak["load_4bit"] < 0.75 * peak["swap_4bit"]

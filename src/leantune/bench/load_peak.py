@@ -13,7 +13,8 @@ Measured after the load (and quantisation) and one forward pass, over the proces
 layer, in every setting alike): the growth of peak RSS (VmHWM; it counts the file pages of weights that
 transformers keeps memory-mapped) and of private memory (RssAnon, its peak sampled every 2 ms). Each
 model is measured from its shipped fp32 safetensors and from a bf16 copy (how hub checkpoints usually
-come; weights converted to fp32 cannot stay memory-mapped). Linux only (/proc/self/status).
+come; weights converted to fp32 cannot stay memory-mapped). glibc's mmap threshold is fixed (`ALLOCATOR`).
+Linux only (/proc/self/status).
 
     python -m leantune.bench.load_peak --out benchmarks/results/quant-load/load_peak.json
 """
@@ -28,6 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+# transformers loads weights from a thread pool; glibc gives each thread its own heap and keeps what is
+# freed there, so under the default allocator the same load peaked at 270 or 405 MiB from run to run. With
+# a fixed mmap threshold every large tensor is its own mapping, returned when freed, and RSS follows the
+# live tensors (as in bench/memory_validation.py): repeated runs agree within 1 MiB.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 MODELS = {"embedded:minilm": "classification", "embedded:smollm2": "causal_lm"}
 SETTINGS = ("fp32", "swap_4bit", "load_4bit", "swap_8bit", "load_8bit")
 
@@ -116,7 +122,7 @@ def _warm_up_bitsandbytes() -> None:
 def run_one(model_name: str, task: str, setting: str, path: str, threads: int = 1) -> dict:
     """`measure_one` in a fresh interpreter (a process's peak never falls, so one setting per process)."""
     cmd = [sys.executable, "-m", "leantune.bench.load_peak", "--one", model_name, task, setting, path]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", **ALLOCATOR}
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{model_name} {setting} failed:\n{done.stderr[-3000:]}")
@@ -159,6 +165,7 @@ def run_all(out: Path, models: list[str], tmp: Path) -> dict:
         "and of private memory (RssAnon, sampled every 2 ms); one fresh process per setting",
         "load_1min": os.getloadavg()[0],
         "machine_note": "a shared 2-core CPU machine (other work running)",
+        "allocator": ALLOCATOR,
         "rows": rows,
         "command": "python -m leantune.bench.load_peak --out " + str(out),
     }

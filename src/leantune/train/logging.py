@@ -145,8 +145,12 @@ class RunLogger:
         self.acc.log(values, step=step)
 
     def close(self) -> None:
+        """Finish every tracker (flush and close its files). Not `accelerator.end_training()`: that also
+        destroys the process group, which the run still uses after this (and a later run in the process)."""
         if self.started:
-            self.acc.end_training()
+            for tracker in self.acc.trackers:
+                tracker.finish()
+            self.acc.trackers.clear()
             self.started = False
 
 
