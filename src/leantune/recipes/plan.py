@@ -63,19 +63,11 @@ def make_plan(
     from leantune.memory.budget import parse_budget
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
-    from leantune.models.loader import load_model, load_tokenizer
     from leantune.models.reward import method_task
-    from leantune.recipes.common import setup_torch
-    from leantune.recipes.train import build_features
 
     index, method = _method_config(cfg, budget)
     budget_bytes = parse_budget(method.budget)  # a fraction means of what is available before loading
-    setup_torch(cfg.train.seed, cfg.train.num_threads)
-    tok = load_tokenizer(cfg.model.name)
-    data = build_features(cfg, tok)
-    if not data["train"]:
-        raise UserError(f"the training split of {cfg.data.source} is empty; the planner needs probe batches")
-    model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
+    tok, data, model = _load_base(cfg, "probe batches")
     seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
     full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
@@ -299,6 +291,15 @@ def load_for_rank_plan(cfg: Config):
     training example, capped at model.max_length); separate so that a table of world sizes loads once."""
     from leantune.data.arrow_features import example_lengths
     from leantune.methods import MethodContext, apply_methods
+
+    _, data, model = _load_base(cfg, "its lengths")
+    model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
+    return model, min(max(example_lengths(data["train"])), cfg.model.max_length)
+
+
+def _load_base(cfg: Config, needed: str) -> tuple:
+    """The tokenizer, the encoded data and the base model (no method applied yet), as training builds
+    them; an empty training split is refused, naming what the plan needs from it."""
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.recipes.common import setup_torch
     from leantune.recipes.train import build_features
@@ -307,10 +308,9 @@ def load_for_rank_plan(cfg: Config):
     tok = load_tokenizer(cfg.model.name)
     data = build_features(cfg, tok)
     if not data["train"]:
-        raise UserError(f"the training split of {cfg.data.source} is empty; the plan needs its lengths")
+        raise UserError(f"the training split of {cfg.data.source} is empty; the planner needs {needed}")
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, cfg.data.label_names, tok.pad_token_id)
-    model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
-    return model, min(max(example_lengths(data["train"])), cfg.model.max_length)
+    return tok, data, model
 
 
 def rank_plan(model, cfg: Config, world: int, mode: str, batch: int, seq_len: int) -> dict:
