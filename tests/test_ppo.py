@@ -115,7 +115,7 @@ def test_plan_takes_reference_logits_and_reward_model_from_the_budget(tiny_model
     from leantune.config import load_config
     from leantune.memory.rlhf import weight_bytes
     from leantune.models.loader import load_model
-    from leantune.recipes.plan import make_plan
+    from leantune.recipes.plan import format_plan, make_plan
     from tests.test_reward import preference_rows
 
     rows = preference_rows(40, 0)
@@ -144,3 +144,14 @@ def test_plan_takes_reference_logits_and_reward_model_from_the_budget(tiny_model
     assert held["reward_model_weights"] == (base if task == "ppo" else 0)
     assert plan["budget_bytes"] == 64 * 2**20 - held["total"]
     assert plan["estimate"]["total"] <= plan["budget_bytes"]
+    # printed: the budget the user asked for, then what is held beside the policy, then what is left
+    first = format_plan(plan).splitlines()[0]
+    logits_mib = rows_per_step * plan["seq_len"] * vocab * 4 / 2**20
+    reward_mib = (base if task == "ppo" else 0) / 2**20
+    held_mib = logits_mib + reward_mib
+    reward = f"{reward_mib:.2f} MiB" if task == "ppo" else "0 B"
+    assert first.startswith(
+        f"memory budget 64MiB = 64.00 MiB; held beside the policy {held_mib:.2f} MiB (reference 0 B, "
+        f"reference logits {logits_mib:.2f} MiB, reward model {reward}); left for the policy "
+        f"{64 - held_mib:.2f} MiB"
+    ), first

@@ -250,3 +250,50 @@ def test_plan_works_for_the_prompt_task(tiny_models, sentiment_csv):
     plan = make_plan(cfg, "200MiB")
     peaks = plan["full_parameter"]["peak_bytes"]
     assert plan["estimate"]["total"] <= 200 * 2**20 and peaks["mezo"] < 0.5 * peaks["adamw"]
+
+
+def test_predict_labels_a_prompt_run_as_eval_scores_it(tiny_models, sentiment_csv, tmp_path):
+    """`leantune predict` on a prompt_classification run: each label is the arg-max of the label words'
+    logits read straight off the LM's full logits at the scored slot, the probabilities their softmax,
+    and the accuracy of the written labels is the one `leantune eval` reports on the same file."""
+    import csv
+
+    from leantune.data.tasks import encode
+    from leantune.recipes.common import load_run_config, load_trained_model
+    from leantune.recipes.evaluate import run_eval
+    from leantune.recipes.predict import run_predict
+    from tests.conftest import make_sentiment_rows, write_csv
+
+    run = tmp_path / "run"
+    _run(
+        tiny_models["llama"],
+        sentiment_csv,
+        run,
+        "methods=[full]",
+        "train.lr=3e-3",
+        "train.epochs=1",
+        "eval.batch_size=32",
+    )
+    held_out = write_csv(tmp_path / "held_out.csv", make_sentiment_rows(80, seed=5))
+    out = tmp_path / "predictions.csv"
+    result = run_predict(run, held_out, out)
+    with out.open() as fh:
+        written = list(csv.DictReader(fh))
+    assert set(written[0]) == {"text", "label", "prediction", "prob_neg", "prob_pos"}
+    cfg = load_run_config(run)
+    tok = load_tokenizer(str(run / "model"))
+    rows = [{"text": r["text"], "label": r["label"]} for r in written]
+    feats = encode(cfg.task, rows, tok, cfg.data, 16, cfg.data.label_names, "held_out", "causal")
+    model = load_trained_model(run, cfg).eval()
+    words = tok.convert_tokens_to_ids(["terrible", "great"])
+    scores = torch.cat(
+        [_reference_scores(model, collate(feats[i : i + 32], tok.pad_token_id), words) for i in (0, 32, 64)]
+    )
+    names = cfg.data.label_names
+    assert [r["prediction"] for r in written] == [names[i] for i in scores.argmax(-1).tolist()]
+    probs = torch.softmax(scores.float(), -1)
+    assert max(abs(float(r["prob_pos"]) - float(p[1])) for r, p in zip(written, probs, strict=True)) < 1e-5
+    accuracy = sum(r["prediction"] == r["label"] for r in written) / len(written)
+    evaluated = run_eval(run, str(held_out))
+    assert result["accuracy"] == accuracy == pytest.approx(evaluated["accuracy"], abs=1e-12)
+    assert len({r["prediction"] for r in written}) == 2  # not one class for every row: the test can fail

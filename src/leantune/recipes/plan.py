@@ -105,7 +105,7 @@ def make_plan(
         "budget": str(method.budget),
         "full_parameter": full,
     }
-    return {**out, "rlhf": held} if held else out
+    return {**out, "rlhf": {**held, "asked_bytes": budget_bytes}} if held else out
 
 
 def _probe_rows(task: str, train):
@@ -183,10 +183,16 @@ def full_parameter_line(full: dict, budget: int) -> str:
 def format_plan(plan: dict) -> str:
     from leantune.memory.planner import fmt_bytes
 
-    c, est = plan["task_complexity"], plan["estimate"]
+    c, est, held = plan["task_complexity"], plan["estimate"], plan.get("rlhf")
+    asked = held["asked_bytes"] if held else plan["budget_bytes"]  # the policy's share is budget_bytes
     lines = [
-        f"memory budget {plan['budget']} = {fmt_bytes(plan['budget_bytes'])}"
-        + (f", planned within {1 - m:.2f} x budget" if (m := plan.get("safety_margin")) else "")
+        f"memory budget {plan['budget']} = {fmt_bytes(asked)}"
+        + (_rlhf_part(held, plan["budget_bytes"]) if held else "")
+        + (
+            f", planned within {1 - m:.2f} x {'that' if held else 'budget'}"
+            if (m := plan.get("safety_margin"))
+            else ""
+        )
         + f"; estimate "
         f"{fmt_bytes(est['total'])} (weights {fmt_bytes(est['weights'])}, gradients "
         f"{fmt_bytes(est['gradients'])}, optimizer {fmt_bytes(est['optimizer_state'])}, activations "
@@ -197,11 +203,10 @@ def format_plan(plan: dict) -> str:
         f" -> rank cap {plan['max_rank']}",
         "changed to fit: " + ("; ".join(plan["changes"]) if plan["changes"] else "nothing"),
         *(
-            [full_parameter_line(plan["full_parameter"], plan["budget_bytes"])]
+            [full_parameter_line(plan["full_parameter"], asked)]  # computed against the whole budget
             if plan.get("full_parameter")
             else []
         ),
-        *([_rlhf_line(plan["rlhf"])] if plan.get("rlhf") else []),
         "",
     ]
     width = max(len(layer["name"]) for layer in plan["layers"])
@@ -214,13 +219,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def _rlhf_line(held: dict) -> str:
+def _rlhf_part(held: dict, policy_bytes: int) -> str:
+    """Tasks dpo/ppo: what is held beside the policy (memory/rlhf.py), taken from the user's budget
+    before the policy is planned, and what that leaves for the policy."""
     from leantune.memory.planner import fmt_bytes
 
     return (
-        f"held beside the policy (outside the estimate above, taken from the budget): reference "
+        f"; held beside the policy {fmt_bytes(held['total'])} (reference "
         f"{fmt_bytes(held['reference_weights'])}, reference logits {fmt_bytes(held['reference_logits'])}, "
-        f"reward model {fmt_bytes(held['reward_model_weights'])}"
+        f"reward model {fmt_bytes(held['reward_model_weights'])}); left for the policy "
+        f"{fmt_bytes(policy_bytes)}"
     )
 
 

@@ -1,9 +1,12 @@
 """`leantune predict RUN_DIR data.csv --out predictions.csv`: label or score new text with a
-classification, multi-label or regression run.
+classification, prompt-classification, multi-label or regression run.
 
 Each input row (CSV, TSV or JSONL, with the run's `data.text_column` and, for pair tasks, its
 `text_pair_column`) is written back with `prediction` and, for classifiers, one `prob_<label>` column per
-class: classification predicts the label name of the arg-max class (softmax probabilities); multi-label
+class: classification predicts the label name of the arg-max class (softmax probabilities);
+prompt_classification the same over its label words' scores (each row rendered with the run's
+`data.template` and scored by the LM head at the label slot, models/prompt_head.py: the logits `leantune
+eval` takes the arg-max of); multi-label
 the set of labels whose sigmoid is >= `eval.threshold` (a list in JSONL; in CSV a JSON list, or the
 labels joined with the run's `data.label_separator`); regression the score itself. Rows that also carry
 the run's label column are scored: accuracy, micro F1 or MSE is printed (the numbers `leantune eval
@@ -23,6 +26,7 @@ from leantune.outputs import check_new_file
 from leantune.recipes.common import load_run_config, load_trained_model, setup_torch
 
 OUT_SUFFIXES = (".csv", ".jsonl")
+PREDICT_TASKS = ("classification", "prompt_classification", "multi_label", "regression")
 
 
 def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = None) -> dict:
@@ -33,10 +37,10 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
         raise UserError(f"--out {out} must end in .csv or .jsonl")
     check_new_file(out, "--out")
     cfg = load_run_config(run_dir)
-    if cfg.task not in ("classification", "multi_label", "regression"):
+    if cfg.task not in PREDICT_TASKS:
         raise UserError(
-            f"{run_dir} is a {cfg.task} run; predict labels text with a classification, multi_label or "
-            "regression run (use `leantune generate` for text)"
+            f"{run_dir} is a {cfg.task} run; predict labels text with a classification, "
+            "prompt_classification, multi_label or regression run (use `leantune generate` for text)"
         )
     if data.suffix not in (".csv", ".tsv", ".jsonl"):
         raise UserError(f"predict reads a .csv, .tsv or .jsonl file, not {data}")
@@ -58,22 +62,14 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
     from leantune.models.loader import load_tokenizer
 
     tok = load_tokenizer(str(run_dir / "model"))
+    feats = _features(cfg, tok, rows, texts, pairs)
     model = load_trained_model(run_dir, cfg).eval()
     size = batch_size or cfg.eval.batch_size
     probs: list[list[float]] = []
     starts = range(0, len(rows), size)
     with torch.no_grad():
         for start in tqdm(starts, desc="predict", unit="batch", leave=False, disable=len(starts) < 20):
-            chunk = slice(start, start + size)
-            enc = tok(
-                texts[chunk],
-                pairs[chunk] if pairs else None,
-                truncation=True,
-                max_length=cfg.model.max_length,
-            )
-            keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-            feats = [{k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"]))]
-            logits = model(**collate(feats, tok.pad_token_id)).logits.float()
+            logits = model(**collate(feats[start : start + size], tok.pad_token_id)).logits.float()
             probs += _outputs(cfg.task, logits).tolist()
     preds, shown = _predictions(cfg, probs, out.suffix)
     columns = [] if cfg.task == "regression" else names  # a score has no per-class probabilities
@@ -95,6 +91,23 @@ def run_predict(run_dir: Path, data: Path, out: Path, batch_size: int | None = N
     line = f"leantune: {len(rows)} predictions written to {out}"
     print(line + "".join(f"; {k} {v:.4f}" for k, v in result.items() if k in SCORE_KEYS))
     return result
+
+
+def _features(cfg, tok, rows: list, texts: list[str], pairs: list[str] | None) -> list[dict]:
+    """Model inputs per row, without labels (the rows need none): the tokenised text (pair), or for
+    prompt_classification the rendered prompt and its `label_position`, encoded as training and `leantune
+    eval` encode it (data/prompts.py)."""
+    if cfg.task == "prompt_classification":
+        from leantune.data.prompts import encode_prompts
+        from leantune.models.prompt_head import kind_of_model
+
+        kind = kind_of_model(cfg.model.name)
+        zeros = [0] * len(rows)
+        feats = encode_prompts(rows, tok, cfg.data, cfg.model.max_length, zeros, texts, pairs, kind)
+        return [{k: v for k, v in f.items() if k != "labels"} for f in feats]
+    enc = tok(texts, pairs, truncation=True, max_length=cfg.model.max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(rows))]
 
 
 #: the number each task's predict prints when the rows carry labels
