@@ -155,3 +155,51 @@ def test_plan_takes_reference_logits_and_reward_model_from_the_budget(tiny_model
         f"reference logits {logits_mib:.2f} MiB, reward model {reward}); left for the policy "
         f"{64 - held_mib:.2f} MiB"
     ), first
+
+
+@pytest.mark.parametrize("methods", ["[full]", "[lora]"])
+def test_eval_rescores_a_finished_run_with_its_reward_model(tiny_models, tmp_path, capsys, methods):
+    """`leantune eval` on a finished PPO run loads its ppo.reward_run and repeats the run's own test
+    reward, KL and objective (sampling seeded with train.seed, as the final evaluation is); the full run
+    reloads the base model as its reference, the LoRA run disables its adapter. With the reward run moved
+    away, eval is one line, exit 2."""
+    from leantune.config import load_config
+    from leantune.recipes.evaluate import run_eval
+    from leantune.recipes.train import run_train
+    from tests.conftest import cli_err
+    from tests.test_reward import preference_rows
+
+    prefs = write_csv(tmp_path / "prefs.csv", preference_rows(64, 1))
+    reward_run = tmp_path / "rm"
+    run_train(
+        load_config(
+            None,
+            [
+                "task=reward",
+                f"model.name={tiny_models['llama']}",
+                "model.max_length=32",
+                f"data.source={prefs}",
+                "data.prompt_column=prompt",
+                "methods=[full]",
+                "train.batch_size=16",
+                "train.max_steps=2",
+                "train.num_threads=1",
+                "train.save_every=null",
+                "output.tensorboard=false",
+                f"output.dir={reward_run}",
+            ],
+        )
+    )
+    extra = [f"ppo.reward_run={reward_run}", f"methods={methods}", "train.max_steps=4"]
+    extra.append("train.eval_every=null")
+    summary = run_train(load_config(None, _ppo_overrides(tmp_path, tiny_models, extra)))
+    test = summary["test"]
+    assert summary["rlhf"]["kl_coef"] != 0.5  # the adaptive weight moved: eval must use the final one
+    again = run_eval(tmp_path / "run", None)
+    assert again["n"] == summary["data"]["test"]
+    for key in ("reward", "kl", "objective"):
+        assert again[key] == pytest.approx(test[key], rel=1e-4, abs=1e-5), (key, again, test)
+    assert abs(test["kl"]) > 1e-3  # the policy moved off its reference: the KL is not trivially 0
+    reward_run.rename(tmp_path / "rm-moved")
+    capsys.readouterr()
+    assert "does not exist (moved or deleted?)" in cli_err(capsys, "eval", tmp_path / "run")

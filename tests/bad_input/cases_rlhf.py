@@ -20,6 +20,18 @@ def _unfinished_reward_run(env: Env) -> None:
     (run / "summary.json").unlink()
 
 
+def _ppo_run_whose_reward_run_moved(env: Env) -> None:
+    """A finished run recorded as task ppo whose ppo.reward_run is gone (only its config is read)."""
+    import yaml
+
+    run = env.copy_run("run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["task"] = "ppo"
+    config["data"]["label_column"] = None
+    config.setdefault("ppo", {}).update({"reward_run": str(env.root / "moved_rm"), "max_new_tokens": 4})
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
 def _cases() -> list[Case]:
     return [
         Case(
@@ -95,6 +107,14 @@ def _cases() -> list[Case]:
             argv=train(*PPO, "ppo.reward_run=rm", "ppo.max_new_tokens=16"),
             phrase="ppo.max_new_tokens=16 leaves no room for the prompt",
             files=with_data(),
+        ),
+        Case(
+            id="ppo-eval-reward-run-moved",
+            family="chat",
+            what="`leantune eval` on a finished PPO run whose reward run was moved away",
+            argv=("eval", "run", "--out", "eval.json"),
+            phrase="moved_rm, which does not exist (moved or deleted?)",
+            setup=_ppo_run_whose_reward_run_moved,
         ),
     ]
 

@@ -3,8 +3,11 @@
 A file passed with --data is used whole; a built-in or `hf:` source gives its `--split` (test by default,
 carved with the run's split seed exactly as in training). Labels map through the run's label names, so a
 label the model was not trained on is an error with its line number, not a silent wrong answer.
-`--generate` (or the run's eval.generate) adds BLEU/ROUGE of generated text for seq2seq and causal-LM
-runs. `--mmlu K` scores a causal-LM run, or with `--model NAME` an untrained base model, on MMLU.
+A `task: ppo` run is scored as its training scored its test split: responses sampled (seeded with
+`train.seed`) for the prompts and scored by the run's `ppo.reward_run`, with the KL to the reference
+(recipes/rlhf.py `ppo_eval`). `--generate` (or the run's eval.generate) adds BLEU/ROUGE of generated
+text for seq2seq and causal-LM runs. `--mmlu K` scores a causal-LM run, or with `--model NAME` an
+untrained base model, on MMLU.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ def run_eval(
     checked before the model loads, and `out_json` is written only when everything worked."""
     cfg = load_run_config(run_dir)
     generate = _check_eval_outputs(cfg, out_json, generate or cfg.eval.generate)
+    if cfg.task == "ppo":
+        from leantune.recipes.rlhf import check_reward_run_exists
+
+        check_reward_run_exists(run_dir, cfg)
     data_cfg, split, rows = _eval_rows(cfg, source, split)
     setup_torch(cfg.train.seed, cfg.train.num_threads)
     n, metrics, predictions = _score_rows(run_dir, cfg, data_cfg, rows, generate)
@@ -101,6 +108,10 @@ def _score_rows(run_dir: Path, cfg, data_cfg, rows: list, generate: bool) -> tup
         cfg.task, rows, tok, data_cfg, cfg.model.max_length, cfg.data.label_names, data_cfg.source, kind
     )
     model = load_trained_model(run_dir, cfg)
+    if cfg.task == "ppo":  # prompts alone: responses sampled and scored by the run's reward model
+        from leantune.recipes.rlhf import ppo_eval
+
+        return len(features), ppo_eval(run_dir, cfg, tok, model, features), None
     metrics = evaluate(
         model,
         features,

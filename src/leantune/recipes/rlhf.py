@@ -67,6 +67,51 @@ def ppo_runtime(cfg: Config, tok, model):
     return PPORuntime(cfg.ppo, scorer, tok.pad_token_id, tok.eos_token_id, cfg.model.max_length)
 
 
+def ppo_eval(run_dir: Path, cfg: Config, tok, model, features: list[dict]) -> dict[str, float]:
+    """The held-out numbers a PPO run's training reported for its test split (train/ppo.py's
+    `PPORuntime.evaluate`): mean reward-model score, KL to the reference and the objective, of responses
+    sampled for `features`' prompts from `model`.
+
+    The scorer is the run's own `ppo.reward_run`; the reference is the adapter disabled, or for full
+    tuning the base model reloaded (what training copied before its first step). Sampling is seeded with
+    `train.seed` inside a forked RNG, as training's evaluation is, so the numbers repeat the run's own.
+    The objective's KL weight is the one the run ended with (summary.json's `rlhf.kl_coef`: an adaptive
+    weight moves during training), or `ppo.kl_coef` when the run recorded none."""
+    from leantune.models.dpo import REFERENCE, has_adapter
+    from leantune.train.ppo import PPORuntime
+
+    scorer = load_reward_scorer(check_reward_run_exists(run_dir, cfg), tok)
+    if not has_adapter(model):
+        from leantune.recipes.common import load_base
+
+        model.__dict__[REFERENCE] = load_base(cfg).eval().requires_grad_(False)
+    runtime = PPORuntime(cfg.ppo, scorer, tok.pad_token_id, tok.eos_token_id, cfg.model.max_length)
+    runtime.kl_coef = _final_kl_coef(run_dir, cfg)
+    return runtime.evaluate(model, features, cfg.eval.batch_size, cfg.train.seed)
+
+
+def check_reward_run_exists(run_dir: Path, cfg: Config) -> Path:
+    """The reward run a finished PPO run names, refused in one line (before any model loads) when it
+    was moved or deleted since training."""
+    assert cfg.ppo.reward_run is not None  # the config refuses task ppo without one
+    reward_run = Path(cfg.ppo.reward_run).expanduser()
+    if not reward_run.is_dir():
+        raise UserError(
+            f"{run_dir} is scored by its reward model ppo.reward_run {reward_run}, which does not exist "
+            f"(moved or deleted?); put it back or point ppo.reward_run in {run_dir / 'config.yaml'} at it"
+        )
+    return reward_run
+
+
+def _final_kl_coef(run_dir: Path, cfg: Config) -> float:
+    path = run_dir / "summary.json"
+    if path.is_file():
+        recorded = (json.loads(path.read_text()).get("rlhf") or {}).get("kl_coef")
+        if recorded is not None:
+            return float(recorded)
+    return cfg.ppo.kl_coef
+
+
 def rlhf_report(task: str, runtime, metrics_path: Path) -> dict | None:
     """Reward and KL over training for summary.json: PPO's rollouts, DPO's validation evaluations."""
     if task == "ppo":
