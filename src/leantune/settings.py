@@ -256,6 +256,12 @@ class TrainConfig(Strict):
         description="Keep the hidden states after the frozen embeddings + lowest blocks in RAM after an "
         "example's first pass and skip that prefix later; dropout in it is off (train/prefix_cache.py).",
     )
+    prefix_cache_ram: str | float = Field(
+        0.25,
+        description="RAM the frozen-prefix cache may hold per process: bytes (512MiB, 2GiB, 3e9) or a "
+        "fraction (<= 1) of the RAM available when training starts; later entries are appended to "
+        "<run>/prefix_cache/ and read back through a memory map (exact either way).",
+    )
 
     @model_validator(mode="after")
     def _optimizer_checks(self) -> TrainConfig:
