@@ -175,7 +175,12 @@ if "test_prefix_counter" not in available_methods():
     )
 
 
-def test_prefix_is_skipped_after_the_first_epoch_and_its_size_is_reported(base_overrides, tmp_path):
+def test_prefix_is_skipped_after_the_first_epoch_and_its_size_is_reported(
+    base_overrides, tmp_path, monkeypatch
+):
+    import leantune.train.loop as loop
+
+    monkeypatch.setattr(loop, "host_available_bytes", lambda: 10**9)  # the default bound: 0.25 of it
     cfg = load_config(
         None,
         [
@@ -198,6 +203,9 @@ def test_prefix_is_skipped_after_the_first_epoch_and_its_size_is_reported(base_o
     assert report["cached_examples"] == len(features)
     assert report["cached_tokens"] == tokens
     assert report["bytes"] == tokens * 32 * 4  # hidden size 32, fp32
+    assert report["ram_bound_bytes"] == 250_000_000
+    assert report["ram_bytes"] == report["bytes"] and report["spilled_examples"] == 0
+    assert not (tmp_path / "run" / prefix_cache.SPILL_DIR).exists()  # and no folder left behind
     assert len(summary["train"]["epoch_train_time_s"]) == 3
 
 

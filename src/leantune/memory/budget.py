@@ -57,15 +57,16 @@ def host_available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def parse_budget(value: str | float | int, available: Callable[[], int] = available_bytes) -> int:
-    """Bytes for a budget; a number <= 1 is a fraction of `available()` now (the device's by default)."""
+def parse_budget(value: str | float | int, available: Callable[[], int] | None = None) -> int:
+    """Bytes for a budget; a number <= 1 is a fraction of `available()` now (default: available_bytes,
+    the device's; looked up at call time)."""
     try:
         check_budget(value)
     except ValueError as exc:
         raise UserError(f"memory budget: {exc}") from None
     if isinstance(value, (int, float)) or not _BUDGET.match(str(value)).group(2):
         number = float(value)
-        return int(number * available()) if number <= 1 else int(number)
+        return int(number * (available or available_bytes)()) if number <= 1 else int(number)
     m = _BUDGET.match(str(value))
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
