@@ -20,6 +20,7 @@ from leantune.methods.registry import MethodConfig, MethodRuntime, MethodSpec, a
 from leantune.models.loader import load_model
 from leantune.models.structure import embedding_modules, find_blocks
 from leantune.recipes.train import run_train
+from leantune.runfolder import is_own
 from leantune.train.prefix_cache import PrefixCache, frozen_prefix_depth
 
 FREEZE_2 = "methods=[{name: freeze, layers: 2}]"
@@ -291,6 +292,7 @@ def test_bounded_cache_keeps_ram_under_the_bound_and_serves_spilled_entries_exac
     assert torch.equal(seen[0], seen[1])
     bounded.close()
     assert not path.exists() and not path.parent.exists()
+    assert is_own(prefix_cache.SPILL_DIR)  # an overwrite of the run folder removes a stale one
     assert bounded.report()["spilled_bytes"] == report["spilled_bytes"]  # the counts outlive the file
 
 
