@@ -190,6 +190,8 @@ def test_budget_parsing(monkeypatch):
     assert parse_budget(3e9) == 3_000_000_000
     monkeypatch.setattr(budget, "available_bytes", lambda: 10_000)
     assert parse_budget("0.5") == 5_000
+    assert parse_budget(0.25, lambda: 8_000) == 2_000  # a fraction of what the caller names (host RAM)
+    assert parse_budget("1KiB", lambda: 8_000) == 1024
     with pytest.raises(UserError, match="not a memory size"):
         parse_budget("2 apples")
 

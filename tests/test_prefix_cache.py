@@ -20,6 +20,7 @@ from leantune.methods.registry import MethodConfig, MethodRuntime, MethodSpec, a
 from leantune.models.loader import load_model
 from leantune.models.structure import embedding_modules, find_blocks
 from leantune.recipes.train import run_train
+from leantune.runfolder import is_own
 from leantune.train.prefix_cache import PrefixCache, frozen_prefix_depth
 
 FREEZE_2 = "methods=[{name: freeze, layers: 2}]"
@@ -175,7 +176,12 @@ if "test_prefix_counter" not in available_methods():
     )
 
 
-def test_prefix_is_skipped_after_the_first_epoch_and_its_size_is_reported(base_overrides, tmp_path):
+def test_prefix_is_skipped_after_the_first_epoch_and_its_size_is_reported(
+    base_overrides, tmp_path, monkeypatch
+):
+    import leantune.train.loop as loop
+
+    monkeypatch.setattr(loop, "host_available_bytes", lambda: 10**9)  # the default bound: 0.25 of it
     cfg = load_config(
         None,
         [
@@ -198,6 +204,9 @@ def test_prefix_is_skipped_after_the_first_epoch_and_its_size_is_reported(base_o
     assert report["cached_examples"] == len(features)
     assert report["cached_tokens"] == tokens
     assert report["bytes"] == tokens * 32 * 4  # hidden size 32, fp32
+    assert report["ram_bound_bytes"] == 250_000_000
+    assert report["ram_bytes"] == report["bytes"] and report["spilled_examples"] == 0
+    assert not (tmp_path / "run" / prefix_cache.SPILL_DIR).exists()  # and no folder left behind
     assert len(summary["train"]["epoch_train_time_s"]) == 3
 
 
@@ -228,6 +237,117 @@ def test_resume_rebuilds_the_cache_and_ends_with_the_same_weights(base_overrides
     assert summary["train"]["resumed"]
     report = summary["train"]["prefix_cache"]
     assert report["micro_batches_computed"] == 17 + (17 - (28 - 17))  # epoch 1's rest, then the rebuild
+    resumed = load_file(str(run / "model" / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+# -- the RAM bound and the spill file ------------------------------------------------------------------
+TINY_RAM = "train.prefix_cache_ram=2KiB"  # ~2 of the tiny BERT's examples (tokens x 32 x 4 bytes each)
+
+
+def test_bounded_cache_keeps_ram_under_the_bound_and_serves_spilled_entries_exactly(tiny_models, tmp_path):
+    """Entry by entry, the tensors held in RAM never pass the bound; the rest lie in the file; serving
+    a batch of spilled entries gives the very bytes the all-RAM cache gives; close deletes the file."""
+    model = _model_with(tiny_models["bert"], "classification", "{name: freeze, layers: 2}")
+    model.eval()
+    bound, path = 1500, tmp_path / "run" / prefix_cache.SPILL_DIR / "rank0.bin"
+    bounded = PrefixCache(model, ram_bytes=bound, spill_path=path)
+    unbounded = PrefixCache(model)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3, 12, 7, 4, 6, 2]
+    rows = [torch.randint(1000, 2000, (n,), generator=gen) for n in lengths]
+    for i, n in enumerate(lengths):
+        ids, mask = rows[i][None], torch.ones(1, n, dtype=torch.long)
+        for cache in (bounded, unbounded):
+            with cache.micro_batch([i], mask), torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+        held = sum(t.numel() * t.element_size() for t in bounded.states.values())
+        assert held == bounded.ram_used <= bound
+    report = bounded.report()
+    assert report["ram_examples"] + report["spilled_examples"] == len(lengths)
+    assert report["spilled_examples"] > report["ram_examples"] > 0
+    assert report["spilled_bytes"] == sum(lengths) * 32 * 4 - report["ram_bytes"]
+    assert report["bytes"] == unbounded.report()["bytes"]
+    spilled = [i for i in range(len(lengths)) if i not in bounded.states]
+    for i in range(len(lengths)):
+        assert torch.equal(bounded._entry(i), unbounded.states[i]), i
+    assert path.stat().st_size == report["spilled_bytes"]  # read back: flushed
+    # a served batch of spilled entries, other padding: the same hidden states reach block 2
+    seen: list[torch.Tensor] = []
+    _, blocks = find_blocks(model)
+    handle = blocks[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    order = spilled[:3]
+    width = max(lengths[i] for i in order)
+    ids = torch.zeros(len(order), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, i in enumerate(order):
+        ids[j, : lengths[i]], mask[j, : lengths[i]] = rows[i], 1
+    for cache in (bounded, unbounded):
+        with cache.micro_batch(order, mask), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    assert bounded.hits == unbounded.hits == 1
+    assert torch.equal(seen[0], seen[1])
+    bounded.close()
+    assert not path.exists() and not path.parent.exists()
+    assert is_own(prefix_cache.SPILL_DIR)  # an overwrite of the run folder removes a stale one
+    assert bounded.report()["spilled_bytes"] == report["spilled_bytes"]  # the counts outlive the file
+
+
+def test_spilled_loss_curve_equals_all_ram_and_uncached(base_overrides, tmp_path, monkeypatch):
+    """Most entries spilled: the losses are those of the all-RAM cache, bit for bit, and those of the
+    prefix computed every time (the existing tolerance); RAM stays under the bound; the file is gone."""
+    overrides = [*base_overrides, FREEZE_2, "train.cache_frozen_prefix=true"]
+    spilled, summary = _run_losses([*overrides, TINY_RAM], tmp_path / "spilled")
+    report = summary["train"]["prefix_cache"]
+    assert report["ram_bound_bytes"] == 2048 and 0 < report["ram_bytes"] <= 2048
+    assert report["spilled_examples"] > 10 * report["ram_examples"] > 0
+    assert report["ram_bytes"] + report["spilled_bytes"] == report["bytes"]
+    assert report["bytes"] == report["cached_tokens"] * 32 * 4
+    batches = -(-summary["data"]["train"] // 16)
+    assert report["micro_batches_from_cache"] == 2 * batches  # served from the file in epochs 1 and 2
+    assert not (tmp_path / "spilled" / prefix_cache.SPILL_DIR).exists()
+    in_ram, summary = _run_losses([*overrides, "train.prefix_cache_ram=1GiB"], tmp_path / "ram")
+    assert summary["train"]["prefix_cache"]["spilled_examples"] == 0
+    assert summary["train"]["prefix_cache"]["ram_bytes"] == report["bytes"]
+    monkeypatch.setattr(prefix_cache, "SERVE_FROM_CACHE", False)
+    computed, _ = _run_losses([*overrides, TINY_RAM], tmp_path / "computed")
+    assert len(spilled) == len(in_ram) == len(computed) == 3 * batches
+    assert spilled == in_ram
+    assert spilled == pytest.approx(computed, abs=1e-5)
+    assert computed[-1] < computed[0]
+
+
+def test_resume_with_a_spilled_cache_replays_exactly(base_overrides, tmp_path):
+    """As test_resume_rebuilds_the_cache_and_ends_with_the_same_weights, with most of the cache spilled
+    and what a kill leaves behind: the killed run's spill file (here garbage). The resumed run truncates
+    it, rebuilds the cache and ends with the uninterrupted run's weights (same tolerance: after the
+    resume, epoch 2 runs the prefix where the uninterrupted run served it, ~1e-7 summation order)."""
+    run = tmp_path / "run"
+    overrides = [
+        *base_overrides,
+        FREEZE_2,
+        "train.cache_frozen_prefix=true",
+        TINY_RAM,
+        "train.save_every=4",
+        "train.keep_checkpoints=20",
+    ]
+    full = run_train(load_config(None, overrides))
+    assert full["train"]["prefix_cache"]["spilled_examples"] > 0
+    whole = load_file(str(run / "model" / "model.safetensors"))
+    (run / "checkpoints" / "latest").write_text("step-00000028")  # epoch 1 of 3, 17 steps per epoch
+    (run / "summary.json").unlink()
+    stale = run / prefix_cache.SPILL_DIR / "rank0.bin"
+    stale.parent.mkdir()
+    stale.write_bytes(b"\xff" * 100_000)
+    summary = run_train(load_config(None, overrides), resume=True)
+    assert summary["train"]["resumed"]
+    report = summary["train"]["prefix_cache"]
+    assert report["micro_batches_computed"] == 17 + (17 - (28 - 17))  # epoch 1's rest, then the rebuild
+    assert report["spilled_examples"] > 0
+    assert not stale.parent.exists()
     resumed = load_file(str(run / "model" / "model.safetensors"))
     assert whole.keys() == resumed.keys()
     for name, tensor in whole.items():

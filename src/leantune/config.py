@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from leantune.errors import UserError
+from leantune.memory.budget import check_budget
 from leantune.methods.registry import MethodConfig, check_method_list, method_config_class
 from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.config import DataConfig`)
     ANSWER_METRICS,
@@ -118,6 +119,10 @@ class Config(Strict):
             hint = difflib.get_close_matches(self.eval.metric, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"choose from {', '.join(known)}"
             raise ValueError(f"eval.metric '{self.eval.metric}' is not a {self.task} metric; {fix}")
+        try:
+            check_budget(self.train.prefix_cache_ram)
+        except ValueError as exc:
+            raise ValueError(f"train.prefix_cache_ram: {exc}") from None
         if self.task == "seq2seq" and self.train.cache_frozen_prefix:
             raise ValueError(
                 "train.cache_frozen_prefix supports encoder-only and decoder-only models, not seq2seq; "

@@ -50,6 +50,7 @@ OWN_NAMES = frozenset(
         "merged",
         "exported",
         "hf_trainer",
+        "prefix_cache",  # train.prefix_cache_ram: hidden states past the RAM bound, deleted at the run's end
     }
 )
 

@@ -253,8 +253,15 @@ class TrainConfig(Strict):
     early_stopping_patience: int | None = Field(None, gt=0, description="Evaluations without improvement.")
     cache_frozen_prefix: bool = Field(
         False,
-        description="Keep the hidden states after the frozen embeddings + lowest blocks in RAM after an "
-        "example's first pass and skip that prefix later; dropout in it is off (train/prefix_cache.py).",
+        description="Keep the hidden states after the frozen embeddings + lowest blocks (in RAM up to "
+        "train.prefix_cache_ram, then in a memory-mapped spill file) after an example's first pass and "
+        "skip that prefix later; dropout in it is off (train/prefix_cache.py).",
+    )
+    prefix_cache_ram: str | float = Field(
+        0.25,
+        description="RAM the frozen-prefix cache may hold per process: bytes (512MiB, 2GiB, 3e9) or a "
+        "fraction (<= 1) of the RAM available when training starts; later entries are appended to "
+        "<run>/prefix_cache/ and read back through a memory map (exact either way).",
     )
 
     @model_validator(mode="after")

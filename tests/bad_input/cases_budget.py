@@ -1,5 +1,6 @@
 """Numbers: non-finite, coerced (bool, quoted, fractional where whole) or absurd values, refused at
-config time for every numeric key; memory budgets for dynamic_rank and `leantune plan`."""
+config time for every numeric key; memory budgets for dynamic_rank, `leantune plan` and
+the frozen-prefix cache's RAM bound."""
 
 from __future__ import annotations
 
@@ -120,6 +121,17 @@ def _cases() -> list[Case]:
                 family="budget",
                 what=f"dynamic_rank `budget: {value}`",
                 argv=train(f"methods=[{{name: dynamic_rank, budget: {value}}}]"),
+                phrase=phrase,
+                files=with_data(),
+            )
+        )
+    for value, vid, phrase in budgets:
+        out.append(
+            Case(
+                id=f"prefix_cache_ram={vid}",
+                family="budget",
+                what=f"`train.prefix_cache_ram={value}` (the frozen-prefix cache's RAM bound)",
+                argv=train("train.cache_frozen_prefix=true", f"train.prefix_cache_ram={value}"),
                 phrase=phrase,
                 files=with_data(),
             )

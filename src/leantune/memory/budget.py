@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from leantune.errors import UserError
@@ -46,20 +47,26 @@ def available_bytes() -> int:
     if torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info()
         return int(free)
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int:
+    """Host RAM the OS could still give us (for what lives in RAM whatever the device, like a cache)."""
     import psutil
 
     return int(psutil.virtual_memory().available)
 
 
-def parse_budget(value: str | float | int) -> int:
-    """Bytes for a budget; a number <= 1 is a fraction of the memory available now."""
+def parse_budget(value: str | float | int, available: Callable[[], int] | None = None) -> int:
+    """Bytes for a budget; a number <= 1 is a fraction of `available()` now (default: available_bytes,
+    the device's; looked up at call time)."""
     try:
         check_budget(value)
     except ValueError as exc:
         raise UserError(f"memory budget: {exc}") from None
     if isinstance(value, (int, float)) or not _BUDGET.match(str(value)).group(2):
         number = float(value)
-        return int(number * available_bytes()) if number <= 1 else int(number)
+        return int(number * (available or available_bytes)()) if number <= 1 else int(number)
     m = _BUDGET.match(str(value))
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 

@@ -34,6 +34,7 @@ from leantune.data.tasks import collate
 from leantune.errors import UserError
 from leantune.eval.loop import evaluate
 from leantune.eval.metrics import is_better
+from leantune.memory.budget import host_available_bytes, parse_budget
 from leantune.memory.measure import StepPeakMeter
 from leantune.methods.registry import MethodRuntime
 from leantune.train import best as best_weights
@@ -49,7 +50,7 @@ from leantune.train.optim import (
     make_scheduler,
     unwrap_optimizer,
 )
-from leantune.train.prefix_cache import PrefixCache
+from leantune.train.prefix_cache import SPILL_DIR, PrefixCache
 from leantune.train.step import backprop_step
 
 
@@ -139,7 +140,16 @@ class Trainer:
         self.state = TrainState()
         self._checkpointed_best: int | None = None  # best_step of the newest published checkpoint
         verbose = accelerator.is_main_process
-        self.prefix_cache = PrefixCache(self.module, verbose) if tc.cache_frozen_prefix else None
+        self.prefix_cache = (
+            PrefixCache(
+                self.module,
+                verbose,
+                ram_bytes=parse_budget(tc.prefix_cache_ram, host_available_bytes),
+                spill_path=run_dir / SPILL_DIR / f"rank{self.rank}.bin",
+            )
+            if tc.cache_frozen_prefix
+            else None
+        )
         self.log = RunLogger(run_dir, accelerator.is_main_process, accelerator, cfg.output.trackers)
         self._running = torch.zeros((), device=accelerator.device)  # no host sync per step
         self._running_n = 0
@@ -383,6 +393,18 @@ class Trainer:
         st = self.state
         self.log.start(st.step, self.cfg.model_dump(mode="json"))  # after a resume: purges later events
         self.model.train()
+        try:
+            self._train(st)
+        finally:  # training is over, also on an error: the cache's spill file goes
+            if self.prefix_cache:
+                self.prefix_cache.close()
+        if st.last_eval.get("step") != st.step:
+            self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
+        self.acc.wait_for_everyone()
+        self.check_weights_finite()
+        return st
+
+    def _train(self, st: TrainState) -> None:
         lr_find.resolve(self)  # train.lr=auto: the range test (fresh run) or the checkpoint's rate
         for rt in self.runtimes:
             rt.on_train_start(self)
@@ -398,11 +420,6 @@ class Trainer:
             self._run_steps(bar)
         finally:  # an error mid-run ends the progress line first, so it stays the last line
             bar.close()
-        if st.last_eval.get("step") != st.step:
-            self._evaluate()  # stopped mid-epoch (max_steps): still judge the final weights
-        self.acc.wait_for_everyone()
-        self.check_weights_finite()
-        return st
 
     def _sample_gpu_utilisation(self) -> None:
         """The driver's GPU utilisation (% of the last sample period a kernel ran), at each log line.
