@@ -38,6 +38,14 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+#: long checks that CI runs (CI=true) and the default `pytest` skips, so that it stays under 10 minutes on
+#: 2 cores: each repeats, at a larger size, what a faster test of the same behaviour already asserts
+FULL = os.environ.get("CI") == "true" or os.environ.get("LEANTUNE_FULL_TESTS") == "1"
+ci_only = pytest.mark.skipif(
+    not FULL, reason="a long check: runs in CI (CI=true) or with LEANTUNE_FULL_TESTS=1"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from leantune.models.tiny import ARCHS, build_tiny_model

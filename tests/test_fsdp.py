@@ -546,7 +546,8 @@ def _plan_args(model: Path, data: Path, method: str) -> list[str]:
 
 
 @pytest.mark.slow  # one 2-process launch: ~20 s alone, a minute on a loaded 2-core machine
-@pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=heavy)])
+@heavy
+@pytest.mark.parametrize("method", ["full", "lora"])
 def test_plan_predicts_the_per_rank_peak(method, small_bert, sentiment_csv, tmp_path, capsys):
     """`leantune plan --world-size 2` under FSDP within 15% of each rank's measured peak (RSS growth
     since the model started loading, less the libraries' code pages; glibc returning freed memory, as

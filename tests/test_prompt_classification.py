@@ -17,6 +17,7 @@ from leantune.errors import UserError
 from leantune.models.loader import load_tokenizer
 from leantune.models.prompt_head import attach_label_words
 from leantune.settings import DataConfig
+from tests.conftest import ci_only
 
 WORDS = "data.label_words=[terrible,great]"
 
@@ -164,6 +165,7 @@ def pretrained_llama(tiny_models, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow  # ~60 s on 2 shared cores: a 150-step pretraining, then 200 MeZO steps
+@ci_only
 def test_mezo_learns_prompt_classification_through_the_trainer(pretrained_llama, sentiment_csv, tmp_path):
     """Full-parameter MeZO from the pretrained tiny LM: the test loss falls below the zero-shot loss
     (the same run with a vanishing lr) and the accuracy beats the majority class."""

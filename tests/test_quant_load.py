@@ -14,6 +14,7 @@ from leantune.methods.registry import load_options as all_load_options
 from leantune.models.loader import load_model
 from leantune.recipes.evaluate import run_eval
 from leantune.recipes.train import run_train
+from tests.conftest import ci_only
 
 TASK = {"bert": "classification", "gpt2": "causal_lm"}
 
@@ -69,6 +70,7 @@ def test_run_on_a_base_quantised_at_load_reloads_for_eval(base_overrides, tmp_pa
 
 
 @pytest.mark.slow
+@ci_only  # ~25 s: two model loads in fresh processes
 def test_4bit_load_peak_is_below_the_fp32_load_peak(tmp_path):
     """A BERT-shaped model (8 blocks of width 768, small vocabulary: 57M weights in linear layers) saved
     in bf16, loaded in fresh processes: through BitsAndBytesConfig the process's peak RSS grows by less
