@@ -30,10 +30,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import cli_err
+from tests.conftest import FULL, cli_err
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FULL = os.environ.get("CI") == "true" or os.environ.get("LEANTUNE_FULL_TESTS") == "1"
 heavy = pytest.mark.skipif(not FULL, reason="several torchrun launches: CI=true or LEANTUNE_FULL_TESTS=1")
 STEPS = 20
 RESUME_FROM = 10

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from leantune.train import checkpoint as ckpt
+from tests.conftest import FULL
 
 KILL_AT_STEP = 120  # of 330; checkpoints every 5 steps, evaluations every 7 and at each epoch's end
 
@@ -171,7 +172,6 @@ def _assert_same_run(interrupted: Path, reference: Path) -> None:
     _assert_same_log(_records(interrupted), _records(reference))
 
 
-FULL = os.environ.get("CI") == "true" or os.environ.get("LEANTUNE_FULL_TESTS") == "1"
 KILLS = 20
 
 
