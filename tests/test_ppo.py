@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import assert_resume_replays, make_sentiment_rows, write_csv
 
@@ -158,11 +159,14 @@ def test_plan_takes_reference_logits_and_reward_model_from_the_budget(tiny_model
 
 
 @pytest.mark.parametrize("methods", ["[full]", "[lora]"])
-def test_eval_rescores_a_finished_run_with_its_reward_model(tiny_models, tmp_path, capsys, methods):
+def test_eval_rescores_a_finished_run_with_its_reward_model(
+    tiny_models, tmp_path, capsys, monkeypatch, methods
+):
     """`leantune eval` on a finished PPO run loads its ppo.reward_run and repeats the run's own test
     reward, KL and objective (sampling seeded with train.seed, as the final evaluation is); the full run
-    reloads the base model as its reference, the LoRA run disables its adapter. With the reward run moved
-    away, eval is one line, exit 2."""
+    reloads the base model as its reference, the LoRA run disables its adapter. The reward run is given
+    relative to the folder training ran in and eval runs from another one: the run recorded it absolutely.
+    An older run that recorded it relative, or one whose reward run moved away: eval is one line, exit 2."""
     from leantune.config import load_config
     from leantune.recipes.evaluate import run_eval
     from leantune.recipes.train import run_train
@@ -190,16 +194,27 @@ def test_eval_rescores_a_finished_run_with_its_reward_model(tiny_models, tmp_pat
             ],
         )
     )
-    extra = [f"ppo.reward_run={reward_run}", f"methods={methods}", "train.max_steps=4"]
+    extra = ["ppo.reward_run=rm", f"methods={methods}", "train.max_steps=4"]
     extra.append("train.eval_every=null")
+    monkeypatch.chdir(tmp_path)  # trained in the folder that holds `rm` ...
     summary = run_train(load_config(None, _ppo_overrides(tmp_path, tiny_models, extra)))
     test = summary["test"]
     assert summary["rlhf"]["kl_coef"] != 0.5  # the adaptive weight moved: eval must use the final one
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["ppo"]["reward_run"]
+    assert recorded == str(reward_run.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # ... evaluated from another one
     again = run_eval(tmp_path / "run", None)
     assert again["n"] == summary["data"]["test"]
     for key in ("reward", "kl", "objective"):
         assert again[key] == pytest.approx(test[key], rel=1e-4, abs=1e-5), (key, again, test)
     assert abs(test["kl"]) > 1e-3  # the policy moved off its reference: the KL is not trivially 0
-    reward_run.rename(tmp_path / "rm-moved")
+    config = tmp_path / "run" / "config.yaml"
+    written = config.read_text()
+    config.write_text(written.replace(str(reward_run.resolve()), "rm"))  # as an older run recorded it
     capsys.readouterr()
+    assert "ppo.reward_run rm, which does not exist" in cli_err(capsys, "eval", tmp_path / "run")
+    config.write_text(written)
+    reward_run.rename(tmp_path / "rm-moved")
     assert "does not exist (moved or deleted?)" in cli_err(capsys, "eval", tmp_path / "run")

@@ -9,7 +9,7 @@ import torch
 
 from leantune.config import DataConfig
 from leantune.data.tasks import collate, encode
-from tests.conftest import FILLER, NEGATIVE, POSITIVE, write_csv
+from tests.conftest import FILLER, NEGATIVE, POSITIVE, assert_resume_replays, write_csv
 
 
 def preference_rows(n: int, seed: int) -> list[dict]:
@@ -94,3 +94,25 @@ def test_reward_model_ranks_held_out_pairs_above_chance(tiny_models, tmp_path, m
     # the saved run reloads (adapter or full) and scores the same held-out pairs the same way
     again = run_eval(tmp_path / "run", None, "test")
     assert again["accuracy"] == pytest.approx(test["accuracy"], abs=1e-12)
+
+
+def test_reward_resume_after_kill_replays_exactly(tiny_models, tmp_path):
+    """As if killed -9 right after the step-3 checkpoint (the pair hooks must come back on the resumed
+    model): the resumed run ends with the uninterrupted run's weights, bit for bit."""
+    data = write_csv(tmp_path / "prefs.csv", preference_rows(96, 1))
+    overrides = [
+        "task=reward",
+        f"model.name={tiny_models['llama']}",
+        "model.max_length=32",
+        f"data.source={data}",
+        "data.prompt_column=prompt",
+        "methods=[{name: lora, r: 8, target_modules: all-linear}]",
+        "train.lr=1e-2",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.num_threads=1",
+        "train.save_every=3",
+        "output.tensorboard=false",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+    assert_resume_replays(overrides, tmp_path / "run", from_step=3)

@@ -137,10 +137,11 @@ class Prepared:
 
 
 def _absolute_local_paths(cfg: Config) -> None:
-    """Record local model/data paths absolutely, so `eval`/`export` work from any folder later."""
-    for section, key in ((cfg.model, "name"), (cfg.data, "source")):
+    """Record local model/data paths and a PPO run's reward run absolutely, so `eval`/`export` work from
+    any folder later (a path that does not exist is kept as typed: its own check names it)."""
+    for section, key in ((cfg.model, "name"), (cfg.data, "source"), (cfg.ppo, "reward_run")):
         value = getattr(section, key)
-        if ":" not in value and Path(value).expanduser().exists():
+        if value and ":" not in value and Path(value).expanduser().exists():
             setattr(section, key, str(Path(value).expanduser().resolve()))
 
 

