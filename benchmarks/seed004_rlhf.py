@@ -1,7 +1,10 @@
 """Seed 004's RLHF pipeline (benchmarks/suites/seed004-rlhf.yaml): SFT -> merge -> reward model -> DPO and
 PPO, each stage a `leantune train` child process (so its peak RSS is its own), then the judge: greedy
-responses of the SFT, DPO and PPO models to held-out HHH prompts, scored by the trained reward model;
-win rate = share of prompts where the policy's response scores above the SFT model's (ties count half).
+responses of the SFT, DPO and PPO models to the held-out prompts (the test split every stage carves from
+builtin:rlhf_preferences), scored by the trained reward model; win rate = share of prompts where the
+policy's response scores above the SFT model's (ties count half), with a 95% Wilson interval. The reward
+model's held-out pair accuracy comes with its binomial standard error and Wilson interval: it says whether
+its verdicts are evidence at all.
 KL to the SFT model: sampled responses, sum over their tokens of log pi - log pi_SFT (the adapter
 disabled is the SFT model). Memory per stage: the memory model (memory/estimate.py, memory/rlhf.py)
 beside the measured peak RSS. Writes benchmarks/results/seed004-rlhf/results.json and curves.png.
@@ -25,6 +28,7 @@ import yaml
 SUITE = Path("benchmarks/suites/seed004-rlhf.yaml")
 OUT = Path("benchmarks/results/seed004-rlhf")
 NEW_TOKENS = 12
+MAX_LEN = 48
 
 
 def stage_overrides(suite: dict, stage: str, work: Path) -> list[str]:
@@ -46,6 +50,8 @@ def run_stage(suite: dict, stage: str, work: Path) -> dict:
         "test": summary["test"],
         "rlhf": summary.get("rlhf"),
         "trainable": summary["params"]["trainable"],
+        "test_pairs": summary["data"]["test"],
+        "train_cpu_time_s": summary["train"].get("train_cpu_time_s"),
     }
 
 
@@ -89,12 +95,44 @@ def memory_model(suite: dict, stage: str, work: Path) -> dict:
     return {"seq_len": seq, "total": est.total_bytes, "policy_weights": est.weight_bytes}
 
 
-def held_out_prompts(n: int) -> list[str]:
+def wilson(successes: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a binomial proportion (ties counted half enter as half successes)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [centre - half, centre + half]
+
+
+def held_out_prompts(n: int) -> tuple[list[str], dict]:
+    """The first `n` test-split prompts (the split every stage carves), and how many of them any
+    training split also holds (the same prompt text in another pair)."""
     from leantune.config import DataConfig
     from leantune.data.tasks import load_raw_splits
 
-    raw = load_raw_splits(DataConfig(source="builtin:hhh_preferences"))
-    return [r["prompt"] for r in raw.test][:n]
+    raw = load_raw_splits(DataConfig(source="builtin:rlhf_preferences"))
+    prompts = [r["prompt"] for r in raw.test][:n]
+    seen = {r["prompt"] for r in raw.train} | {r["prompt"] for r in raw.validation}
+    sources = [r["source"] for r in raw.test][:n]
+    info = {
+        "n": len(prompts),
+        "also_in_train_or_validation": sum(p in seen for p in prompts),
+        "hhh": sum(s.startswith("hhh") for s in sources),
+        "mctaco": sum(s.startswith("mctaco") for s in sources),
+    }
+    return prompts, info
+
+
+def reward_accuracy(stage: dict) -> dict:
+    """The reward model's held-out (test split) pair accuracy with its binomial spread."""
+    acc, n = stage["test"]["accuracy"], stage["test_pairs"]
+    return {
+        "accuracy": acc,
+        "n_pairs": n,
+        "std_error": (acc * (1 - acc) / n) ** 0.5,
+        "wilson_95": wilson(acc * n, n),
+    }
 
 
 def judge(work: Path, prompts: list[str]) -> dict:
@@ -110,7 +148,7 @@ def judge(work: Path, prompts: list[str]) -> dict:
     sft_dir = str(work / "sft" / "merged")
     tok = load_tokenizer(sft_dir)
     score = load_reward_scorer(work / "reward", tok)
-    max_len = 48
+    max_len = MAX_LEN
     features = []
     for p in prompts:
         ids = tok(p)["input_ids"][-(max_len - NEW_TOKENS) :]
@@ -144,8 +182,11 @@ def judge(work: Path, prompts: list[str]) -> dict:
         }
     for name in ("dpo", "ppo"):
         pairs = zip(rewards[name], rewards["sft"], strict=True)
-        out[name]["win_rate_vs_sft"] = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(
-            prompts
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
+        out[name]["win_rate_vs_sft"] = wins / len(prompts)
+        out[name]["win_rate_wilson_95"] = wilson(wins, len(prompts))
+        out[name]["identical_responses_to_sft"] = sum(
+            a == b for a, b in zip(rewards[name], rewards["sft"], strict=True)
         )
     return out
 
@@ -183,7 +224,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=48)
     args = parser.parse_args()
     suite = yaml.safe_load(SUITE.read_text())
     work = (args.work or Path(tempfile.mkdtemp(prefix="seed004-rlhf-"))).resolve()
@@ -196,10 +237,12 @@ def main() -> None:
     t_judge = time.perf_counter()  # stage walls come from their summaries (a continued run keeps them)
     for stage in stages:
         stages[stage]["memory_model"] = memory_model(suite, stage, work)
+    prompts, prompt_info = held_out_prompts(args.prompts)
     results = {
         "stages": stages,
-        "judge": judge(work, held_out_prompts(args.prompts)),
-        "prompts": args.prompts,
+        "reward_model_held_out": reward_accuracy(stages["reward"]),
+        "judge": judge(work, prompts),
+        "prompts": prompt_info,
         "total_wall_s": sum(s["wall_s"] for s in stages.values()) + time.perf_counter() - t_judge,
         "load_1min": os.getloadavg()[0],
         "machine": "shared 2-core CPU (other engineers' jobs running)",
@@ -209,7 +252,7 @@ def main() -> None:
 
     write_json_atomic(OUT / "results.json", results)
     plot(results, OUT / "curves.png")
-    print(json.dumps(results["judge"], indent=1))
+    print(json.dumps({k: results[k] for k in ("reward_model_held_out", "judge", "prompts")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -150,6 +150,27 @@ def test_natural_instructions_sample_is_fixed_and_prompted():
     assert sorted(r["_line"] for r in first) == [r["_line"] for r in first]
 
 
+def test_ni_pairs_join_right_and_wrong_answers_on_the_shared_input():
+    right = [
+        {"input": "Q1", "target": ["4 weeks.", "4 hours."]},
+        {"input": "Q2", "target": "yes."},  # no wrong answer for Q2: dropped
+        {"input": "Q3", "target": "ok."},
+    ]
+    wrong = [
+        {"input": "Q1", "target": ["4 seconds.", "4 weeks."]},  # a "wrong" answer also listed right
+        {"input": "Q3", "target": ["no.", "never."]},
+        {"input": "Q9", "target": ["x."]},
+    ]
+    rows = bigbench.parse_ni_pairs("mctaco_x", right, wrong)
+    assert [(r["prompt"], r["chosen"], r["source"]) for r in rows] == [
+        ("Q1\nAnswer: ", "4 weeks.", "mctaco_x"),
+        ("Q3\nAnswer: ", "ok.", "mctaco_x"),
+    ]
+    assert rows[0]["rejected"] == "4 seconds."  # never one of the right answers
+    assert rows[1]["rejected"] in ("no.", "never.")
+    assert bigbench.parse_ni_pairs("mctaco_x", right, wrong) == rows  # seeded: the same draw every time
+
+
 def test_sdist_member_with_wrong_sha256_is_refused_and_not_cached(fake_bigbench, monkeypatch):
     pins = dict(bigbench.TASK_SHA256, vitaminc_fact_verification="0" * 64)
     monkeypatch.setattr(bigbench, "TASK_SHA256", pins)
