@@ -59,6 +59,14 @@ def _cases() -> list[Case]:
             files=with_data(),
         ),
         Case(
+            id="dpo-fsdp",
+            family="chat",
+            what="task dpo with train.distributed=fsdp (DPO runs under DDP or in one process)",
+            argv=train(*DPO, "train.distributed=fsdp"),
+            phrase="task dpo runs without FSDP; set train.distributed=auto, ddp or none",
+            files=with_data(),
+        ),
+        Case(
             id="ppo-no-reward-run",
             family="chat",
             what="task ppo without ppo.reward_run",
