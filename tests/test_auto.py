@@ -93,18 +93,20 @@ def test_time_to_quality_counts_the_cache_only_after_the_first_epoch():
     assert time_to_quality(c, 6.0, per_epoch=100, steps=10) == pytest.approx(2.0)
 
 
-def test_lora_overhead_is_what_table2_core_measured():
-    """LORA_STEP_OVERHEAD = LoRA's measured time / full's, over the FLOP model's ratio (same invocation)."""
-    from leantune.recipes.auto import LORA_STEP_OVERHEAD, flops_per_token
+def test_constants_are_what_the_committed_artefacts_measured():
+    """recipes/auto.py's step multipliers and LoRA step overhead equal what bench/time_to_target.py reads
+    off the artefacts (seed003-unified curves, seed000-table2-core times), and evidence.json is current."""
+    from leantune.bench.time_to_target import EVIDENCE, evidence
+    from leantune.recipes.auto import FREEZE_SLOPE, LORA_STEP_OVERHEAD, STEP_PRIOR
 
-    folder = ROOT / "benchmarks/results/seed000-table2-core"
-    runs = {r: json.loads((folder / f"{r}-r1.json").read_text()) for r in ("full", "lora", "freeze")}
-    flops = {r: flops_per_token(a["params"]["flop_profile"]) for r, a in runs.items()}
-    ratio = {
-        r: runs[r]["train_time_s"] / runs["full"]["train_time_s"] / (flops[r] / flops["full"]) for r in runs
-    }
-    assert ratio["lora"] == pytest.approx(LORA_STEP_OVERHEAD, abs=0.02)
-    assert ratio["freeze"] == pytest.approx(1.0, abs=0.05)  # plain backprop: FLOPs predict its time
+    found = evidence(ROOT / "benchmarks/results")
+    assert STEP_PRIOR["lora"] == pytest.approx(found["steps_multiplier"]["lora"], abs=0.01)
+    assert 1 + FREEZE_SLOPE * 3 / 6 == pytest.approx(found["steps_multiplier"]["freeze3"], abs=0.01)
+    overhead = found["step_time"]["overhead"]
+    assert overhead["lora"] == pytest.approx(LORA_STEP_OVERHEAD, abs=0.01)
+    assert overhead["freeze"] == pytest.approx(1.0, abs=0.05)  # plain backprop: FLOPs predict its time
+    committed = json.loads((ROOT / "benchmarks/results/auto-pick" / EVIDENCE).read_text())
+    assert committed == json.loads(json.dumps(found))
 
 
 def test_auto_with_other_methods_is_refused():

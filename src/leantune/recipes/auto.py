@@ -41,16 +41,17 @@ from typing import Any
 
 from leantune.config import AutoConfig, Config
 from leantune.errors import UserError
+from leantune.models.flop_profile import flops_per_token
 
 #: the run-folder file that holds the resolved choice (runfolder.OWN_NAMES)
 RECORD = "methods_auto.json"
 
 #: steps to reach full fine-tuning's quality, relative to full's own steps. Evidence in
 #: docs/methods/auto.md: seed003-unified RT curves (eval at 100 and 200 steps, each family at its best
-#: rate): full 0.819 at 100 steps; LoRA r8 reaches 0.819 at ~132 steps (1.3); freeze-3 of 6 at ~175
+#: rate): full 0.819 at 100 steps; LoRA r8 reaches 0.819 at ~133 steps (1.33); freeze-3 of 6 at ~175
 #: (1.75 = 1 + 1.5 x 3/6). adalomo, lomo and mezo have no committed curve here: those are priors
 #: (AdaLomo and LOMO from their papers' "comparable to AdamW" at more epochs; MeZO's ~100x more steps).
-STEP_PRIOR = {"full": 1.0, "lora": 1.3, "adalomo": 1.2, "lomo": 1.5, "mezo": 100.0}
+STEP_PRIOR = {"full": 1.0, "lora": 1.33, "adalomo": 1.2, "lomo": 1.5, "mezo": 100.0}
 FREEZE_SLOPE = 1.5  # freezing k of B blocks multiplies the steps by 1 + FREEZE_SLOPE * k / B
 MEASURED = {"full", "lora", "freeze"}  # families whose multiplier comes from a committed curve
 #: candidates within this share of the fastest are ranked by QUALITY_ORDER instead
@@ -63,7 +64,7 @@ LR = {"full": 1e-4, "lora": 3e-3, "freeze": 2e-4, "freeze_lora": 3e-3}
 #: on RT, 268 steps) took 180.5 s for LoRA r8 and 234.4 s for full, 0.770 of full where the FLOP model
 #: says 0.673 (peft's extra small matmuls, dropout and adapter bookkeeping); freeze-4 took 0.549 where
 #: FLOPs say 0.562, so plain backprop needs no correction. tests/test_auto.py recomputes it.
-LORA_STEP_OVERHEAD = 1.14
+LORA_STEP_OVERHEAD = 1.14  # evidence.json: 1.143
 RANKS = (8, 4, 2, 1)  # LoRA ranks tried, largest first: r8 is the measured one, r4 within 0.01 of it
 
 
@@ -98,16 +99,6 @@ def planned_steps(cfg: Config, n_train: int) -> tuple[int, int]:
     per_epoch = max(1, math.ceil(math.ceil(n_train / tc.batch_size) / tc.grad_accum))
     total = per_epoch * tc.epochs
     return per_epoch, min(total, tc.max_steps) if tc.max_steps else total
-
-
-def flops_per_token(profile: dict, skip_prefix: int = 0) -> float:
-    """Model FLOPs per token of one training step (bench/peak.py's count): forward over the weights that
-    run, backward from the lowest trainable block up, weight gradients for trainable weights; the
-    lowest `skip_prefix` blocks' forward (and the embeddings' norm) skipped when served from a cache."""
-    forward = profile["matmul_total"]
-    if skip_prefix:
-        forward -= sum(profile["block_matmul"][:skip_prefix]) + profile["below_blocks"]
-    return 2.0 * forward + 2.0 * profile["matmul_backward"] + 2.0 * profile["matmul_trainable"]
 
 
 def time_to_quality(c: Candidate, full_flops: float, per_epoch: int, steps: int) -> float:
@@ -390,10 +381,13 @@ def run_auto_plan(cfg: Config, budget: str | None, json_out: Path | None = None)
     from leantune.outputs import check_new_file
 
     if budget is not None:
+        from leantune.memory.budget import check_budget
+
         try:
-            auto = AutoConfig(budget=budget)
+            check_budget(budget)
         except ValueError as exc:
-            raise UserError(f"--memory-budget: {str(exc).splitlines()[-1].strip()}") from None
+            raise UserError(f"--memory-budget: {exc}") from None
+        auto = AutoConfig(budget=budget)
     else:
         auto = cfg.methods[0] if is_auto(cfg) else AutoConfig()
     if json_out is not None:
