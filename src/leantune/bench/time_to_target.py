@@ -120,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         t = r["time_to_target_s"]
         reached = f"{t:7.1f} s (step {r['step_reached']})" if t is not None else "   never"
         print(f"{run_id:24s} {reached}  final {r['final_validation']}  train {r['train_time_s']:.1f} s")
-    print(
-        f"best hand-picked: {out['best_hand_picked']}; auto ({out['auto_pick']}) / best = {out['auto_over_best']}"
-    )
+    best, pick, ratio = out["best_hand_picked"], out["auto_pick"], out["auto_over_best"]
+    print(f"best hand-picked: {best}; auto ({pick}) / best = {ratio}")
     if ns.write:
         from leantune.atomic import write_json_atomic
 
