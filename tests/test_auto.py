@@ -157,3 +157,13 @@ def test_summary_records_the_choice_and_resume_reuses_it(tiny_models, sentiment_
     assert resumed["methods_auto"]["reasons"] == record["reasons"]
     assert resumed["methods_auto"]["reused_on_resume"] is True
     assert resumed["weights_sha256_per_rank"] == first["weights_sha256_per_rank"]
+
+
+def test_time_to_target_reads_each_epochs_own_time_and_interpolates_curves():
+    from leantune.bench.time_to_target import steps_to_reach, time_at_step
+
+    assert time_at_step(40, 80, [100.0, 60.0]) == pytest.approx(100.0)  # the end of epoch 1
+    assert time_at_step(60, 80, [100.0, 60.0]) == pytest.approx(130.0)  # half of the cheaper epoch 2
+    assert time_at_step(10, 80, [100.0, 60.0]) == pytest.approx(25.0)
+    assert steps_to_reach([(100, 0.8), (200, 0.9)], 0.85) == pytest.approx(150.0)
+    assert steps_to_reach([(100, 0.8), (200, 0.9)], 0.95) is None

@@ -61,6 +61,8 @@ def run_time_to_target(artefact: dict, metrics_path: Path, metric: str, target: 
         "value_reached": hit[1] if hit else None,
         "time_to_target_s": time_at_step(hit[0], artefact["steps"], times) if hit else None,
         "train_time_s": artefact["train_time_s"],
+        # the run's own wall time outside training and evaluation: loading, saving, and for auto its planning
+        "setup_s": artefact["run_wall_time_s"] - artefact["train_time_s"] - (artefact["eval_time_s"] or 0.0),
         "final_validation": points[-1][1] if points else None,
         "best_validation": max((v for _, v in points), default=None),
         "test": artefact["metrics"].get("test", {}).get(metric),

@@ -53,7 +53,13 @@ RECORD = "methods_auto.json"
 #: (AdaLomo and LOMO from their papers' "comparable to AdamW" at more epochs; MeZO's ~100x more steps).
 STEP_PRIOR = {"full": 1.0, "lora": 1.33, "adalomo": 1.2, "lomo": 1.5, "mezo": 100.0}
 FREEZE_SLOPE = 1.5  # freezing k of B blocks multiplies the steps by 1 + FREEZE_SLOPE * k / B
-MEASURED = {"full", "lora", "freeze"}  # families whose multiplier comes from a committed curve
+#: where each family's steps multiplier comes from (docs/methods/auto.md says which artefact)
+EVIDENCE_KIND = {
+    "full": "measured",
+    "lora": "measured",
+    "freeze": "measured at 3 of 6 blocks, linear in k",
+    "freeze_lora": "prior: freeze x LoRA",
+}
 #: candidates within this share of the fastest are ranked by QUALITY_ORDER instead
 TIE = 0.15
 #: final validation accuracy order on RT in seed001-table1-sweep / seed003-unified (best rate each)
@@ -296,9 +302,7 @@ def reasons(best: Candidate, candidates: list[Candidate], budget: int, cfg: Conf
     """One line per choice: method, blocks, rank, levers (cache, rate), and what was passed over."""
     from leantune.memory.planner import fmt_bytes
 
-    measured = (
-        "measured" if best.family.split("_")[0] in MEASURED or best.family == "freeze_lora" else "prior"
-    )
+    measured = EVIDENCE_KIND.get(best.family, "prior")
     lines = [
         f"method {best.id}: expected {best.expected:.2f} full-step units to full fine-tuning's quality "
         f"({best.steps_multiplier:.2f}x its steps [{measured}], {best.flops_first_epoch / 1e6:.1f} MFLOP "
