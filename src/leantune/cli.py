@@ -159,6 +159,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     )
     pl.add_argument("--json", type=Path, help="also write the plan to this JSON file (must not exist)")
     pl.add_argument(
+        "--auto",
+        action="store_true",
+        help="instead: choose method, blocks, rank and levers for the shortest expected time to quality "
+        "within --memory-budget (what `methods: auto` picks; docs/methods/auto.md)",
+    )
+    pl.add_argument(
         "--world-size",
         type=int,
         metavar="N",
@@ -289,6 +295,17 @@ def _run_plan(ns: argparse.Namespace) -> None:
     if ns.global_batch is not None and ns.world_size is None:
         raise UserError("--global-batch only applies with --world-size N")
     cfg = load_config(path, overrides)
+    from leantune.recipes.auto import is_auto
+
+    if ns.auto or is_auto(cfg):
+        if ns.world_size is not None:
+            raise UserError("--auto plans one process; drop --world-size (or --auto)")
+        if ns.allow_recompute or ns.allow_batch_reduce or ns.allow_quantize:
+            raise UserError("--allow-* shape the LoRA rank plan, not --auto's choice; drop them (or --auto)")
+        from leantune.recipes.auto import run_auto_plan
+
+        run_auto_plan(cfg, ns.memory_budget, ns.json)
+        return
     if ns.world_size is not None:
         from leantune.recipes.plan import run_rank_plan
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -53,6 +53,35 @@ from leantune.settings import (  # noqa: F401  (re-exported: `from leantune.conf
     read_yaml_mapping,
 )
 
+
+class AutoConfig(MethodConfig):
+    """`methods: auto`: not a method but a request, resolved into a concrete method list (and its levers)
+    by `leantune.recipes.auto` before anything trains; the trainer never sees it. Listed alone."""
+
+    name: Literal["auto"] = "auto"
+    budget: str | float = Field(
+        0.5,
+        description="Memory the chosen method may use (model + one step, the memory model's total): 2GiB, "
+        "512MiB, 3e9, or a fraction (<= 1) of the memory available when the run starts.",
+    )
+    set_lr: bool = Field(
+        True,
+        description="Also set train.lr to the chosen family's best measured rate (docs/methods/auto.md); "
+        "false keeps train.lr (train.lr=auto always keeps the range test).",
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_syntax(cls, value: str | float) -> str | float:
+        return check_budget(value)
+
+
+AUTO_ALONE = (
+    "methods: auto chooses the whole method list, so it cannot be combined with {others}; "
+    "write `methods: auto` (or [{{name: auto, budget: 2GiB}}]) alone, or list the methods yourself"
+)
+
+
 #: the metric that picks the best checkpoint when eval.metric is not set (language models: the loss)
 DEFAULT_METRIC = {
     "classification": "accuracy",
@@ -81,8 +110,16 @@ class Config(Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _dispatch_methods(cls, value: Any) -> Any:
+        if value == "auto":  # `methods: auto`
+            value = ["auto"]
         if not isinstance(value, list) or not value:
-            raise ValueError("must be a non-empty list such as [{name: lora}]")
+            raise ValueError("must be a non-empty list such as [{name: lora}], or auto")
+        names = [
+            item.get("name") if isinstance(item, dict) else getattr(item, "name", item) for item in value
+        ]
+        if "auto" in names and len(names) > 1:
+            others = ", ".join(str(n) for n in names if n != "auto")
+            raise UserError(AUTO_ALONE.format(others=others))
         out: list = []
         for i, item in enumerate(value):
             if isinstance(item, MethodConfig):
@@ -97,7 +134,7 @@ class Config(Strict):
                 raise ValueError(
                     f"method '{item['name']}' is listed twice (entries {earlier[0]} and {i}); list each once"
                 )
-            config_cls = method_config_class(str(item["name"]))
+            config_cls = AutoConfig if item["name"] == "auto" else method_config_class(str(item["name"]))
             try:
                 out.append(config_cls.model_validate(item))
             except ValidationError as exc:
@@ -168,7 +205,8 @@ class Config(Strict):
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
         from leantune.models.reward import method_task
 
-        check_method_list(method_task(self.task), [m.name for m in self.methods])  # by name only: no torch
+        if not (len(self.methods) == 1 and isinstance(self.methods[0], AutoConfig)):  # resolved later
+            check_method_list(method_task(self.task), [m.name for m in self.methods])  # by name: no torch
         return self
 
     def _check_label_settings(self) -> None:

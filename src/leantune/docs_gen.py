@@ -284,6 +284,24 @@ def method_keys_markdown(name: str) -> str:
     return "\n".join(["| key | type | default | notes |", "|---|---|---|---|", *rows]) + "\n"
 
 
+def _auto_section() -> list[str]:
+    """`methods: auto` is no registered method (recipes/auto.py resolves it first), so its keys are
+    listed apart, after the methods."""
+    from leantune.config import AutoConfig
+
+    rows = [r for r in _model_rows(AutoConfig, "") if not r.startswith("| `name` ")]
+    return [
+        "",
+        "### `auto` ([auto.md](methods/auto.md))",
+        "",
+        "Not a method: `methods: auto` (alone) is resolved into a method list before training.",
+        "",
+        "| key | type | default | notes |",
+        "|---|---|---|---|",
+        *rows,
+    ]
+
+
 def reference_markdown(root: Path = ROOT) -> str:
     from leantune.cli import build_parser
     from leantune.config import Config
@@ -313,6 +331,7 @@ def reference_markdown(root: Path = ROOT) -> str:
         page = Path("docs/methods") / f"{name}.md"
         link = f" ([{name}.md](methods/{name}.md))" if (root / page).exists() else ""
         out += ["", f"### `{name}`{link}", "", method_keys_markdown(name).rstrip("\n")]
+    out += _auto_section()
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {c.dest: c.help for c in sub._choices_actions}

@@ -37,6 +37,7 @@ OWN_NAMES = frozenset(
         MARKER,
         LOCK,
         "config.yaml",
+        "methods_auto.json",  # methods: auto: the resolved choice, reused by --resume (recipes/auto.py)
         "metrics.jsonl",
         "summary.json",
         "checkpoints",

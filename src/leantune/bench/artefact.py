@@ -142,6 +142,7 @@ def build_artefact(
         "metrics": _metrics(summary),
         "baseline": summary.get("baseline"),
         "method_reports": summary.get("method_reports") or {},  # e.g. grad_approx's cosines and step times
+        **({"methods_auto": summary["methods_auto"]} if "methods_auto" in summary else {}),  # methods: auto
         "matmul_peak": peak,
         "flops": flops,
     }

@@ -76,3 +76,14 @@ def flop_profile(model) -> dict[str, Any]:
         "block_matmul": block_matmul,
         "below_blocks": under,
     }
+
+
+def flops_per_token(profile: dict[str, Any], skip_prefix: int = 0) -> float:
+    """Model FLOPs per token of one training step, as bench/peak.py counts them: forward over the weights
+    that run, activation gradients from the lowest trainable block up, weight gradients for trainable
+    weights; with `skip_prefix`, the lowest blocks' forward (and the embeddings' norm) are served from a
+    cache (`methods: auto` prices the frozen-prefix cache with it, recipes/auto.py)."""
+    forward = profile["matmul_total"]
+    if skip_prefix:
+        forward -= sum(profile["block_matmul"][:skip_prefix]) + profile["below_blocks"]
+    return 2.0 * forward + 2.0 * profile["matmul_backward"] + 2.0 * profile["matmul_trainable"]

@@ -100,6 +100,7 @@ class Prepared:
     prompt_head: dict | None = None  # task prompt_classification: kind, template, label words and tokens
     rss_before_model: dict | None = None  # this rank's RSS right before the model loaded (peak reset there)
     task_runtime: object | None = None  # task ppo's runtime (train/ppo.py), last in `runtimes`
+    methods_auto: dict | None = None  # methods: auto: the resolved choice and its reasons (recipes/auto.py)
 
     def trainer(self):
         from leantune.eval.generation import generation_evaluator
@@ -352,7 +353,7 @@ def _params_after_training(at_start: dict, model) -> dict:
 
 def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> dict:
     t_start = time.perf_counter()
-    prep = prepare(cfg, resume, force_resume)
+    prep = _prepare_resolved(cfg, resume, force_resume)
     from leantune.runfolder import RunFolder
     from leantune.train.distributed import guard, main_decides
 
@@ -372,6 +373,19 @@ def run_train(cfg: Config, resume: bool = False, force_resume: bool = False) -> 
         folder.release()
 
 
+def _prepare_resolved(cfg: Config, resume: bool, force_resume: bool) -> Prepared:
+    """`prepare` on the config with `methods: auto` resolved first (recipes/auto.py): the trainer and
+    every method only ever see a concrete method list."""
+    from leantune.recipes.auto import format_choice, resolve_for_run
+
+    cfg, record = resolve_for_run(cfg, resume)
+    prep = prepare(cfg, resume, force_resume)
+    prep.methods_auto = record
+    if record is not None and prep.accelerator.is_main_process:
+        print(format_choice(record), flush=True)
+    return prep
+
+
 def _start_writing(prep: Prepared, folder, resume: bool) -> None:
     """The first writes of a run: clear an earlier run's own files, mark the folder, save the config."""
     from leantune import __version__
@@ -389,6 +403,11 @@ def _start_writing(prep: Prepared, folder, resume: bool) -> None:
         folder.clear_previous_run()
         folder.write_marker(config_sha256(text), __version__)
     write_text_atomic(prep.out / "config.yaml", text)  # never torn for --resume to read
+    if prep.methods_auto is not None and not resume:  # --resume reads it back (recipes/auto.py)
+        from leantune.atomic import write_json_atomic
+        from leantune.recipes.auto import RECORD
+
+        write_json_atomic(prep.out / RECORD, prep.methods_auto)
 
 
 def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
@@ -396,6 +415,11 @@ def _train_and_report(prep: Prepared, resume: bool, t_start: float) -> dict:
     acc = prep.accelerator
     trainer = prep.trainer()
     resumed = trainer.resume(prep.resume_from) if resume else False
+    if prep.methods_auto is not None and not resumed:
+        record = prep.methods_auto
+        trainer.log.log(
+            {"step": 0, "split": "methods_auto", "chosen": record["chosen"], "reasons": record["reasons"]}
+        )
     state = trainer.fit()
     trainer.restore_best()
     test, predictions = _final_test(prep, trainer)
@@ -521,6 +545,7 @@ def _build_summary(
         prompt_head=prep.prompt_head,
         rlhf=rlhf_report(cfg.task, prep.task_runtime, trainer.log.path),
         lr_auto=state.lr_auto,
+        methods_auto=prep.methods_auto,
     )
 
 
@@ -551,7 +576,7 @@ def dry_run(cfg: Config, resume: bool = False, force_resume: bool = False) -> di
 
     from leantune.data.tasks import collate
 
-    prep = prepare(cfg, resume, force_resume)
+    prep = _prepare_resolved(cfg, resume, force_resume)
     train = prep.data["train"]
     first = collate(
         [train[i] for i in range(min(len(train), cfg.train.batch_size))], prep.tokenizer.pad_token_id

@@ -118,6 +118,7 @@ class RunSummary:
     warnings: list[str] | None = None  # leantune runs: quality_warnings
     prompt_head: dict | None = None  # task prompt_classification: models/prompt_head.setup_label_words
     lr_auto: dict[str, Any] | None = None  # train.lr=auto: chosen rate, range, curve (train/lr_find.py)
+    methods_auto: dict[str, Any] | None = None  # methods: auto: the choice and its reasons (recipes/auto.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,7 +129,7 @@ class RunSummary:
             "params": self.params,
             "data": self.data,
             "train": self.train.to_dict(),
-            **_present([("lr_auto", self.lr_auto)]),
+            **_present([("lr_auto", self.lr_auto), ("methods_auto", self.methods_auto)]),
             "validation": self.validation,
             "test": self.test,
             **_present([("mmlu", self.mmlu), ("confusion", self.confusion), ("rlhf", self.rlhf)]),
