@@ -40,8 +40,8 @@ def predict(overrides: list[str], processes: int) -> dict:
     if job not in _LOADED:
         _LOADED.clear()  # one model in memory at a time
         _LOADED[job] = load_for_rank_plan(cfg)
-    model, seq_len = _LOADED[job]
-    return rank_plan(model, cfg, processes, mode, batch, seq_len)
+    model, seq_len, shape = _LOADED[job]
+    return rank_plan(model, cfg, processes, mode, batch, seq_len, shape)
 
 
 def row(artefact: dict) -> dict:
@@ -65,6 +65,9 @@ def row(artefact: dict) -> dict:
         "library_pages_mib": max(memory["library_growth_per_rank"]) / MiB,
         "predicted_peak_mib": plan["total"] / MiB,
         "predicted_peak_at": plan["peak_at"],
+        "predicted_peak_phase": plan["peak_phase"],
+        "predicted_moments_mib": {k: v / MiB for k, v in plan["moments"].items()},
+        "predicted_load_mib": plan["load"] / MiB,
         "prediction_error": (plan["total"] - measured) / measured,
         "sharded_state_mib": sharded / MiB,
         "one_process_state_mib": (

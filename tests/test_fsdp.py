@@ -580,6 +580,60 @@ def test_plan_predicts_the_per_rank_peak(method, small_bert, sentiment_csv, tmp_
         assert abs(predicted - peak) / peak < 0.15, (predicted, measured)
 
 
+@pytest.fixture(scope="module")
+def small_tied_llama(tmp_path_factory) -> Path:
+    """The tied-embedding Llama of models/tiny.py at width 256 and 4 blocks (41 MB, 31 MB of it the
+    tied embedding/head): large enough to rise above a process's RSS noise, tied as SmolLM2 is."""
+    from leantune.models.tiny import build_tiny_model
+
+    return build_tiny_model(
+        "llama_tied", tmp_path_factory.mktemp("small") / "llama_tied", hidden=256, layers=4
+    )
+
+
+@pytest.mark.slow  # a plan and a training run of a 41 MB model: ~40 s alone, minutes on a loaded machine
+@heavy
+@pytest.mark.parametrize(
+    ("processes", "method", "extra", "phase"),
+    [
+        (1, "lora", [], "eval"),  # 32 evaluation rows x 30,522 logits, twice, outweigh a LoRA step
+        (2, "full", ["data.max_eval_samples=4"], "backward_end"),  # the tied weight's two gradients
+    ],
+)
+def test_plan_predicts_a_tied_causal_lm(
+    processes, method, extra, phase, small_tied_llama, sentiment_csv, tmp_path, capsys
+):
+    """`leantune plan --world-size N` within 15% of each rank's measured peak for a causal LM whose head
+    is its input embedding, on one process (LoRA: the evaluation pass sets the peak) and on two FSDP
+    processes (full: the end of backward, where the tied weight's second whole gradient meets the
+    root's gathered weights and first gradient)."""
+    from leantune.cli import main
+
+    args = [*_plan_args(small_tied_llama, sentiment_csv, method), "task=causal_lm", *extra]
+    mode = ["train.distributed=fsdp"] if processes > 1 else []
+    assert main(["plan", *args, "train.batch_size=4", *mode, "--world-size", str(processes)]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("per-process peak"))
+    predicted = int(re.search(r"\((\d+) bytes\)", line).group(1))
+    assert f"at {phase.replace('_', ' ')}" in line, out
+    run = tmp_path / "run"
+    train = [*args, "train.batch_size=4", "train.max_steps=3", "train.save_every=null", *mode]
+    train += ["output.tensorboard=false", f"output.dir={run}"]
+    env = {**_env(), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    with (tmp_path / "log").open("w") as fh:
+        rc = subprocess.run(
+            _cmd(processes, train), env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600
+        ).returncode
+    assert rc == 0, (tmp_path / "log").read_text()[-3000:]
+    measured = json.loads((run / "summary.json").read_text())["memory"]["model_peak_bytes_per_rank"]
+    assert len(measured) == processes
+    for peak in measured:
+        print(
+            f"{processes} x {method}: predicted {predicted / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB"
+        )
+        assert abs(predicted - peak) / peak < 0.15, (predicted, measured)
+
+
 def test_rank_memory_shards_what_fsdp_shards_and_ddp_replicates(tiny_models):
     """The arithmetic of the per-rank model on the tiny BERT: FSDP's shards are the padded dim-0
     chunks (so 2 ranks hold at least half, never less), DDP adds one flat copy of the gradients."""

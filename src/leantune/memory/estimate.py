@@ -56,6 +56,9 @@ class MemoryEstimate:
     layers: list[LayerMemory] = field(default_factory=list)
     transient_bytes: int = 0
     optimizer_transient_bytes: int = 0
+    eval_bytes: int = 0  # the evaluation pass's forward peak on top of the weights (0: no evaluation)
+    eval_batch: int = 0
+    eval_seq_len: int = 0
 
     def _sum(self, key: str) -> int:
         return sum(getattr(layer, key) for layer in self.layers)
@@ -95,8 +98,20 @@ class MemoryEstimate:
         return self.optimizer_bytes + max(backward, update)
 
     @property
+    def eval_peak_bytes(self) -> int:
+        """What the evaluation pass adds on top of the weights: the optimizer state stays alive, the
+        gradients are gone (`zero_grad(set_to_none=True)`), nothing is saved for backward, but a causal
+        LM's logits (rows x sequence x vocabulary) and the loss's log-softmax of them are whole."""
+        return self.optimizer_bytes + self.eval_bytes if self.eval_bytes else 0
+
+    @property
+    def peak_phase(self) -> str:
+        """`train` or `eval`: which phase sets the peak."""
+        return "eval" if self.eval_peak_bytes > self.step_bytes else "train"
+
+    @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.step_bytes
+        return self.weight_bytes + max(self.step_bytes, self.eval_peak_bytes)
 
     def totals(self) -> dict[str, int]:
         return {
@@ -108,6 +123,8 @@ class MemoryEstimate:
             "transient": self.transient_bytes,
             "optimizer_transient": self.optimizer_transient_bytes,
             "step": self.step_bytes,
+            "eval_forward": self.eval_bytes,
+            "eval": self.eval_peak_bytes,
             "total": self.total_bytes,
         }
 
@@ -117,6 +134,9 @@ class MemoryEstimate:
             "seq_len": self.seq_len,
             "optimizer": self.optimizer,
             "recompute": self.recompute,
+            "eval_batch": self.eval_batch,
+            "eval_seq_len": self.eval_seq_len,
+            "peak_phase": self.peak_phase,
             "totals": self.totals(),
             "layers": [asdict(layer) for layer in self.layers],
         }
@@ -282,6 +302,36 @@ def parameter_rows(model, optimizer: str, prefix: str | None) -> dict[str, Layer
     return rows
 
 
+def eval_forward_bytes(model, task: str, seq_len: int, batch_size: int) -> int:
+    """Peak bytes one evaluation forward pass allocates (no grad, eval mode, with its loss), weights
+    excluded: traced with `LiveBytes` at 1 and 2 rows and extrapolated linearly to `batch_size` (the
+    rows scale; what does not, e.g. the attention mask, separates there). Counted per storage
+    (`LiveBytes(views=True)`): the logits are a view of the head's output.
+
+    Why traced, not counted: the peak sits inside the model's own loss, where a causal LM holds its
+    logits (rows x sequence x vocabulary float32) and their log-softmax at once; a classifier's head
+    is small and the largest hidden state sets it. Both fall out of the trace without a formula."""
+    import torch
+
+    from leantune.memory.live import LiveBytes
+
+    if batch_size < 1:
+        return 0
+    peaks = []
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in (1, 2):
+            batch = probe_batch(model, task, rows, seq_len)
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), LiveBytes(views=True) as live:
+                out = model(**batch)
+                del out
+            peaks.append(live.peak)
+    finally:
+        model.train(was_training)
+    return int(peaks[0] + (peaks[1] - peaks[0]) * (batch_size - 1))
+
+
 def estimate_memory(
     model,
     task: str,
@@ -289,8 +339,11 @@ def estimate_memory(
     seq_len: int,
     optimizer: str = "adamw",
     recompute: bool = False,
+    eval_batch: int = 0,
+    eval_seq_len: int | None = None,
 ) -> MemoryEstimate:
-    """The memory model for `model` as it will be trained (methods applied, `requires_grad` set)."""
+    """The memory model for `model` as it will be trained (methods applied, `requires_grad` set);
+    with `eval_batch` rows (of `eval_seq_len` tokens, default `seq_len`) also the evaluation pass."""
     prefix = blocks_prefix(model)
     rows = parameter_rows(model, optimizer, prefix)
     activations, transient = activation_estimate(model, task, seq_len, batch_size, recompute)
@@ -302,6 +355,7 @@ def estimate_memory(
         return (row.name == "other", row.name == "recomputed block", int(tail) if tail.isdigit() else 0)
 
     largest = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
+    eval_seq = eval_seq_len or seq_len
     return MemoryEstimate(
         batch_size,
         seq_len,
@@ -310,4 +364,7 @@ def estimate_memory(
         sorted(rows.values(), key=order),
         transient,
         int(OPTIMIZER_TRANSIENT_FACTOR[optimizer] * largest),
+        eval_forward_bytes(model, task, eval_seq, eval_batch) if eval_batch else 0,
+        eval_batch,
+        eval_seq if eval_batch else 0,
     )

@@ -8,6 +8,9 @@ one forward pass carries) plus what these tasks hold beside it.
 - The reference's logits for those rows stay alive while the policy's forward and loss run:
   rows x sequence x vocabulary float32 values.
 - PPO scores rollouts with a reward model held in memory for the whole run: its weights.
+
+`full_parameter_held` is what a *full* fine-tuning of the policy holds beside it (plan's full-parameter
+line): there is no adapter to disable, so the reference is always a whole copy of the weights.
 """
 
 from __future__ import annotations
@@ -40,3 +43,25 @@ def rlhf_memory(
         "reward_model_weights": reward,
         "total": policy.total_bytes + reference + logits + reward,
     }
+
+
+def full_parameter_held(
+    model, task: str, batch_size: int, seq_len: int, reward_weight_bytes: int = 0
+) -> dict[str, int]:
+    """What a dpo/ppo run that tunes every weight of `model` (the base, no adapter) holds beside the
+    policy's own step: a frozen whole copy as the reference, the reference's logits for the step's rows,
+    PPO's reward model and the value head's weight, gradient and AdamW state (a hidden-to-1 linear)."""
+    rows = 2 * batch_size if task == "dpo" else batch_size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    value_head = 0
+    if task == "ppo":
+        hidden = model.config.hidden_size
+        element = next(model.parameters()).element_size()
+        value_head = (hidden + 1) * element * 4 + 2 * 4  # weight, gradient, two moments; two step counters
+    held = {
+        "reference_weights": weight_bytes(model),
+        "reference_logits": rows * seq_len * vocab * 4,
+        "reward_model_weights": reward_weight_bytes if task == "ppo" else 0,
+        "value_head": value_head,
+    }
+    return {**held, "total": sum(held.values())}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARCHS = ("bert", "gpt2", "llama", "t5")
+ARCHS = ("bert", "gpt2", "llama", "llama_tied", "t5")
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, **size: int) -> Path:
     """Save a randomly initialised `arch` model (2 or 3 blocks of width 32) with the embedded MiniLM
-    tokenizer to `out_dir`: the tests' stand-in for each architecture family."""
+    tokenizer to `out_dir`: the tests' stand-in for each architecture family. `llama_tied` ties the
+    output head to the input embeddings, as SmolLM2 (and most small causal LMs) do; the Llamas take
+    `hidden` and `layers` (`size`) for tests that need a model above a process's RSS noise."""
     import torch
 
     from leantune.models.loader import load_tokenizer
@@ -22,7 +24,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown tiny architecture '{arch}'; choose from {ARCHS}")
     tok = load_tokenizer("embedded:minilm")
     torch.manual_seed(seed)
-    model = _TINY[arch](tok)
+    model = _TINY[arch](tok, **size)
     out = Path(out_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -62,17 +64,18 @@ def _tiny_gpt2(tok):
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _tiny_llama(tok):
+def _tiny_llama(tok, tied: bool = False, hidden: int = 32, layers: int = 3):
     import transformers
 
     cfg = transformers.LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=3,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,  # grouped-query attention, as in the real Llama family
-        intermediate_size=64,
+        intermediate_size=2 * hidden,
         max_position_embeddings=128,
+        tie_word_embeddings=tied,
         **_special_ids(tok),
     )
     return transformers.LlamaForCausalLM(cfg)
@@ -96,7 +99,13 @@ def _tiny_t5(tok):
     return transformers.T5ForConditionalGeneration(cfg)
 
 
-_TINY = {"bert": _tiny_bert, "gpt2": _tiny_gpt2, "llama": _tiny_llama, "t5": _tiny_t5}
+_TINY = {
+    "bert": _tiny_bert,
+    "gpt2": _tiny_gpt2,
+    "llama": _tiny_llama,
+    "llama_tied": lambda tok, **size: _tiny_llama(tok, tied=True, **size),
+    "t5": _tiny_t5,
+}
 
 
 if __name__ == "__main__":  # python -m leantune.models.tiny bert runs/tiny-bert  (e.g. for the smoke bench)

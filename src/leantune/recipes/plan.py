@@ -69,11 +69,11 @@ def make_plan(
     budget_bytes = parse_budget(method.budget)  # a fraction means of what is available before loading
     tok, data, model = _load_base(cfg, "probe batches")
     seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
-    full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # PPO's reward model
+    full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes, base_bytes)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
     task = method_task(cfg.task)  # a DPO/PPO policy is planned as the causal LM it is
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # PPO's reward model
     model = apply_methods(model, methods, MethodContext(task=task, seed=cfg.train.seed))
     if cfg.task == "prompt_classification":  # the probe batches carry label positions
         from leantune.models.prompt_head import setup_label_words
@@ -137,12 +137,22 @@ def _rlhf_held(cfg: Config, model, seq_len: int, base_bytes: int) -> dict | None
 FULL_PARAMETER_METHODS = ("adalomo", "lomo", "mezo")
 
 
-def full_parameter_options(model, task: str, batch_size: int, seq_len: int, budget: int) -> dict:
+def full_parameter_options(
+    model, task: str, batch_size: int, seq_len: int, budget: int, reward_weight_bytes: int = 0
+) -> dict:
     """Peak memory of one full fine-tuning step with AdamW and with each memory-frugal method (their
-    `plan_for` hooks, memory/full_step.py), on the model with every weight trainable, and which fit."""
+    `plan_for` hooks, memory/full_step.py), on the model with every weight trainable, and which fit.
+    Tasks dpo/ppo: the policy's step on the rows one pass carries (a DPO pair is two), plus what the task
+    holds beside it when every weight is tuned (`memory.rlhf.full_parameter_held`: the reference as a
+    whole copy, its logits, PPO's reward model of `reward_weight_bytes` and value head)."""
     from leantune.memory.full_step import step_estimate
+    from leantune.memory.rlhf import full_parameter_held
     from leantune.methods import get_method
 
+    held = None
+    if task in ("dpo", "ppo"):
+        held = full_parameter_held(model, task, batch_size, seq_len, reward_weight_bytes)
+        batch_size, task = (2 * batch_size if task == "dpo" else batch_size), method_task(task)
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in trainable:
         p.requires_grad_(True)
@@ -156,12 +166,33 @@ def full_parameter_options(model, task: str, batch_size: int, seq_len: int, budg
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
+    if held:
+        peaks = {name: peak + held["total"] for name, peak in peaks.items()}
     fits = [n for n in FULL_PARAMETER_METHODS if peaks[n] <= budget]
-    return {"peak_bytes": peaks, "adamw_fits": peaks["adamw"] <= budget, "fitting_methods": fits}
+    out = {"peak_bytes": peaks, "adamw_fits": peaks["adamw"] <= budget, "fitting_methods": fits}
+    return {**out, "held_beside_policy": held} if held else out
 
 
 def full_parameter_line(full: dict, budget: int) -> str:
     """One line: does AdamW full fine-tuning fit, and if not, which full-parameter method would."""
+    from leantune.memory.planner import fmt_bytes
+
+    held = full.get("held_beside_policy")
+    if held:  # dpo/ppo: every figure below includes what the task holds beside the policy
+        return _full_parameter_line(full, budget) + (
+            f" [each with {fmt_bytes(held['total'])} held beside the policy: reference copy "
+            f"{fmt_bytes(held['reference_weights'])}, reference logits {fmt_bytes(held['reference_logits'])}"
+            + (
+                f", reward model {fmt_bytes(held['reward_model_weights'])}"
+                if held["reward_model_weights"]
+                else ""
+            )
+            + "]"
+        )
+    return _full_parameter_line(full, budget)
+
+
+def _full_parameter_line(full: dict, budget: int) -> str:
     from leantune.memory.planner import fmt_bytes
 
     peaks = full["peak_bytes"]
@@ -290,19 +321,54 @@ def check_world_args(
 
 def make_rank_plan(cfg: Config, world: int, mode: str, batch: int) -> dict:
     """The memory model per process for the config's methods on `world` processes in `mode`."""
-    model, seq_len = load_for_rank_plan(cfg)
-    return rank_plan(model, cfg, world, mode, batch, seq_len)
+    model, seq_len, shape = load_for_rank_plan(cfg)
+    return rank_plan(model, cfg, world, mode, batch, seq_len, shape)
 
 
 def load_for_rank_plan(cfg: Config):
-    """The model with the config's methods applied, and the sequence length to plan for (the longest
-    training example, capped at model.max_length); separate so that a table of world sizes loads once."""
+    """The model with the config's methods applied, the sequence length to plan for (the longest
+    training example, capped at model.max_length) and what the data decides beside it (`data_shape`);
+    separate so that a table of world sizes loads once."""
     from leantune.data.arrow_features import example_lengths
     from leantune.methods import MethodContext, apply_methods
 
     _, data, model = _load_base(cfg, "its lengths")
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
-    return model, min(max(example_lengths(data["train"])), cfg.model.max_length)
+    return model, min(max(example_lengths(data["train"])), cfg.model.max_length), data_shape(cfg, data)
+
+
+def data_shape(cfg: Config, data: dict) -> dict:
+    """`eval`: the evaluation's (rows, tokens) (`eval_shape`); `token_ids`: the distinct token ids of
+    every split (a memory-mapped, frozen input embedding is resident only at the rows they read)."""
+    ids: set[int] = set()
+    for split in ("train", "validation", "test"):
+        for row in data.get(split) or []:
+            ids.update(row["input_ids"])
+    return {"eval": eval_shape(cfg, data), "token_ids": frozenset(ids)}
+
+
+def eval_shape(cfg: Config, data: dict) -> tuple[int, int] | None:
+    """(rows, tokens) of the largest split the run evaluates (validation, then test after training):
+    its examples and its longest one, capped at model.max_length. None where nothing is evaluated by a
+    forward pass (task ppo evaluates by generation; empty splits)."""
+    from leantune.data.arrow_features import example_lengths
+
+    splits = [data.get(s) for s in ("validation", "test")]
+    splits = [s for s in splits if s]
+    if cfg.task == "ppo" or not splits:
+        return None
+    rows = max(len(s) for s in splits)
+    longest = max(max(example_lengths(s)) for s in splits)
+    return rows, min(longest, cfg.model.max_length)
+
+
+def eval_rows_per_rank(cfg: Config, evaluated: tuple[int, int] | None, world: int) -> int:
+    """Rows of one evaluation pass on one of `world` ranks: its share of the split, at most
+    eval.batch_size (a DPO pass carries chosen and rejected rows)."""
+    if evaluated is None:
+        return 0
+    rows = min(cfg.eval.batch_size, -(-evaluated[0] // world))
+    return 2 * rows if cfg.task == "dpo" else rows
 
 
 def _load_base(cfg: Config, needed: str) -> tuple:
@@ -321,13 +387,30 @@ def _load_base(cfg: Config, needed: str) -> tuple:
     return tok, data, model
 
 
-def rank_plan(model, cfg: Config, world: int, mode: str, batch: int, seq_len: int) -> dict:
+def rank_plan(
+    model,
+    cfg: Config,
+    world: int,
+    mode: str,
+    batch: int,
+    seq_len: int,
+    shape: dict | None = None,
+) -> dict:
+    """`shape`: what the data decides (`data_shape`); None plans no evaluation and every weight read."""
     from leantune.memory.estimate import estimate_memory
     from leantune.memory.sharding import rank_memory
     from leantune.models.reward import method_task
 
-    est = estimate_memory(model, method_task(cfg.task), batch, seq_len, "adamw")
-    return {**rank_memory(model, est, world, mode).to_dict(), "one_process": est.totals()}
+    shape = shape or {}
+    evaluated = shape.get("eval")
+    eval_rows = eval_rows_per_rank(cfg, evaluated, world)
+    eval_seq = evaluated[1] if evaluated else None
+    est = estimate_memory(model, method_task(cfg.task), batch, seq_len, "adamw", False, eval_rows, eval_seq)
+    rank = rank_memory(model, est, world, mode, shape.get("token_ids"))
+    return {**rank.to_dict(), "one_process": est.totals()}
+
+
+_PHASES = {"load": "loading", "train": "training step", "eval": "evaluation pass"}
 
 
 def format_rank_plan(plan: dict) -> str:
@@ -339,7 +422,8 @@ def format_rank_plan(plan: dict) -> str:
         f"{plan['world_size']} process(es), {mode}; per process: batch {plan['batch_per_rank']} x "
         f"{plan['seq_len']} tokens (longest training example)",
         f"per-process peak {f(plan['total'])} ({plan['total']} bytes), at "
-        + plan["peak_at"].replace("_", " "),
+        + plan["peak_at"].replace("_", " ")
+        + f" (the {_PHASES[plan.get('peak_phase', 'train')]} sets it)",
         f"  weights {f(plan['weights'])}, gradients {f(plan['gradients'])}, optimizer state "
         f"{f(plan['optimizer_state'])}"
         + (f", DDP buckets {f(plan['ddp_buckets'])}" if plan["ddp_buckets"] else ""),
@@ -352,8 +436,18 @@ def format_rank_plan(plan: dict) -> str:
             f"{f(plan['gathered_weights'])}, root gradients + reduce-scatter copy "
             f"{f(plan['gathered_root_gradients'])}"
         )
+    if plan.get("eval_forward"):
+        lines.append(
+            f"  evaluation: batch {plan['eval_batch_per_rank']} x {plan['eval_seq_len']} tokens per process, "
+            f"forward peak {f(plan['eval_forward'])} (logits and loss, no grad); evaluation peak "
+            f"{f(plan['moments']['eval'])}"
+        )
+    if plan.get("tied_gradients"):
+        lines.append(
+            f"  tied weights: their second whole gradient at the end of backward {f(plan['tied_gradients'])}"
+        )
     lines.append(
-        f"  loading: every process loads the whole model first ({f(plan['load'])}); training peak "
+        f"  loading: every process loads the model first ({f(plan['load'])}); training and evaluation peak "
         f"{f(plan['training'])}"
         + (f"; the CPU runtime's own {f(plan['runtime'])} on top" if plan["runtime"] else "")
     )
