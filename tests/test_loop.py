@@ -104,19 +104,22 @@ def test_bf16_autocast_trains(base_overrides, tmp_path):
 
 
 def test_adamw_kernels_give_the_same_weights(base_overrides, tmp_path):
-    """The kernel is a speed lever only: for_loop, foreach and fused AdamW must train the same model."""
+    """The kernel is a speed lever only: for_loop, foreach and fused AdamW must train the same model, and
+    so must `auto`, which picks the fused kernel on CPU (torch alone would run for_loop there)."""
     common = [*base_overrides, "methods=[full]", "train.max_steps=6", "train.weight_decay=0.01"]
     trained = {}
-    for impl in ("for_loop", "foreach", "fused"):
+    for impl in ("for_loop", "foreach", "fused", "auto"):
         trainer, _ = _fit([*common, f"output.dir={tmp_path / impl}", f"train.adamw_impl={impl}"])
         trained[impl] = [p.detach().clone() for p in trainer.module.parameters()]
+        if impl == "auto":
+            assert all(g["fused"] for g in trainer.torch_optimizer.param_groups)
     start, _ = _fit([*common, f"output.dir={tmp_path / 'zero'}", "train.max_steps=1", "train.lr=1e-12"])
     moved = max(
         (a - b).abs().max().item()
         for a, b in zip(trained["for_loop"], start.module.parameters(), strict=True)
     )
     assert moved > 1e-4  # the steps did move the weights, so equality below means something
-    for impl in ("foreach", "fused"):
+    for impl in ("foreach", "fused", "auto"):
         diff = max(
             (a - b).abs().max().item() for a, b in zip(trained["for_loop"], trained[impl], strict=True)
         )

@@ -227,3 +227,22 @@ def test_dynamic_rank_refuses_another_optimizer(base_overrides):
     )
     with pytest.raises(UserError, match="dynamic_rank plans its memory"):
         run_train(cfg)
+
+
+def test_auto_adamw_is_fused_only_where_every_parameter_takes_it():
+    """`adamw_impl: auto` picks torch's fused kernel for plain floating-point tensors on a device that has
+    it, and leaves the choice to torch otherwise (a tensor subclass such as FSDP2's DTensor, a device
+    without the kernel)."""
+    from leantune.train.optim import build_optimizer, fused_capable
+
+    class Sub(torch.Tensor):
+        pass
+
+    model = torch.nn.Linear(4, 2)
+    assert fused_capable(list(model.parameters()))
+    assert all(g["fused"] for g in build_optimizer(model, 1e-3, 0.01).param_groups)
+    assert not fused_capable([torch.zeros(2).as_subclass(Sub)])
+    assert not fused_capable([torch.zeros(2, device="meta")])
+    assert not fused_capable([torch.zeros(2, dtype=torch.int64)])
+    loop = build_optimizer(model, 1e-3, 0.01, "for_loop")
+    assert all(not g["fused"] and g["foreach"] is False for g in loop.param_groups)

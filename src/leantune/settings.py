@@ -224,8 +224,8 @@ class TrainConfig(Strict):
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
     adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
         "auto",
-        description="optimizer adamw: torch's kernel (same arithmetic; auto = torch's choice, fused = one "
-        "kernel where the device has it); a speed lever measured in speed-levers-2.",
+        description="optimizer adamw: torch's kernel (same arithmetic); auto = fused (one kernel) where "
+        "every trainable parameter can take it, else torch's choice; measured in docs/speed.md.",
     )
     compile_blocks: bool = Field(
         False,

@@ -601,8 +601,15 @@ def start_banner(prep: Prepared, resume: bool) -> str:
         f"leantune: {'resuming' if resume else 'training'} {' + '.join(m.name for m in cfg.methods)} on "
         f"{cfg.model.name} ({cfg.task}); data {rows} train/validation/test rows; trainable "
         f"{p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%); parameters and optimizer "
-        f"state ~{static:,.0f} MiB; run folder {prep.out}"
+        f"state ~{static:,.0f} MiB; {threads_note()}; run folder {prep.out}"
     )
+
+
+def threads_note() -> str:
+    """The torch threads this run uses and why (train/run_info.py's choice), for the run's first line."""
+    from leantune.train.run_info import THREADS
+
+    return f"{THREADS.get('threads', '?')} torch threads ({THREADS.get('source', 'torch default')})"
 
 
 def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str, dict]:

@@ -46,17 +46,37 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """torch's AdamW. `impl` picks its kernel: "auto" (torch's choice: foreach on multi-tensor devices),
-    "for_loop" (one parameter at a time), "foreach" (batched per group) or "fused" (one kernel; CPU since
-    torch 2.4). The arithmetic is the same; benchmarks/suites/speed-levers-2.yaml measures the speed."""
+    """torch's AdamW. `impl` picks its kernel: "for_loop" (one parameter at a time), "foreach" (batched per
+    group), "fused" (one kernel; CPU since torch 2.4) or "auto": fused where every trainable parameter can
+    take it (`fused_capable`), else torch's own choice.
+
+    Why auto is not simply torch's choice: torch defaults to foreach only for CUDA tensors, so on CPU it
+    runs the for_loop kernel, ~10 small ops per parameter per step. On full fine-tuning of MiniLM that
+    was 13% of the step (benchmarks/results/profile/step-full.json); the fused kernel does the same
+    arithmetic (tests/test_loop.py: the same weights within 1e-6) in one pass over each tensor."""
     groups = param_groups(model, weight_decay)
+    if impl == "auto":
+        impl = "fused" if fused_capable([p for g in groups for p in g["params"]]) else "torch"
     kernel = {
-        "auto": {},
+        "torch": {},
         "for_loop": {"foreach": False},
         "foreach": {"foreach": True},
         "fused": {"fused": True},
     }
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernel[impl])
+
+
+def fused_capable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: plain (not sharded DTensor) floating-point
+    tensors, all on one device type that has the fused kernel."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = {p.device.type for p in params}
+    return (
+        len(devices) == 1
+        and devices <= set(_get_fused_kernels_supported_devices())
+        and all(torch.is_floating_point(p) and type(p.data) is torch.Tensor for p in params)
+    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

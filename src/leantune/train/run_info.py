@@ -12,13 +12,78 @@ import platform
 VERSIONED = ("leantune", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
 
 
+#: how the last `setup_torch` chose torch's intra-op threads: {"threads": n, "source": why}
+THREADS: dict = {}
+
+
 def setup_torch(seed: int, threads: int | None) -> None:
     import torch
     from accelerate.utils import set_seed
 
-    if threads:
-        torch.set_num_threads(threads)
+    chosen, source = choose_threads(threads)
+    if chosen:
+        torch.set_num_threads(chosen)
+    THREADS.update(threads=torch.get_num_threads(), source=source)
     set_seed(seed)
+
+
+def choose_threads(requested: int | None) -> tuple[int | None, str]:
+    """torch's intra-op threads for this run, and why: `train.num_threads` when set; else nothing where
+    the user set OMP_NUM_THREADS (torch honours it); else the physical cores this process may use.
+
+    Why not leave torch's default: torch counts the CPUs it sees, not a container's CPU quota (cgroup
+    cpu.max / cfs_quota), so a job limited to 2 CPUs on a 64-core host runs 32+ threads on 2 CPUs, and
+    oversubscribed OpenMP threads wait on each other (docs/speed.md measures 4 threads on 2 cores)."""
+    if requested:
+        return requested, "train.num_threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, "OMP_NUM_THREADS"
+    cpus = _usable_cpus()
+    cores = physical_cores(cpus)
+    quota = cpu_quota()
+    if quota is not None and quota < cores:
+        return max(1, int(quota)), f"CPU quota of {quota:g} CPUs (cgroup) below {cores} physical cores"
+    return cores, f"physical cores of the {len(cpus)} CPUs this process may use"
+
+
+def _usable_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: list[int], sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Distinct (package, core) pairs among `cpus` (hyper-threads of one core count once); the number of
+    CPUs where the topology cannot be read."""
+    from pathlib import Path
+
+    seen = set()
+    for cpu in cpus:
+        topo = Path(sysfs) / f"cpu{cpu}" / "topology"
+        try:
+            seen.add(
+                ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+            )
+        except OSError:
+            return len(cpus)
+    return max(1, len(seen))
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs per period this process's cgroup may use (v2 cpu.max or v1 cfs quota); None: unlimited."""
+    from pathlib import Path
+
+    try:
+        quota, period = (Path(root) / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((Path(root) / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((Path(root) / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
 
 
 def versions() -> dict[str, str]:
@@ -39,6 +104,7 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "torch_threads_source": THREADS.get("source"),
         "device": "cpu",
     }
     if hasattr(os, "getloadavg"):
