@@ -138,3 +138,20 @@ def test_budget_plan_names_the_evaluation_pass_and_the_eval_batch_that_fits(
     held, per_row = est["weights"] + est["optimizer_state"], e["forward"] / e["batch"]
     fit = e["fitting_eval_batch_size"]
     assert 0 < fit < 32 and held + fit * per_row <= budget < held + (fit + 1) * per_row
+
+
+def test_summary_names_the_phase_that_set_the_peak():
+    """summary.json's memory.peak_phase: a training step when the largest step peak reaches the process
+    peak, else outside the steps (the evaluation, loading or saving); unknown without a step peak."""
+    from leantune.memory.measure import peak_phase
+
+    assert (
+        peak_phase({"peak_rss_bytes": 100, "step_peak_bytes": 100, "step_peak_source": "rss"}) == "train_step"
+    )
+    assert (
+        peak_phase({"peak_rss_bytes": 150, "step_peak_bytes": 100, "step_peak_source": "rss"})
+        == "outside_steps"
+    )
+    cuda = {"peak_rss_bytes": 10**9, "cuda_max_allocated_bytes": 80, "step_peak_source": "cuda_max_allocated"}
+    assert peak_phase({**cuda, "step_peak_bytes": 80}) == "train_step"
+    assert peak_phase({"peak_rss_bytes": 100, "step_peak_bytes": None}) is None
