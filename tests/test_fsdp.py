@@ -625,8 +625,11 @@ def test_plan_predicts_a_tied_causal_lm(
             _cmd(processes, train), env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600
         ).returncode
     assert rc == 0, (tmp_path / "log").read_text()[-3000:]
-    measured = json.loads((run / "summary.json").read_text())["memory"]["model_peak_bytes_per_rank"]
+    memory = json.loads((run / "summary.json").read_text())["memory"]
+    measured = memory["model_peak_bytes_per_rank"]
     assert len(measured) == processes
+    if phase == "eval":  # rank 0's own record: its peak came after the steps
+        assert memory["peak_phase"] == "outside_steps", memory
     for peak in measured:
         print(
             f"{processes} x {method}: predicted {predicted / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB"

@@ -115,3 +115,43 @@ def test_full_parameter_line_holds_what_dpo_and_ppo_keep_beside_the_policy(tied_
     assert "AdamW needs" in line and "reference copy" in line and ("reward model" in line) == (task == "ppo")
     plain = full_parameter_options(tied_llama, "causal_lm", rows, seq, budget)
     assert plain["adamw_fits"] and "held_beside_policy" not in plain
+
+
+def test_budget_plan_names_the_evaluation_pass_and_the_eval_batch_that_fits(
+    tiny_models, sentiment_csv, tmp_path
+):
+    """`leantune plan --memory-budget`: a LoRA step on 2 rows fits 40 MiB, but evaluating 32 rows of a
+    30,522-token vocabulary does not; the plan says the evaluation sets the peak and which
+    eval.batch_size fits (the largest whose forward, scaled by rows, stays within the budget)."""
+    import json
+
+    from leantune.cli import main
+
+    out = tmp_path / "plan.json"
+    args = [f"model.name={tiny_models['llama_tied']}", f"data.source={sentiment_csv}", "task=causal_lm"]
+    args += ["model.max_length=32", "train.num_threads=1", "train.batch_size=2"]
+    assert main(["plan", *args, "--memory-budget", "40MiB", "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    e, est, budget = plan["evaluation"], plan["estimate"], 40 * 2**20
+    assert e["batch"] == 32 and e["forward"] >= 2 * 32 * e["seq_len"] * 30522 * 4
+    assert e["sets_peak"] and e["peak"] > est["total"] and not e["fits"]
+    held, per_row = est["weights"] + est["optimizer_state"], e["forward"] / e["batch"]
+    fit = e["fitting_eval_batch_size"]
+    assert 0 < fit < 32 and held + fit * per_row <= budget < held + (fit + 1) * per_row
+
+
+def test_summary_names_the_phase_that_set_the_peak():
+    """summary.json's memory.peak_phase: a training step when the largest step peak reaches the process
+    peak, else outside the steps (the evaluation, loading or saving); unknown without a step peak."""
+    from leantune.memory.measure import peak_phase
+
+    assert (
+        peak_phase({"peak_rss_bytes": 100, "step_peak_bytes": 100, "step_peak_source": "rss"}) == "train_step"
+    )
+    assert (
+        peak_phase({"peak_rss_bytes": 150, "step_peak_bytes": 100, "step_peak_source": "rss"})
+        == "outside_steps"
+    )
+    cuda = {"peak_rss_bytes": 10**9, "cuda_max_allocated_bytes": 80, "step_peak_source": "cuda_max_allocated"}
+    assert peak_phase({**cuda, "step_peak_bytes": 80}) == "train_step"
+    assert peak_phase({"peak_rss_bytes": 100, "step_peak_bytes": None}) is None

@@ -106,4 +106,22 @@ def peak_memory(meter: StepPeakMeter | None = None) -> dict[str, Any]:
         out["cuda_max_allocated_bytes"] = lifetime or int(torch.cuda.max_memory_allocated())
     if meter is not None:
         out |= meter.report()
+        out["peak_phase"] = peak_phase(out)
     return out
+
+
+def peak_phase(peaks: dict[str, Any]) -> str | None:
+    """Which phase set the process's peak: `train_step` where the largest step peak reaches it, else
+    `outside_steps` (the evaluation pass, loading or saving: a causal LM's evaluation of many rows holds
+    its logits whole and often outweighs a LoRA step; `leantune plan` predicts which). None where no step
+    peak was measured."""
+    step = peaks.get("step_peak_bytes")
+    if step is None:
+        return None
+    process = (
+        peaks.get("cuda_max_allocated_bytes")
+        if peaks.get("step_peak_source") == "cuda_max_allocated"
+        else None
+    )
+    process = process if process is not None else peaks["peak_rss_bytes"]
+    return "train_step" if step >= process else "outside_steps"

@@ -104,8 +104,45 @@ def make_plan(
         "task_complexity": complexity,
         "budget": str(method.budget),
         "full_parameter": full,
+        "evaluation": evaluation_phase(cfg, model, data, plan.estimate, budget_bytes),
     }
     return {**out, "rlhf": {**held, "asked_bytes": budget_bytes}} if held else out
+
+
+def evaluation_phase(cfg: Config, model, data: dict, estimate: dict, budget: int) -> dict | None:
+    """The evaluation pass beside the planned step: the weights and optimizer state stay, gradients and
+    activations are gone, and one no-grad forward runs `eval.batch_size` rows (a causal LM's logits and
+    their log-softmax whole). Whether it, not the training step, sets the peak, and, where it exceeds the
+    budget, the largest eval.batch_size that fits (the forward scales with the rows)."""
+    from leantune.memory.estimate import eval_forward_bytes
+
+    shape = eval_shape(cfg, data)
+    if shape is None:
+        return None
+    rows = eval_rows_per_rank(cfg, shape, 1)
+    forward = eval_forward_bytes(model, method_task(cfg.task), shape[1], rows)
+    held = estimate["weights"] + estimate["optimizer_state"]
+    out = {"batch": rows, "seq_len": shape[1], "forward": forward, "peak": held + forward}
+    out |= {"sets_peak": out["peak"] > estimate["total"], "fits": out["peak"] <= budget}
+    if not out["fits"]:
+        per_row = max(1, forward // rows)
+        fitting = max(0, (budget - held) // per_row) // (2 if cfg.task == "dpo" else 1)
+        out["fitting_eval_batch_size"] = int(min(fitting, cfg.eval.batch_size))
+    return out
+
+
+def evaluation_line(evaluation: dict, budget: int) -> str:
+    from leantune.memory.planner import fmt_bytes
+
+    e = evaluation
+    line = (
+        f"evaluation pass: batch {e['batch']} x {e['seq_len']} tokens, peak {fmt_bytes(e['peak'])} (weights, "
+        f"optimizer state, a no-grad forward of {fmt_bytes(e['forward'])}): "
+        + ("it sets the peak, not the training step" if e["sets_peak"] else "below the training step")
+    )
+    if not e["fits"]:
+        line += f"; over the budget {fmt_bytes(budget)}: eval.batch_size={e['fitting_eval_batch_size']} fits"
+    return line
 
 
 def _probe_rows(task: str, train):
@@ -238,6 +275,7 @@ def format_plan(plan: dict) -> str:
             if plan.get("full_parameter")
             else []
         ),
+        *([evaluation_line(plan["evaluation"], asked)] if plan.get("evaluation") else []),
         "",
     ]
     width = max(len(layer["name"]) for layer in plan["layers"])

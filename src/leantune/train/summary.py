@@ -245,7 +245,11 @@ def _run_rows(s: dict) -> list[tuple[str, str]]:
             "peak memory",
             f"{m['peak_rss_bytes'] / 2**20:.0f} MiB RSS"
             + (f", {cuda / 2**20:.0f} MiB CUDA" if "cuda_max_allocated_bytes" in m else "")
-            + (f"; largest step {step / 2**20:.0f} MiB" if (step := m.get("step_peak_bytes")) else ""),
+            + (f"; largest step {step / 2**20:.0f} MiB" if (step := m.get("step_peak_bytes")) else "")
+            + {
+                "train_step": ", set by a training step",
+                "outside_steps": ", set outside the training steps (evaluation, loading or saving)",
+            }.get(m.get("peak_phase"), ""),
         ),
     ]
 
