@@ -126,6 +126,15 @@ def test_constants_are_what_the_committed_artefacts_measured():
     assert committed == json.loads(json.dumps(found))
 
 
+def test_a_fraction_budget_is_refused_under_a_launcher(monkeypatch, tmp_path):
+    from leantune.recipes.auto import resolve_for_run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["methods=[{name: auto, budget: 0.5}]", f"output.dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="give the budget in bytes"):
+        resolve_for_run(cfg, resume=False)
+
+
 def test_auto_with_other_methods_is_refused():
     with pytest.raises(UserError, match="cannot be combined with lora"):
         load_config(None, ["methods=[auto, lora]"])
@@ -183,3 +192,14 @@ def test_time_to_target_reads_each_epochs_own_time_and_interpolates_curves():
     assert time_at_step(10, 80, [100.0, 60.0]) == pytest.approx(25.0)
     assert steps_to_reach([(100, 0.8), (200, 0.9)], 0.85) == pytest.approx(150.0)
     assert steps_to_reach([(100, 0.8), (200, 0.9)], 0.95) is None
+
+
+def test_committed_time_to_target_is_what_the_artefacts_give():
+    """auto-pick/time_to_target.json (quoted by docs/methods/auto.md) recomputed from the run artefacts."""
+    from leantune.bench.time_to_target import OUTPUT, compare
+
+    folder = ROOT / "benchmarks/results/auto-pick"
+    committed = json.loads((folder / OUTPUT).read_text())
+    again = compare("auto-pick", committed["target"], committed["auto_run"], root=ROOT / "benchmarks/results")
+    assert json.loads(json.dumps(again)) == committed
+    assert committed["auto_pick"] == committed["runs"]["auto"]["methods_auto"]["chosen"]

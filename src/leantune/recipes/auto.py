@@ -403,7 +403,24 @@ def resolve_for_run(cfg: Config, resume: bool) -> tuple[Config, dict | None]:
         )
     if record is not None:
         return apply_choice(cfg, record), {**record, "reused_on_resume": True}
+    _check_world(cfg.methods[0].budget)
     return resolve(cfg)
+
+
+def _check_world(budget: str | float) -> None:
+    """Every process of a launch resolves `auto` itself; a fraction of each one's available memory could
+    differ between them and so could the pick: under a launcher the budget must be bytes."""
+    from leantune.train.distributed import launch_world
+
+    try:
+        fraction = float(budget) <= 1
+    except ValueError:
+        fraction = False
+    if fraction and launch_world()[1] > 1:
+        raise UserError(
+            f"methods: auto with budget {budget} (a fraction of each process's available memory) could "
+            "pick differently on each process of this launch; give the budget in bytes (e.g. 8GiB)"
+        )
 
 
 def run_auto_plan(cfg: Config, budget: str | None, json_out: Path | None = None) -> dict:
