@@ -402,6 +402,15 @@ def resolve_for_run(cfg: Config, resume: bool) -> tuple[Config, dict | None]:
             f"resume with `leantune train {out / 'config.yaml'} --resume`"
         )
     if record is not None:
+        asked = str(cfg.methods[0].budget)
+        if asked != record["budget"]:
+            import sys
+
+            print(
+                f"leantune: warning: resuming {out} with the choice made for budget {record['budget']} "
+                f"({record['chosen']}); the config now asks {asked}, which a resume does not re-plan",
+                file=sys.stderr,
+            )
         return apply_choice(cfg, record), {**record, "reused_on_resume": True}
     _check_world(cfg.methods[0].budget)
     return resolve(cfg)
