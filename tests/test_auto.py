@@ -4,6 +4,7 @@ time model, fits its budget, is recorded in summary.json and the run log, and --
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,15 @@ def test_generous_budget_picks_full_and_tight_budget_a_peft_method_that_fits(
     assert small["chosen"] != "full" and {m["name"] for m in small["methods"]} <= {"lora", "freeze"}
     picked = next(c for c in small["candidates"] if c["id"] == small["chosen"])
     assert picked["fits"] and picked["memory_bytes"] <= tight_budget
-    cache = small["train"]["cache_frozen_prefix"]
-    assert not cache  # one epoch: the cache would never be read, so no cache RAM is added either
-    assert _estimate(tight, small) == picked["memory_bytes"] <= tight_budget
+    # the pick needs more steps than full: the run is lengthened to them, and with a frozen prefix the
+    # epochs after the first read the cache (whose RAM is then part of the estimate)
+    assert picked["steps_multiplier"] > 1
+    assert small["train"]["epochs"] == math.ceil(picked["steps_multiplier"])
+    assert small["train"]["cache_frozen_prefix"] == (picked["frozen_blocks"] > 0)
+    model_only = _estimate(tight, small)
+    assert model_only <= picked["memory_bytes"] <= tight_budget
+    if not small["train"]["cache_frozen_prefix"]:
+        assert model_only == picked["memory_bytes"]
     fitting = [c for c in small["candidates"] if c["fits"]]
     assert picked["expected"] <= min(c["expected"] for c in fitting) * 1.15
 
@@ -80,8 +87,17 @@ def test_more_epochs_make_the_cached_frozen_prefix_win(tiny_models, sentiment_cs
     picked = next(c for c in record["candidates"] if c["id"] == record["chosen"])
     full = next(c for c in record["candidates"] if c["id"] == "full")
     assert picked["frozen_blocks"] > 0 and record["train"]["cache_frozen_prefix"] is True
+    assert record["train"]["epochs"] == math.ceil(3 * picked["steps_multiplier"])
     assert picked["flops_later"] < picked["flops_first_epoch"]
     assert picked["expected"] * 1.15 < full["expected"]  # outside the tie band: speed decided
+
+
+def test_extend_false_keeps_the_run_length(tiny_models, sentiment_csv, tmp_path):
+    overrides = _overrides(tiny_models, sentiment_csv, tmp_path, "4GiB", epochs=3)
+    overrides[-1] = "methods=[{name: auto, budget: 4GiB, extend: false}]"
+    record = _resolve(overrides)
+    assert record["chosen"] != "full" and "epochs" not in record["train"]
+    assert not any(line.startswith("train.epochs") for line in record["reasons"])
 
 
 def test_time_to_quality_counts_the_cache_only_after_the_first_epoch():
@@ -108,6 +124,15 @@ def test_constants_are_what_the_committed_artefacts_measured():
     assert overhead["freeze"] == pytest.approx(1.0, abs=0.05)  # plain backprop: FLOPs predict its time
     committed = json.loads((ROOT / "benchmarks/results/auto-pick" / EVIDENCE).read_text())
     assert committed == json.loads(json.dumps(found))
+
+
+def test_a_fraction_budget_is_refused_under_a_launcher(monkeypatch, tmp_path):
+    from leantune.recipes.auto import resolve_for_run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["methods=[{name: auto, budget: 0.5}]", f"output.dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="give the budget in bytes"):
+        resolve_for_run(cfg, resume=False)
 
 
 def test_auto_with_other_methods_is_refused():
@@ -167,3 +192,14 @@ def test_time_to_target_reads_each_epochs_own_time_and_interpolates_curves():
     assert time_at_step(10, 80, [100.0, 60.0]) == pytest.approx(25.0)
     assert steps_to_reach([(100, 0.8), (200, 0.9)], 0.85) == pytest.approx(150.0)
     assert steps_to_reach([(100, 0.8), (200, 0.9)], 0.95) is None
+
+
+def test_committed_time_to_target_is_what_the_artefacts_give():
+    """auto-pick/time_to_target.json (quoted by docs/methods/auto.md) recomputed from the run artefacts."""
+    from leantune.bench.time_to_target import OUTPUT, compare
+
+    folder = ROOT / "benchmarks/results/auto-pick"
+    committed = json.loads((folder / OUTPUT).read_text())
+    again = compare("auto-pick", committed["target"], committed["auto_run"], root=ROOT / "benchmarks/results")
+    assert json.loads(json.dumps(again)) == committed
+    assert committed["auto_pick"] == committed["runs"]["auto"]["methods_auto"]["chosen"]

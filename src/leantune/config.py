@@ -70,6 +70,12 @@ class AutoConfig(MethodConfig):
         "false keeps train.lr (train.lr=auto always keeps the range test).",
     )
 
+    extend: bool = Field(
+        True,
+        description="Lengthen the run (train.epochs, train.max_steps) by the chosen family's steps "
+        "multiplier, the steps it needs to reach what full fine-tuning reaches in the configured run.",
+    )
+
     @field_validator("budget")
     @classmethod
     def _budget_syntax(cls, value: str | float) -> str | float:

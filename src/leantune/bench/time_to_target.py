@@ -83,7 +83,8 @@ def compare(suite: str, target: float, auto_id: str, metric: str = "accuracy", r
             metric,
             target,
         )
-    hand = {k: v for k, v in runs.items() if k != auto_id and v["time_to_target_s"] is not None}
+    # every run whose id starts with the auto run's id is an auto variant, not a hand-picked configuration
+    hand = {k: v for k, v in runs.items() if not k.startswith(auto_id) and v["time_to_target_s"] is not None}
     best = min(hand, key=lambda k: hand[k]["time_to_target_s"]) if hand else None
     auto_t = runs.get(auto_id, {}).get("time_to_target_s")
     ratio = auto_t / hand[best]["time_to_target_s"] if best and auto_t is not None else None

@@ -145,7 +145,7 @@ def choose(cfg: Config, auto: AutoConfig, model, train_rows) -> dict:
     mean_len = min(sum(lengths) / len(lengths), seq_len)
     budget = parse_budget(auto.budget)
     per_epoch, steps = planned_steps(cfg, len(lengths))
-    ctx = _Pricing(cfg, model, seq_len, mean_len, len(lengths), per_epoch, auto)
+    ctx = _Pricing(cfg, model, seq_len, mean_len, len(lengths), per_epoch, steps)
     candidates = ctx.backprop_candidates(budget)
     full_flops = ctx.full_flops
     for c in candidates:
@@ -166,6 +166,8 @@ def choose(cfg: Config, auto: AutoConfig, model, train_rows) -> dict:
     best = _pick(fitting)
     if not auto.set_lr or cfg.train.lr == "auto":
         best.train.pop("lr", None)
+    if auto.extend and best.steps_multiplier > 1:
+        best.train.update(_extended(cfg, best.steps_multiplier, per_epoch))
     return {
         "budget": str(auto.budget),
         "budget_bytes": budget,
@@ -178,6 +180,17 @@ def choose(cfg: Config, auto: AutoConfig, model, train_rows) -> dict:
         "seq_len": seq_len,
         "candidates": [_row(c) for c in candidates],
     }
+
+
+def _extended(cfg: Config, multiplier: float, per_epoch: int) -> dict[str, int]:
+    """The run length the time model assumes: `multiplier` x the planned steps, so that the pick can
+    reach the quality full fine-tuning reaches in the planned steps (whole epochs; max_steps scaled
+    when set). Early stopping (train.early_stopping_patience) still ends it sooner on a plateau."""
+    tc = cfg.train
+    if tc.max_steps:
+        steps = math.ceil(tc.max_steps * multiplier)
+        return {"max_steps": steps, "epochs": max(tc.epochs, math.ceil(steps / per_epoch))}
+    return {"epochs": math.ceil(tc.epochs * multiplier)}
 
 
 def _pick(fitting: list[Candidate]) -> Candidate:
@@ -196,15 +209,18 @@ def _row(c: Candidate) -> dict:
 class _Pricing:
     """The memory and FLOP models of each candidate on one loaded base model."""
 
-    def __init__(self, cfg: Config, model, seq_len: int, mean_len: float, n_train: int, per_epoch: int, auto):
+    def __init__(
+        self, cfg: Config, model, seq_len: int, mean_len: float, n_train: int, per_epoch: int, steps: int
+    ):
         from leantune.models.flop_profile import flop_profile
         from leantune.models.structure import find_blocks
 
         self.cfg, self.model, self.seq_len, self.mean_len = cfg, model, seq_len, mean_len
-        self.n_train, self.per_epoch, self.auto = n_train, per_epoch, auto
+        self.n_train, self.per_epoch, self.steps = n_train, per_epoch, steps
         self.blocks = len(find_blocks(model)[1])
         self.hidden = int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "d_model", 0))
-        self.multi_epoch = cfg.train.epochs > 1 and cfg.task not in ("reward", "prompt_classification")
+        self.can_cache = cfg.task not in ("reward", "prompt_classification", "dpo", "ppo", "seq2seq")
+        self.can_cache = self.can_cache and not cfg.data.packing
         full = copy.deepcopy(model)
         for p in full.parameters():
             p.requires_grad_(True)
@@ -241,12 +257,13 @@ class _Pricing:
         model = self._applied(methods)
         profile = flop_profile(model)
         memory = self._memory(model)
-        cache = bool(frozen) and self.multi_epoch
+        mult = STEP_PRIOR["lora" if "lora" in family else "full"]
+        mult *= 1 + FREEZE_SLOPE * frozen / self.blocks
+        # the cache pays from the second epoch on: only when the steps to quality span more than one
+        cache = bool(frozen) and self.can_cache and mult * self.steps > self.per_epoch
         train: dict[str, Any] = {"lr": LR[family], "cache_frozen_prefix": cache}
         if cache:
             memory += self.cache_bytes()
-        mult = STEP_PRIOR["lora" if "lora" in family else "full"]
-        mult *= 1 + FREEZE_SLOPE * frozen / self.blocks
         first = flops_per_token(profile)
         later = flops_per_token(profile, frozen) if cache else first
         overhead = LORA_STEP_OVERHEAD if "lora" in family else 1.0
@@ -328,9 +345,20 @@ def reasons(best: Candidate, candidates: list[Candidate], budget: int, cfg: Conf
             f"({saved:.0%} of a step's FLOPs)"
         )
     elif best.frozen_blocks:
-        lines.append("prefix cache: off (one epoch: the cache would only be filled, never read)")
+        lines.append("prefix cache: off (the steps to quality fit in one epoch: it would never be read)")
     else:
         lines.append("prefix cache: off (the lowest block trains)")
+    if "epochs" in best.train:
+        steps = (
+            f", train.max_steps {cfg.train.max_steps} -> {best.train['max_steps']}"
+            if "max_steps" in best.train
+            else ""
+        )
+        lines.append(
+            f"train.epochs {cfg.train.epochs} -> {best.train['epochs']}{steps}: {best.id} needs "
+            f"{best.steps_multiplier:.2f}x full fine-tuning's steps to reach its quality "
+            "(extend: false keeps the run length)"
+        )
     if "lr" in best.train:
         lines.append(f"train.lr {_lr_text(best.train['lr'])}: the best rate of this family in the RT sweeps")
     else:
@@ -374,8 +402,34 @@ def resolve_for_run(cfg: Config, resume: bool) -> tuple[Config, dict | None]:
             f"resume with `leantune train {out / 'config.yaml'} --resume`"
         )
     if record is not None:
+        asked = str(cfg.methods[0].budget)
+        if asked != record["budget"]:
+            import sys
+
+            print(
+                f"leantune: warning: resuming {out} with the choice made for budget {record['budget']} "
+                f"({record['chosen']}); the config now asks {asked}, which a resume does not re-plan",
+                file=sys.stderr,
+            )
         return apply_choice(cfg, record), {**record, "reused_on_resume": True}
+    _check_world(cfg.methods[0].budget)
     return resolve(cfg)
+
+
+def _check_world(budget: str | float) -> None:
+    """Every process of a launch resolves `auto` itself; a fraction of each one's available memory could
+    differ between them and so could the pick: under a launcher the budget must be bytes."""
+    from leantune.train.distributed import launch_world
+
+    try:
+        fraction = float(budget) <= 1
+    except ValueError:
+        fraction = False
+    if fraction and launch_world()[1] > 1:
+        raise UserError(
+            f"methods: auto with budget {budget} (a fraction of each process's available memory) could "
+            "pick differently on each process of this launch; give the budget in bytes (e.g. 8GiB)"
+        )
 
 
 def run_auto_plan(cfg: Config, budget: str | None, json_out: Path | None = None) -> dict:
