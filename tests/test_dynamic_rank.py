@@ -70,6 +70,7 @@ def _overrides(base_overrides, **extra) -> list[str]:
         "realloc_every": 8,
         "drift_threshold": 0.0,
         "probe_batches": 2,
+        "allocation": "importance",  # per-layer targets: re-allocations resize layers, which these tests need
         **extra,
     }
     return [*base_overrides, f"methods=[{json.dumps(method)}]", "train.max_steps=24", "train.save_every=4"]
@@ -172,6 +173,18 @@ def test_probe_in_micro_batches_scores_like_the_whole_batch(tiny_models):
     for name, share in whole.items():
         assert sliced[name] == pytest.approx(share, rel=1e-4, abs=1e-7)
     assert max(whole.values()) > 2 * min(whole.values())  # the scores do tell layers apart
+
+
+def test_default_allocation_is_the_one_the_docs_name():
+    """docs/methods/dynamic_rank.md states the default rule and why (issue 19): the code must agree."""
+    from pathlib import Path
+
+    from leantune.methods.dynamic_rank import DynamicRankConfig
+
+    default = DynamicRankConfig().allocation
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "dynamic_rank.md").read_text()
+    assert f"The default is `allocation: {default}`" in doc
+    assert default == "uniform"
 
 
 def test_softened_targets_centre_on_the_cap_and_clip_both_ways():

@@ -50,8 +50,8 @@ class DynamicRankConfig(MethodConfig):
     )
     modules_to_save: list[str] | None = None
     probe_batches: int = Field(4, gt=0, description="Batches scored for importance at each (re)planning.")
-    allocation: Literal["importance", "uniform", "softened"] = Field(
-        "importance",
+    allocation: Literal["uniform", "importance", "softened"] = Field(
+        "uniform",
         description="uniform: every layer targets the cap (max_rank scaled by task complexity), raised in"
         " importance order while the budget allows; importance: a layer's target is cap x its importance /"
         " the top importance; softened: cap x clip(sqrt(importance / mean importance), 1/4, 2).",
