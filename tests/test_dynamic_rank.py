@@ -70,6 +70,7 @@ def _overrides(base_overrides, **extra) -> list[str]:
         "realloc_every": 8,
         "drift_threshold": 0.0,
         "probe_batches": 2,
+        "allocation": "importance",  # per-layer targets: re-allocations resize layers, which these tests need
         **extra,
     }
     return [*base_overrides, f"methods=[{json.dumps(method)}]", "train.max_steps=24", "train.save_every=4"]
@@ -172,3 +173,64 @@ def test_probe_in_micro_batches_scores_like_the_whole_batch(tiny_models):
     for name, share in whole.items():
         assert sliced[name] == pytest.approx(share, rel=1e-4, abs=1e-7)
     assert max(whole.values()) > 2 * min(whole.values())  # the scores do tell layers apart
+
+
+def test_default_allocation_is_the_one_the_docs_name():
+    """docs/methods/dynamic_rank.md states the default rule and why (issue 19): the code must agree."""
+    from pathlib import Path
+
+    from leantune.methods.dynamic_rank import DynamicRankConfig
+
+    default = DynamicRankConfig().allocation
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "dynamic_rank.md").read_text()
+    assert f"The default is `allocation: {default}`" in doc
+    assert default == "uniform"
+
+
+def test_softened_targets_centre_on_the_cap_and_clip_both_ways():
+    from leantune.methods.dynamic_rank import softened_targets
+
+    shares = {"a": 0.5, "b": 0.25, "c": 0.2, "d": 0.05, "e": 0.0}  # mean share 0.2
+    targets = softened_targets(shares, cap=8)
+    # (share x 5) ** 0.5: a 1.58 -> 12.6 -> 16; b 1.12 -> 8.9 -> 8; c 1 -> 8; d 0.5 -> 4; e 0 -> clip 1/4 -> 2
+    assert targets == {"a": 16, "b": 8, "c": 8, "d": 4, "e": 2}
+    # importance-proportional targets would leave every layer but the top one at or below the cap
+    assert sum(targets.values()) >= 8 * len(shares) * 0.9
+
+
+def test_softened_plan_reaches_its_targets_and_explains_them_with_the_real_shares(base_overrides):
+    from leantune.methods import MethodContext, apply_methods
+    from leantune.methods._lora_ranks import lora_layers
+    from leantune.methods.dynamic_rank import DynamicRankConfig, plan_ranks_for, rank_cap, softened_targets
+    from leantune.models.loader import load_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, base_overrides)
+    method = DynamicRankConfig(budget="4GiB", allocation="softened", max_rank=8)
+    model = load_model(cfg.model.name, "classification", "float32", ["neg", "pos"], 0)
+    model = apply_methods(model, [method], MethodContext(task="classification", seed=0))
+    names = list(lora_layers(model))
+    weights = [(i + 1) ** 2 for i in range(len(names))]
+    importance = {n: w / sum(weights) for n, w in zip(names, weights, strict=True)}
+    complexity = {"complexity": 0.5}
+
+    def plan_for(config):
+        return plan_ranks_for(
+            model, config, importance, complexity, task="classification", seq_len=16, batch_size=16
+        )
+
+    plan = plan_for(method)
+    cap = rank_cap(8, 0.5)
+    assert plan.max_rank == cap == 4 and plan.complexity == 0.5
+    assert plan.ranks == softened_targets(importance, cap)  # the budget does not bind: targets reached
+    assert max(plan.ranks.values()) == 2 * cap and min(plan.ranks.values()) < cap
+    for layer in plan.layers:
+        assert layer.importance == importance[layer.name]
+        assert f"(share {importance[layer.name]:.3f})" in layer.reason and "softened target" in layer.reason
+    # a budget that binds: fewer ranks, within the budget, the most important layer grown first
+    floor = plan.estimate["total"] - sum(layer.bytes for layer in plan.layers)
+    budget = int((floor + 20_000) / 0.9)
+    small = plan_for(method.model_copy(update={"budget": str(budget)}))
+    assert small.estimate["total"] <= 0.9 * budget
+    assert sum(small.ranks.values()) < sum(plan.ranks.values())
+    assert small.ranks[names[-1]] == max(small.ranks.values()) > 0

@@ -50,13 +50,17 @@ class DynamicRankConfig(MethodConfig):
     )
     modules_to_save: list[str] | None = None
     probe_batches: int = Field(4, gt=0, description="Batches scored for importance at each (re)planning.")
-    allocation: Literal["importance", "uniform"] = Field(
-        "importance",
-        description="importance: a layer's target rank is cap x its importance / the top importance;"
-        " uniform: every layer targets the cap, raised in importance order while the budget allows.",
+    allocation: Literal["uniform", "importance", "softened"] = Field(
+        "uniform",
+        description="uniform: every layer targets the cap (max_rank scaled by task complexity), raised in"
+        " importance order while the budget allows; importance: a layer's target is cap x its importance /"
+        " the top importance; softened: cap x clip(sqrt(importance / mean importance), 1/4, 2).",
     )
     min_share: float = Field(
-        0.1, ge=0, description="A layer whose importance share is below min_share / #layers gets rank 0."
+        0.1,
+        ge=0,
+        description="allocation: importance only: a layer whose importance share is below min_share /"
+        " #layers gets rank 0.",
     )
     realloc_every: int | None = Field(
         50, gt=0, description="Steps between re-allocation checks; null: never."
@@ -172,14 +176,19 @@ def plan_ranks_for(
         if rank_of(layer) == 0:
             resize(layer, 1, gen)
     cost = RankCost(model, task, seq_len)
-    return plan_ranks(
+    scores, level, max_rank, min_share = importance, complexity["complexity"], cfg.max_rank, cfg.min_share
+    targets: dict[str, int] = {}
+    if cfg.allocation == "softened":
+        targets = softened_targets(importance, rank_cap(cfg.max_rank, level))
+        scores, level, max_rank, min_share = _encode_targets(targets, importance)
+    plan = plan_ranks(
         cost,
-        importance,
-        complexity["complexity"],
+        scores,
+        level,
         parse_budget(cfg.budget) if budget is None else budget,
         batch_size,
-        cfg.max_rank,
-        cfg.min_share,
+        max_rank,
+        min_share,
         recompute=recompute,
         allow_recompute=allow_recompute or cfg.allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
@@ -188,6 +197,71 @@ def plan_ranks_for(
         allow_quantize=allow_quantize,
         quantize_with=quantize_with,
     )
+    if targets:
+        _decode_plan(
+            plan, importance, complexity["complexity"], rank_cap(cfg.max_rank, complexity["complexity"])
+        )
+    return plan
+
+
+#: the softened rule: target = cap x clip((share / mean share) ** SOFTEN_POWER, SOFTEN_LOW, SOFTEN_HIGH)
+SOFTEN_POWER, SOFTEN_LOW, SOFTEN_HIGH = 0.5, 0.25, 2.0
+
+
+def rank_cap(max_rank: int, complexity: float) -> int:
+    """The planner's complexity-scaled cap (`targets_from_importance`): max_rank x (1/4 + 3/4 complexity)."""
+    from leantune.memory.planner import pow2_round
+
+    return max(1, pow2_round(max_rank * (0.25 + 0.75 * complexity)))
+
+
+def softened_targets(importance: dict[str, float], cap: int) -> dict[str, int]:
+    """Targets around the uniform level instead of below it: a layer of mean importance gets the cap,
+    the square root damps the importance scores' spread (in seed002's runs one probe's shares differ 7-11x
+    between layers, and move by 0.1-0.4 in total variation between probes), and the clip keeps every
+    layer between cap/4 and 2 cap.
+    Why: importance-proportional targets (cap x share / top share) give every layer but the top one
+    less than the cap, so at the same budget they train fewer ranks than uniform (issue 19)."""
+    from leantune.memory.planner import pow2_round
+
+    n = len(importance)
+    return {
+        name: max(1, pow2_round(cap * min(SOFTEN_HIGH, max(SOFTEN_LOW, (share * n) ** SOFTEN_POWER))))
+        for name, share in importance.items()
+    }
+
+
+def _encode_targets(
+    targets: dict[str, int], importance: dict[str, float]
+) -> tuple[dict[str, float], float, int, float]:
+    """Scores, complexity, max_rank and min_share under which the planner's importance rule (target =
+    cap x share / top share, cap = max_rank at complexity 1) reproduces `targets` exactly, most important
+    first among equal targets. Why an encoding: the planner (leantune.memory.planner) takes importance
+    shares, not targets; this keeps its greedy fit, levers and messages unchanged."""
+    top_share = max(importance.values()) or 1.0
+    raw = {n: t * (1 + 1e-6 * importance[n] / top_share) for n, t in targets.items()}
+    total = sum(raw.values())
+    return {n: v / total for n, v in raw.items()}, 1.0, max(targets.values()), 0.0
+
+
+def _decode_plan(plan, importance: dict[str, float], complexity: float, cap: int) -> None:
+    """Put the real importance, complexity and cap back into a plan made from `_encode_targets`."""
+    plan.complexity, plan.max_rank = complexity, cap
+    order = sorted(importance, key=lambda n: (-importance[n], n))
+    rule = f"cap {cap} x clip((share x {len(order)}) ** {SOFTEN_POWER}, {SOFTEN_LOW}, {SOFTEN_HIGH})"
+    for layer in plan.layers:
+        head = (
+            f"importance #{order.index(layer.name) + 1} of {len(order)} (share {importance[layer.name]:.3f})"
+        )
+        _, _, tail = layer.reason.partition("); ")
+        if "x share / top share" in tail:
+            tail = f"softened target {layer.target} = {rule}, fits in budget"
+        layer.reason = (
+            f"rank {layer.rank}"
+            + (f" (target {layer.target})" if "(target" in layer.reason else "")
+            + f": {head}; {tail}"
+        )
+        layer.importance = importance[layer.name]
 
 
 class DynamicRankRuntime(MethodRuntime):
