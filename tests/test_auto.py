@@ -203,3 +203,14 @@ def test_committed_time_to_target_is_what_the_artefacts_give():
     again = compare("auto-pick", committed["target"], committed["auto_run"], root=ROOT / "benchmarks/results")
     assert json.loads(json.dumps(again)) == committed
     assert committed["auto_pick"] == committed["runs"]["auto"]["methods_auto"]["chosen"]
+
+
+def test_dry_run_prints_the_choice_and_writes_nothing(tiny_models, sentiment_csv, tmp_path, capsys):
+    from leantune.recipes.train import dry_run
+
+    overrides = _overrides(tiny_models, sentiment_csv, tmp_path, "4GiB")
+    out = dry_run(load_config(None, overrides))
+    printed = capsys.readouterr().out
+    assert "auto: method full:" in printed and "would train full on" in printed
+    assert out["params"]["trainable_pct"] == pytest.approx(100.0)  # the resolved list, full fine-tuning
+    assert not (tmp_path / "run").exists()

@@ -211,6 +211,11 @@ class Config(Strict):
             raise ValueError("eval.mmlu_shots scores a causal LM; set task=causal_lm or eval.mmlu_shots=null")
         from leantune.models.reward import method_task
 
+        if isinstance(self.methods[0], AutoConfig) and self.task in ("reward", "dpo", "ppo"):
+            raise ValueError(
+                f"methods: auto does not price what task {self.task} holds beside the policy (a reference, "
+                "a reward model); list the methods yourself (`leantune plan` prices them)"
+            )
         if not (len(self.methods) == 1 and isinstance(self.methods[0], AutoConfig)):  # resolved later
             check_method_list(method_task(self.task), [m.name for m in self.methods])  # by name: no torch
         return self

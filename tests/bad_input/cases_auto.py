@@ -43,6 +43,14 @@ def _cases() -> list[Case]:
             files=with_data(),
         ),
         Case(
+            id="methods-auto-task-dpo",
+            family="config",
+            what="`methods: auto` with task dpo (its reference model is not priced)",
+            argv=train("task=dpo", "methods=auto"),
+            phrase="methods: auto does not price what task dpo holds",
+            files=with_data(),
+        ),
+        Case(
             id="plan-auto-nothing-fits",
             family="budget",
             what="`leantune plan --auto --memory-budget 1MiB` (no candidate fits)",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,6 @@ class Candidate:
     rank: int | None = None
     expected: float = math.inf  # time to quality in full-fine-tuning steps
     fits: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def is_auto(cfg: Config) -> bool:
@@ -201,9 +200,7 @@ def _pick(fitting: list[Candidate]) -> Candidate:
 
 
 def _row(c: Candidate) -> dict:
-    out = asdict(c)
-    out.pop("notes")
-    return out
+    return asdict(c)
 
 
 class _Pricing:
