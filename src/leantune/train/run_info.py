@@ -31,9 +31,11 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
     """torch's intra-op threads for this run, and why: `train.num_threads` when set; else nothing where
     the user set OMP_NUM_THREADS (torch honours it); else the physical cores this process may use.
 
-    Why not leave torch's default: torch counts the CPUs it sees, not a container's CPU quota (cgroup
-    cpu.max / cfs_quota), so a job limited to 2 CPUs on a 64-core host runs 32+ threads on 2 CPUs, and
-    oversubscribed OpenMP threads wait on each other (docs/speed.md measures 4 threads on 2 cores)."""
+    Why not leave torch's default: torch and libgomp count the CPUs they see, not a container's CPU quota
+    (cgroup cpu.max / cfs_quota), so a job limited to 2 CPUs on a 64-core host runs 32+ spinning threads
+    on 2 CPUs' time. libgomp stops spinning only when the threads outnumber the CPUs it sees; when they
+    do not but the CPUs are not all ours, every small op waits for a core (on the shared machine 2
+    spinning threads on 2 cores were 4x slower than 1 thread: docs/speed.md)."""
     if requested:
         return requested, "train.num_threads"
     if os.environ.get("OMP_NUM_THREADS"):
