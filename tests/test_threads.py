@@ -94,3 +94,35 @@ def test_the_run_log_names_the_choice(base_overrides, capsys, monkeypatch, resto
     )
     banner = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("leantune: training"))
     assert "2 torch threads (train.num_threads)" in banner
+
+
+def test_openmp_waits_passively_only_on_a_shared_machine_and_never_over_the_user():
+    from leantune.train.run_info import choose_omp_wait
+
+    assert choose_omp_wait({}, load=7.3) == ("PASSIVE", "1-min load 7.3 at start: the cores are shared")
+    assert choose_omp_wait({}, load=0.2)[0] is None  # a quiet machine keeps libgomp's spinning
+    assert choose_omp_wait({"OMP_WAIT_POLICY": "ACTIVE"}, load=7.3) == (None, "set by the user")
+    assert choose_omp_wait({"GOMP_SPINCOUNT": "10000"}, load=7.3) == (None, "set by the user")
+
+
+def test_the_cli_sets_the_wait_policy_before_torch_loads():
+    """In a fresh interpreter, as `leantune` starts: the choice is in the environment libgomp reads."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "import leantune.train.run_info as r\n"
+        "r.choose_omp_wait = lambda: ('PASSIVE', 'shared')\n"
+        "from leantune.cli import main\n"
+        "assert main(['--version']) == 0 and 'torch' not in sys.modules\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'), r.THREADS['omp_wait_source'])\n"
+    )
+    import os
+
+    import leantune
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(Path(leantune.__file__).parents[1])  # this checkout's leantune
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split("\n")[-2] == "PASSIVE shared"

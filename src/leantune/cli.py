@@ -352,6 +352,9 @@ def dispatch(ns: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from leantune.train.run_info import set_omp_wait
+
+    set_omp_wait()  # before anything imports torch: libgomp reads its wait policy once, when it loads
     # peft 0.21 calls an API transformers 5 deprecated; the user can do nothing about it
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # transformers' kernel hub warns on every offline load; an error must stay one line on stderr

@@ -221,7 +221,12 @@ class TrainConfig(Strict):
         description="On a NaN/inf loss or gradient: stop the run (exit 2, naming the step), or skip that "
         "step's update and count it in the summary.",
     )
-    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's.")
+    num_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch intra-op threads; null: OMP_NUM_THREADS when set, else the physical cores this "
+        "process may use, capped by a cgroup CPU quota (docs/speed.md).",
+    )
     adamw_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
         "auto",
         description="optimizer adamw: torch's kernel (same arithmetic); auto = fused (one kernel) where "

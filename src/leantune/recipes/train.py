@@ -609,7 +609,11 @@ def threads_note() -> str:
     """The torch threads this run uses and why (train/run_info.py's choice), for the run's first line."""
     from leantune.train.run_info import THREADS
 
-    return f"{THREADS.get('threads', '?')} torch threads ({THREADS.get('source', 'torch default')})"
+    note = f"{THREADS.get('threads', '?')} torch threads ({THREADS.get('source', 'torch default')})"
+    if THREADS.get("omp_wait_source"):  # set by the CLI (not when leantune is used as a library)
+        policy = (THREADS.get("omp_wait_policy") or "default").lower()
+        note += f", OpenMP waits {policy} ({THREADS['omp_wait_source']})"
+    return note
 
 
 def method_reports(specs: list[MethodSpec], configs: list, trainer) -> dict[str, dict]:

@@ -31,9 +31,11 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
     """torch's intra-op threads for this run, and why: `train.num_threads` when set; else nothing where
     the user set OMP_NUM_THREADS (torch honours it); else the physical cores this process may use.
 
-    Why not leave torch's default: torch counts the CPUs it sees, not a container's CPU quota (cgroup
-    cpu.max / cfs_quota), so a job limited to 2 CPUs on a 64-core host runs 32+ threads on 2 CPUs, and
-    oversubscribed OpenMP threads wait on each other (docs/speed.md measures 4 threads on 2 cores)."""
+    Why not leave torch's default: torch and libgomp count the CPUs they see, not a container's CPU quota
+    (cgroup cpu.max / cfs_quota), so a job limited to 2 CPUs on a 64-core host runs 32+ spinning threads
+    on 2 CPUs' time. libgomp stops spinning only when the threads outnumber the CPUs it sees; when they
+    do not but the CPUs are not all ours, every small op waits for a core (on the shared machine 2
+    spinning threads on 2 cores were 4x slower than 1 thread: docs/speed.md)."""
     if requested:
         return requested, "train.num_threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -44,6 +46,46 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
     if quota is not None and quota < cores:
         return max(1, int(quota)), f"CPU quota of {quota:g} CPUs (cgroup) below {cores} physical cores"
     return cores, f"physical cores of the {len(cpus)} CPUs this process may use"
+
+
+#: 1-min load average at start from which the cores count as shared (others keep one busy)
+SHARED_LOAD = 1.0
+
+
+def choose_omp_wait(environ: dict | None = None, load: float | None = None) -> tuple[str | None, str]:
+    """OpenMP's wait policy for this process, and why: the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT when
+    set; PASSIVE when other work keeps a core busy at start (1-min load >= SHARED_LOAD); else libgomp's
+    default (spin, then sleep).
+
+    Why: between two parallel regions libgomp's threads spin. Where other processes hold the cores, a
+    spinning thread burns the time slice its partner needs, and every small op waits for a core: on the
+    shared 2-core machine the default LoRA step ran 4x slower with 2 spinning threads than with passive
+    waiting or one thread (docs/speed.md, ab-threads-lora.json). On a quiet machine spinning saves the
+    wake-up per region, so the default is left alone there."""
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return None, "set by the user"
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load >= SHARED_LOAD:
+        return "PASSIVE", f"1-min load {load:.1f} at start: the cores are shared"
+    return None, f"1-min load {load:.1f} at start: libgomp's default"
+
+
+def set_omp_wait() -> None:
+    """Apply `choose_omp_wait` to this process's environment; the CLI calls it before torch is imported,
+    because libgomp reads its settings once, when it loads (child processes inherit the choice)."""
+    import sys
+
+    if "torch" in sys.modules:
+        THREADS.update(
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), omp_wait_source="torch already loaded"
+        )
+        return
+    value, why = choose_omp_wait()
+    if value:
+        os.environ["OMP_WAIT_POLICY"] = value
+    THREADS.update(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), omp_wait_source=why)
 
 
 def _usable_cpus() -> list[int]:
@@ -105,6 +147,8 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_threads_source": THREADS.get("source"),
+        "omp_wait_policy": THREADS.get("omp_wait_policy"),
+        "omp_wait_source": THREADS.get("omp_wait_source"),
         "device": "cpu",
     }
     if hasattr(os, "getloadavg"):
