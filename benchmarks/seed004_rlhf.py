@@ -185,9 +185,7 @@ def judge(work: Path, prompts: list[str]) -> dict:
         wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
         out[name]["win_rate_vs_sft"] = wins / len(prompts)
         out[name]["win_rate_wilson_95"] = wilson(wins, len(prompts))
-        out[name]["ties_with_sft"] = sum(
-            a == b for a, b in zip(rewards[name], rewards["sft"], strict=True)
-        )
+        out[name]["ties_with_sft"] = sum(a == b for a, b in zip(rewards[name], rewards["sft"], strict=True))
     return out
 
 
