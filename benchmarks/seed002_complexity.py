@@ -93,23 +93,25 @@ def summarise(values: list[float]) -> dict:
 
 
 SELECTION_RULE = (
-    "among the [0, 1] mappings (cx_*), the highest Spearman vs difficulty; ties broken by the smaller ratio"
-    " of the mean seed sd to the sd of the four task means (the signal that separates tasks best)"
+    "among the [0, 1] mappings (cx_*) whose four task means spread (sd) at least 2x their mean seed sd"
+    " (below that the order is seed noise), the highest Spearman vs difficulty; ties: the larger ratio"
 )
+MIN_SEPARATION = 2.0
 
 
-def select(per: dict[str, dict], spearman: dict[str, float]) -> str:
-    """The candidate SELECTION_RULE picks (its name without the cx_ prefix)."""
-    cands = [m for m in spearman if m.startswith("cx_")]
+def separation(per: dict[str, dict], m: str) -> float:
+    """Sd of the four task means over the mean seed sd: how far the tasks stand apart in seed noise."""
+    means = [per[n]["measures"][m]["mean"] for n in per]
+    noise = statistics.fmean(per[n]["measures"][m]["std"] for n in per)
+    return statistics.stdev(means) / max(noise, 1e-12)
 
-    def noise(m: str) -> float:
-        means = [per[n]["measures"][m]["mean"] for n in per]
-        spread = statistics.stdev(means) or 1e-12
-        return statistics.fmean(per[n]["measures"][m]["std"] for n in per) / spread
 
-    best = max(spearman[m] for m in cands)
-    tied = [m for m in cands if spearman[m] >= best - 1e-9]
-    return min(tied, key=noise).removeprefix("cx_")
+def select(per: dict[str, dict], spearman: dict[str, float]) -> str | None:
+    """The candidate SELECTION_RULE picks (its name without the cx_ prefix); None: none separates."""
+    cands = [m for m in spearman if m.startswith("cx_") and separation(per, m) >= MIN_SEPARATION]
+    if not cands:
+        return None
+    return max(cands, key=lambda m: (round(spearman[m], 9), separation(per, m))).removeprefix("cx_")
 
 
 def main() -> Path:
@@ -159,6 +161,7 @@ def main() -> Path:
         "spearman_vs_difficulty": spearman,
         "rank_cap_at_max_rank_16": caps,
         "selection_rule": SELECTION_RULE,
+        "separation": {m: separation(per, m) for m in measures if m.startswith("cx_")},
         "selected_by_rule": chosen,
         "kept_in_code": COMPLEXITY_SIGNAL,
         "versions": versions(),

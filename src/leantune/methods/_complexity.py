@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-#: the candidate that becomes `complexity`: the one benchmarks/seed002_complexity.py's rule selected
-#: (measures.json: Spearman 0.8 vs difficulty over 4 tasks, tied with loss_fall, smaller seed spread)
+#: the candidate that becomes `complexity`: the one benchmarks/seed002_complexity.py's rule selected in
+#: measures.json (Spearman 0.8 vs difficulty over 4 tasks, weak evidence; tied with loss_fall, which
+#: separates the tasks less far beyond its seed noise; loss_vs_chance's 1.0 is within its seed noise)
 COMPLEXITY_SIGNAL = "stable_rank"
 #: Adam step size of the loss-fall probe (the seed002 suites' training lr is 2e-3; a larger step lets four
 #: steps show a difference without a warmup)

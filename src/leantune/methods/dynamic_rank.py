@@ -2,7 +2,8 @@
 training runs, with the reason for every decision.
 
 `apply` wraps every candidate layer with a rank-1 peft LoRA (the probe state). When training starts,
-the runtime scores the layers on a few probe batches (`_importance`), measures task complexity, and
+the runtime scores the layers on a few probe batches (`_importance`), measures task complexity (the
+stable rank of the probe gradient, `_complexity`; it scales the rank cap), and
 lets the planner (`leantune.memory.planner`) choose ranks that fit the budget under the memory model;
 the layers are resized in place (`_lora_ranks`) and the trainer's optimizer re-reads its parameters.
 Every `realloc_every` steps it re-scores the layers and re-plans when the importance has drifted or
