@@ -34,16 +34,22 @@ class GradStats:
     sq_norm_sum: float = 0.0  # sum_j |g_j|^2 over micro-batches j (all layers concatenated)
     grad_sum: dict[str, Any] = field(default_factory=dict)  # sum_j g_j per layer
 
-    def add(self, grads: dict[str, Any], rows: int) -> None:
-        """One micro-batch's mean-loss gradient per layer (`rows` rows)."""
+    def start_slice(self, rows: int) -> bool:
+        """Count a micro-batch of `rows` rows; False (skip it) when its size differs from the first's."""
         if self.rows and rows != self.rows:
-            return  # the noise estimate assumes micro-batches of one size
+            return False  # the noise estimate assumes micro-batches of one size
         self.rows = rows
         self.count += 1
-        self.sq_norm_sum += sum(float(g.pow(2).sum()) for g in grads.values())
-        for name, g in grads.items():
-            acc = self.grad_sum.get(name)
-            self.grad_sum[name] = g.detach().clone() if acc is None else acc.add_(g)
+        return True
+
+    def add_grad(self, name: str, grad, scale: float) -> None:
+        """Add `scale` x one layer's gradient of the current micro-batch (scale turns it into its mean)."""
+        self.sq_norm_sum += float(grad.pow(2).sum()) * scale**2
+        acc = self.grad_sum.get(name)
+        if acc is None:
+            self.grad_sum[name] = grad.detach() * scale
+        else:
+            acc.add_(grad.detach(), alpha=scale)
 
 
 class ProbeLoss(float):

@@ -77,12 +77,12 @@ def layer_importance(
                 for start in range(0, rows, micro_batch):
                     part = {k: v[start : start + micro_batch].to(device) for k, v in batch.items()}
                     share = len(next(iter(part.values()))) / rows
-                    before = _grads_now(weights) if stats is not None else {}
+                    held = _hold_grads(weights) if stats is not None else {}
                     out = model(**part)
                     (out.loss * share).backward()  # gradients add up to the whole batch's mean loss
                     loss_sum += float(out.loss.detach()) * share
                     if stats is not None:
-                        stats.add(_slice_grads(weights, before, share), round(share * rows))
+                        _record_slice(stats, weights, held, share, round(share * rows))
                 for n, w in weights.items():
                     scores[n] += float((w.detach() * w.grad).abs().sum())
                     w.grad = None
@@ -97,17 +97,23 @@ def layer_importance(
     return {n: s / total for n, s in scores.items()}, loss_sum / max(len(batches), 1)
 
 
-def _grads_now(weights: dict[str, Any]) -> dict[str, Any]:
-    return {n: w.grad.clone() for n, w in weights.items() if w.grad is not None}
+def _hold_grads(weights: dict[str, Any]) -> dict[str, Any]:
+    """Take the batch's gradients so far off the weights: the next backward then holds one slice's own."""
+    held = {n: w.grad for n, w in weights.items()}
+    for w in weights.values():
+        w.grad = None
+    return held
 
 
-def _slice_grads(weights: dict[str, Any], before: dict[str, Any], share: float) -> dict[str, Any]:
-    """One slice's own mean-loss gradient per weight: the growth of .grad since `before`, / share."""
-    out = {}
+def _record_slice(stats, weights: dict[str, Any], held: dict[str, Any], share: float, rows: int) -> None:
+    """Give the slice's own mean-loss gradient (.grad / share) to `stats`, then add the held batch sum
+    back, in place: one extra gradient copy (the held sum) instead of a snapshot plus a difference."""
+    if stats.start_slice(rows):
+        for n, w in weights.items():
+            stats.add_grad(n, w.grad, 1 / share)
     for n, w in weights.items():
-        g = w.grad if n not in before else w.grad - before[n]
-        out[n] = g / share
-    return out
+        if held[n] is not None:
+            w.grad = held[n].add_(w.grad)
 
 
 def class_labels(features) -> list[Any]:
