@@ -2,7 +2,8 @@
 training runs, with the reason for every decision.
 
 `apply` wraps every candidate layer with a rank-1 peft LoRA (the probe state). When training starts,
-the runtime scores the layers on a few probe batches (`_importance`), measures task complexity, and
+the runtime scores the layers on a few probe batches (`_importance`), measures task complexity (the
+stable rank of the probe gradient, `_complexity`; it scales the rank cap), and
 lets the planner (`leantune.memory.planner`) choose ranks that fit the budget under the memory model;
 the layers are resized in place (`_lora_ranks`) and the trainer's optimizer re-reads its parameters.
 Every `realloc_every` steps it re-scores the layers and re-plans when the importance has drifted or
@@ -129,21 +130,51 @@ def apply(model, cfg: DynamicRankConfig, ctx: MethodContext):
 
 
 def score_layers(
-    model, cfg: DynamicRankConfig, train_data, batch_size: int, pad_id: int, offset: int = 0
+    model,
+    cfg: DynamicRankConfig,
+    train_data,
+    batch_size: int,
+    pad_id: int,
+    offset: int = 0,
+    complexity: bool = True,
 ) -> tuple[dict[str, float], float]:
     """Importance share per candidate layer and the mean loss, from `cfg.probe_batches` batches starting
-    at batch `offset` of the training data (the model is left as it was)."""
+    at batch `offset` of the training data (the model is left as it was). With `complexity` the loss is
+    a `_complexity.ProbeLoss` that also carries the gradient statistics and a loss-fall probe over the
+    same batches (`probe_batches` more forward/backward passes), which `complexity_of` reads."""
+    from leantune.methods._complexity import GradStats, ProbeLoss, loss_fall_probe
     from leantune.methods._importance import layer_importance, probe_batches
 
     batches = probe_batches(train_data, batch_size, cfg.probe_batches, pad_id, offset)
-    return layer_importance(model, batches)
+    if not complexity:
+        return layer_importance(model, batches)
+    stats = GradStats()
+    importance, loss = layer_importance(model, batches, stats=stats)
+    probe = ProbeLoss(loss)
+    probe.stats, probe.falls = stats, loss_fall_probe(model, batches)
+    return importance, probe
 
 
-def complexity_of(train_data, num_labels: int, probe_loss: float) -> dict[str, float]:
-    """Task complexity (label entropy and probe loss vs chance) that scales the rank cap."""
+def complexity_of(train_data, num_labels: int, probe_loss: float, batch_size: int = 32) -> dict[str, float]:
+    """Task complexity that scales the rank cap: `complexity` is the candidate named by
+    `_complexity.COMPLEXITY_SIGNAL`; every candidate and seed 002's signal (`complexity_seed002`: label
+    entropy and probe loss vs chance) are kept alongside for the run report."""
+    from leantune.methods._complexity import COMPLEXITY_SIGNAL, candidates
     from leantune.methods._importance import class_labels, task_complexity
 
-    return task_complexity(class_labels(train_data), num_labels, probe_loss)
+    old = task_complexity(class_labels(train_data), num_labels, float(probe_loss))
+    out = {k: v for k, v in old.items() if k != "complexity"} | {"complexity_seed002": old["complexity"]}
+    out |= candidates(
+        float(probe_loss),
+        num_labels,
+        getattr(probe_loss, "stats", None),
+        getattr(probe_loss, "falls", None),
+        batch_size,
+    )
+    chosen = out.get(f"cx_{COMPLEXITY_SIGNAL}", float("nan"))
+    out["complexity"] = old["complexity"] if math.isnan(chosen) else chosen
+    out["complexity_signal"] = COMPLEXITY_SIGNAL if not math.isnan(chosen) else "seed002"
+    return out
 
 
 def plan_ranks_for(
@@ -292,9 +323,15 @@ class DynamicRankRuntime(MethodRuntime):
         longest = max(trainer.lengths, default=1)
         return min(longest, trainer.cfg.model.max_length)
 
-    def _probe(self, trainer, offset: int):
+    def _probe(self, trainer, offset: int, complexity: bool = False):
         return score_layers(
-            self.model, self.cfg, trainer.train_data, trainer.cfg.train.batch_size, trainer.pad_id, offset
+            self.model,
+            self.cfg,
+            trainer.train_data,
+            trainer.cfg.train.batch_size,
+            trainer.pad_id,
+            offset,
+            complexity,
         )
 
     def _plan(self, trainer, importance: dict[str, float], budget: int):
@@ -395,8 +432,10 @@ class DynamicRankRuntime(MethodRuntime):
             if self.recompute:
                 gradient_checkpointing(self.model, True).__enter__()
             return
-        self.importance, probe_loss = self._probe(trainer, 0)
-        self.complexity = complexity_of(trainer.train_data, trainer.num_labels, probe_loss)
+        self.importance, probe_loss = self._probe(trainer, 0, complexity=True)
+        self.complexity = complexity_of(
+            trainer.train_data, trainer.num_labels, probe_loss, trainer.cfg.train.batch_size
+        )
         plan = self._plan(trainer, self.importance, self.budget)
         self._apply_plan(trainer, plan, "initial plan from probe importance and task complexity")
 
