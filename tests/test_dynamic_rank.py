@@ -320,3 +320,17 @@ def test_probe_batches_mix_classes_of_a_label_sorted_split():
             assert 0.2 < share < 0.8
     first = probe_batches(rows, 32, 1, 0, 0)[0]["labels"]
     assert torch.equal(first, probe_batches(rows, 32, 1, 0, 0)[0]["labels"])  # deterministic per offset
+
+
+def test_plan_line_names_the_complexity_signal_used() -> None:
+    """plan's line says which signal set the cap: the stable rank when the probe gave gradient statistics,
+    seed 002's label-entropy signal otherwise (it named the old parts for the new number before)."""
+    from leantune.recipes.plan import _complexity_words
+
+    seed002 = {"label_entropy": 1.0, "probe_loss": 0.69, "loss_vs_chance": 1.0, "complexity_seed002": 1.0}
+    new = _complexity_words(
+        seed002 | {"complexity": 0.65, "complexity_signal": "stable_rank", "stable_rank": 2.86}
+    )
+    assert new.startswith("task complexity 0.65 (stable rank 2.86") and "seed 002's signal 1.00" in new
+    old = _complexity_words(seed002 | {"complexity": 1.0, "complexity_signal": "seed002"})
+    assert old == "task complexity 1.00 (label entropy 1.00, probe loss 0.690 = 1.00 of chance)"

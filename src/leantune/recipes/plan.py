@@ -248,6 +248,22 @@ def _full_parameter_line(full: dict, budget: int) -> str:
     )
 
 
+def _complexity_words(c: dict) -> str:
+    """The task-complexity part of the plan's line, naming the signal dynamic_rank used
+    (methods/_complexity.py; seed 002's label-entropy signal when the probe gave no gradient statistics)."""
+    seed002 = (
+        f"label entropy {c['label_entropy']:.2f}, probe loss {c['probe_loss']:.3f} = "
+        f"{c['loss_vs_chance']:.2f} of chance"
+    )
+    if c.get("complexity_signal") == "stable_rank":
+        return (
+            f"task complexity {c['complexity']:.2f} (stable rank {c['stable_rank']:.2f} of the probe "
+            f"gradient; "
+            f"seed 002's signal {c['complexity_seed002']:.2f}: {seed002})"
+        )
+    return f"task complexity {c['complexity']:.2f} ({seed002})"
+
+
 def format_plan(plan: dict) -> str:
     from leantune.memory.planner import fmt_bytes
 
@@ -266,9 +282,7 @@ def format_plan(plan: dict) -> str:
         f"{fmt_bytes(est['gradients'])}, optimizer {fmt_bytes(est['optimizer_state'])}, activations "
         f"{fmt_bytes(est['activations'])}, transient {fmt_bytes(est['transient'])})",
         f"batch {plan['batch_size']} x {plan['seq_len']} tokens (longest training example), recomputation "
-        f"{'on' if plan['recompute'] else 'off'}; task complexity {c['complexity']:.2f} (label entropy "
-        f"{c['label_entropy']:.2f}, probe loss {c['probe_loss']:.3f} = {c['loss_vs_chance']:.2f} of chance)"
-        f" -> rank cap {plan['max_rank']}",
+        f"{'on' if plan['recompute'] else 'off'}; {_complexity_words(c)} -> rank cap {plan['max_rank']}",
         "changed to fit: " + ("; ".join(plan["changes"]) if plan["changes"] else "nothing"),
         *(
             [full_parameter_line(plan["full_parameter"], asked)]  # computed against the whole budget
