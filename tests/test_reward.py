@@ -116,3 +116,50 @@ def test_reward_resume_after_kill_replays_exactly(tiny_models, tmp_path):
         f"output.dir={tmp_path / 'run'}",
     ]
     assert_resume_replays(overrides, tmp_path / "run", from_step=3)
+
+
+def test_plan_prices_a_preference_pair_as_two_rows(tiny_models, tmp_path, monkeypatch):
+    """`leantune plan` on a reward model (refused before): one pair is two sequences in one forward pass,
+    padded to the longer side, so the planner gets twice the rows at the rejected side's length where
+    that is the longer one; the probe runs the pair loss."""
+    import leantune.methods.dynamic_rank as dynamic_rank
+    from leantune.config import load_config
+    from leantune.recipes.plan import make_plan
+
+    rows = preference_rows(40, 2)
+    for row in rows:
+        row["rejected"] += " and then it went on and on for a long long time without any end"
+    data = write_csv(tmp_path / "prefs.csv", rows)
+    cfg = load_config(
+        None,
+        [
+            "task=reward",
+            f"model.name={tiny_models['llama']}",
+            "model.max_length=64",
+            f"data.source={data}",
+            "data.prompt_column=prompt",
+            "train.batch_size=4",
+            "train.num_threads=1",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
+    seen: dict = {}
+    real = dynamic_rank.plan_ranks_for
+
+    def spy(model, method, importance, complexity, **kwargs):
+        seen.update(kwargs, probe_loss=complexity["probe_loss"])
+        return real(model, method, importance, complexity, **kwargs)
+
+    monkeypatch.setattr(dynamic_rank, "plan_ranks_for", spy)
+    plan = make_plan(cfg, "64MiB")
+    from leantune.data.tasks import encode
+    from leantune.models.loader import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    features = encode("reward", rows, tok, cfg.data, 64, None, "x")
+    chosen = max(len(f["input_ids"]) for f in features)
+    rejected = max(len(f["rejected_input_ids"]) for f in features)
+    assert rejected > chosen
+    assert seen["batch_size"] == 8 and seen["seq_len"] == plan["seq_len"] == rejected
+    assert 0.3 < seen["probe_loss"] < 1.2  # the Bradley-Terry loss near log 2 at a fresh head
+    assert plan["evaluation"]["batch"] % 2 == 0  # evaluation passes carry pairs too

@@ -284,14 +284,6 @@ def _cases() -> list[Case]:
             phrase="eval.metric 'f1' is not a reward metric",
             files=with_data(),
         ),
-        Case(
-            id="reward-plan",
-            family="chat",
-            what="leantune plan on a reward model",
-            argv=("plan", "@BASE@", "task=reward", "--memory-budget", "1GiB"),
-            phrase="does not plan reward models",
-            files=with_data(),
-        ),
     ]
     return out
 

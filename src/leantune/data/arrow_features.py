@@ -45,19 +45,20 @@ class ArrowFeatures(Sequence):
     def __iter__(self) -> Iterator[dict]:
         return iter(self.dataset)
 
-    def lengths(self) -> list[int]:
+    def lengths(self, column: str = "input_ids") -> list[int]:
         """Tokens per example, read column-wise (cheaper than touching every row)."""
         import pyarrow.compute as pc
 
-        column = self.dataset.with_format("arrow")[:]["input_ids"]
-        return pc.list_value_length(column).to_pylist()
+        values = self.dataset.with_format("arrow")[:][column]
+        return pc.list_value_length(values).to_pylist()
 
 
-def example_lengths(features: Sequence[dict]) -> list[int]:
-    """Tokens per example: read column-wise from a mapped split, without turning each row into a dict."""
+def example_lengths(features: Sequence[dict], column: str = "input_ids") -> list[int]:
+    """Tokens per example: read column-wise from a mapped split, without turning each row into a dict
+    (`column="rejected_input_ids"`: a preference pair's other side)."""
     if isinstance(features, ArrowFeatures):
-        return features.lengths()
-    return [len(f["input_ids"]) for f in features]
+        return features.lengths(column)
+    return [len(f[column]) for f in features]
 
 
 def write_features(

@@ -59,7 +59,6 @@ def make_plan(
     allow_batch_reduce: bool = False,
     allow_quantize: bool = False,
 ) -> dict:
-    from leantune.data.arrow_features import example_lengths
     from leantune.memory.budget import parse_budget
     from leantune.methods import MethodContext, apply_methods, get_method
     from leantune.methods.dynamic_rank import complexity_of, plan_ranks_for, score_layers
@@ -68,13 +67,17 @@ def make_plan(
     index, method = _method_config(cfg, budget)
     budget_bytes = parse_budget(method.budget)  # a fraction means of what is available before loading
     tok, data, model = _load_base(cfg, "probe batches")
-    seq_len = min(max(example_lengths(data["train"])), cfg.model.max_length)
+    seq_len = min(longest_example(cfg.task, data["train"]), cfg.model.max_length)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # PPO's reward model
     full = full_parameter_options(model, cfg.task, cfg.train.batch_size, seq_len, budget_bytes, base_bytes)
     methods = [m for m in cfg.methods if m.name not in ("lora", "dynamic_rank")]
     methods.insert(min(index, len(methods)), method)
     task = method_task(cfg.task)  # a DPO/PPO policy is planned as the causal LM it is
     model = apply_methods(model, methods, MethodContext(task=task, seed=cfg.train.seed))
+    if cfg.task == "reward":  # the probe's loss is the pair loss, over chosen and rejected rows
+        from leantune.models.reward import attach_pair_loss
+
+        attach_pair_loss(model)
     if cfg.task == "prompt_classification":  # the probe batches carry label positions
         from leantune.models.prompt_head import setup_label_words
 
@@ -91,7 +94,7 @@ def make_plan(
         complexity,
         task=task,
         seq_len=seq_len,
-        batch_size=cfg.train.batch_size * (2 if cfg.task == "dpo" else 1),
+        batch_size=cfg.train.batch_size * rows_per_example(cfg.task),
         budget=budget_bytes - (held["total"] if held else 0),
         allow_recompute=allow_recompute,
         allow_batch_reduce=allow_batch_reduce,
@@ -126,7 +129,7 @@ def evaluation_phase(cfg: Config, model, data: dict, estimate: dict, budget: int
     out |= {"sets_peak": out["peak"] > estimate["total"], "fits": out["peak"] <= budget}
     if not out["fits"]:
         per_row = max(1, forward // rows)
-        fitting = max(0, (budget - held) // per_row) // (2 if cfg.task == "dpo" else 1)
+        fitting = max(0, (budget - held) // per_row) // rows_per_example(cfg.task)
         out["fitting_eval_batch_size"] = int(min(fitting, cfg.eval.batch_size))
     return out
 
@@ -189,7 +192,7 @@ def full_parameter_options(
     held = None
     if task in ("dpo", "ppo"):
         held = full_parameter_held(model, task, batch_size, seq_len, reward_weight_bytes)
-        batch_size, task = (2 * batch_size if task == "dpo" else batch_size), method_task(task)
+    batch_size, task = batch_size * rows_per_example(task), method_task(task)
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in trainable:
         p.requires_grad_(True)
@@ -323,10 +326,6 @@ def run_plan(
     json_out: Path | None = None,
     allow_quantize: bool = False,
 ) -> dict:
-    if cfg.task == "reward":  # dpo and ppo are planned (memory/rlhf.py)
-        raise UserError(
-            "leantune plan does not plan reward models yet; plan the same model as classification"
-        )
     if json_out is not None:
         check_new_file(json_out, "--json")
     plan = make_plan(cfg, budget, allow_recompute, allow_batch_reduce, allow_quantize)
@@ -381,12 +380,11 @@ def load_for_rank_plan(cfg: Config):
     """The model with the config's methods applied, the sequence length to plan for (the longest
     training example, capped at model.max_length) and what the data decides beside it (`data_shape`);
     separate so that a table of world sizes loads once."""
-    from leantune.data.arrow_features import example_lengths
     from leantune.methods import MethodContext, apply_methods
 
     _, data, model = _load_base(cfg, "its lengths")
     model = apply_methods(model, cfg.methods, MethodContext(task=method_task(cfg.task), seed=cfg.train.seed))
-    return model, min(max(example_lengths(data["train"])), cfg.model.max_length), data_shape(cfg, data)
+    return model, min(longest_example(cfg.task, data["train"]), cfg.model.max_length), data_shape(cfg, data)
 
 
 def data_shape(cfg: Config, data: dict) -> dict:
@@ -403,15 +401,30 @@ def eval_shape(cfg: Config, data: dict) -> tuple[int, int] | None:
     """(rows, tokens) of the largest split the run evaluates (validation, then test after training):
     its examples and its longest one, capped at model.max_length. None where nothing is evaluated by a
     forward pass (task ppo evaluates by generation; empty splits)."""
-    from leantune.data.arrow_features import example_lengths
 
     splits = [data.get(s) for s in ("validation", "test")]
     splits = [s for s in splits if s]
     if cfg.task == "ppo" or not splits:
         return None
     rows = max(len(s) for s in splits)
-    longest = max(max(example_lengths(s)) for s in splits)
+    longest = max(longest_example(cfg.task, s) for s in splits)
     return rows, min(longest, cfg.model.max_length)
+
+
+def rows_per_example(task: str) -> int:
+    """Rows one example puts through the model in a pass: a preference pair (dpo, reward) is two, its
+    chosen and its rejected sequence, padded to one width."""
+    return 2 if task in ("dpo", "reward") else 1
+
+
+def longest_example(task: str, split) -> int:
+    """The longest example in tokens; a preference pair's longer side (both run padded to it)."""
+    from leantune.data.arrow_features import example_lengths
+
+    longest = max(example_lengths(split))
+    if rows_per_example(task) == 2:
+        longest = max(longest, *example_lengths(split, "rejected_input_ids"))
+    return longest
 
 
 def eval_rows_per_rank(cfg: Config, evaluated: tuple[int, int] | None, world: int) -> int:
@@ -420,7 +433,7 @@ def eval_rows_per_rank(cfg: Config, evaluated: tuple[int, int] | None, world: in
     if evaluated is None:
         return 0
     rows = min(cfg.eval.batch_size, -(-evaluated[0] // world))
-    return 2 * rows if cfg.task == "dpo" else rows
+    return rows * rows_per_example(cfg.task)
 
 
 def _load_base(cfg: Config, needed: str) -> tuple:
@@ -457,7 +470,8 @@ def rank_plan(
     evaluated = shape.get("eval")
     eval_rows = eval_rows_per_rank(cfg, evaluated, world)
     eval_seq = evaluated[1] if evaluated else None
-    est = estimate_memory(model, method_task(cfg.task), batch, seq_len, "adamw", False, eval_rows, eval_seq)
+    rows = batch * rows_per_example(cfg.task)  # a preference pair is two sequences
+    est = estimate_memory(model, method_task(cfg.task), rows, seq_len, "adamw", False, eval_rows, eval_seq)
     rank = rank_memory(model, est, world, mode, shape.get("token_ids"))
     return {**rank.to_dict(), "one_process": est.totals()}
 
