@@ -70,17 +70,17 @@ def memory_model(suite: dict, stage: str, work: Path) -> dict:
     import torch
 
     from leantune.config import load_config
-    from leantune.data.arrow_features import example_lengths
     from leantune.memory.estimate import estimate_memory
     from leantune.memory.rlhf import rlhf_memory, weight_bytes
     from leantune.methods import MethodContext, apply_methods
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.models.reward import method_task
+    from leantune.recipes.plan import longest_example, rows_per_example
     from leantune.train.features import build_features
 
     cfg = load_config(None, [*stage_overrides(suite, stage, work), f"output.dir={work / 'unused'}"])
     tok = load_tokenizer(cfg.model.name)
-    seq = min(max(example_lengths(build_features(cfg, tok)["train"])), cfg.model.max_length)
+    seq = min(longest_example(cfg.task, build_features(cfg, tok)["train"]), cfg.model.max_length)
     torch.manual_seed(0)
     model = load_model(cfg.model.name, cfg.task, cfg.model.dtype, None, tok.pad_token_id)
     base = weight_bytes(model)
@@ -91,7 +91,8 @@ def memory_model(suite: dict, stage: str, work: Path) -> dict:
 
             attach_value_head(model)
         return {"seq_len": seq, **rlhf_memory(model, cfg.task, cfg.train.batch_size, seq, base)}
-    est = estimate_memory(model, method_task(cfg.task), cfg.train.batch_size, seq)
+    rows = cfg.train.batch_size * rows_per_example(cfg.task)  # a reward pair is two rows (as plan)
+    est = estimate_memory(model, method_task(cfg.task), rows, seq)
     return {"seq_len": seq, "total": est.total_bytes, "policy_weights": est.weight_bytes}
 
 
