@@ -96,8 +96,8 @@ def figure_value(spec: str, root: Path = ROOT, cache: dict | None = None) -> str
     source = REF_RE.sub(name, expr.strip())
     if not names:
         raise ValueError(f"figure '{spec}' names no artefact (PATH.json#KEY)")
-    if source in names:  # a single reference may be a string or a number
-        return format(names[source], fmt.strip())
+    if source in names:  # a single reference may be a string, a number or null (shown as a dash)
+        return "–" if names[source] is None else format(names[source], fmt.strip())
     return format(_arith(ast.parse(source, mode="eval"), names), fmt.strip())
 
 

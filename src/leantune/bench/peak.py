@@ -197,9 +197,15 @@ def flops_report(summary: dict, peak: dict | None) -> dict:
     }
     if peak:
         for name in (FP32, BF16):
-            out[f"fraction_of_{name}_peak"] = (
-                None if achieved is None else achieved / (peak[f"{name}_gflops"] * 1e9)
-            )
+            fraction = None if achieved is None else achieved / (peak[f"{name}_gflops"] * 1e9)
+            if fraction is not None and fraction > 1:  # the peak was timed under a heavier load
+                out["fraction_unknown"] = (
+                    f"the run's {achieved / 1e9:.1f} GFLOP/s exceed the {name} matmul peak timed when "
+                    "its invocation started: the machine's load fell between the two, so the fraction "
+                    "is not computed"
+                )
+                fraction = None
+            out[f"fraction_of_{name}_peak"] = fraction
     return out
 
 
