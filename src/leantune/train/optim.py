@@ -69,8 +69,10 @@ def build_optimizer(
 def fused_capable(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW takes these parameters: plain (not sharded DTensor) floating-point
     tensors, all on one device type that has the fused kernel."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
+    try:  # a private torch helper (2.4+): without it, leave the choice to torch
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
     devices = {p.device.type for p in params}
     return (
         len(devices) == 1
