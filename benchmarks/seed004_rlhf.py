@@ -71,11 +71,11 @@ def memory_model(suite: dict, stage: str, work: Path) -> dict:
 
     from leantune.config import load_config
     from leantune.memory.estimate import estimate_memory
-    from leantune.memory.rlhf import rlhf_memory, weight_bytes
+    from leantune.memory.rlhf import rlhf_memory, rows_per_example, weight_bytes
     from leantune.methods import MethodContext, apply_methods
     from leantune.models.loader import load_model, load_tokenizer
     from leantune.models.reward import method_task
-    from leantune.recipes.plan import longest_example, rows_per_example
+    from leantune.recipes.plan import longest_example
     from leantune.train.features import build_features
 
     cfg = load_config(None, [*stage_overrides(suite, stage, work), f"output.dir={work / 'unused'}"])

@@ -19,6 +19,12 @@ from leantune.memory.estimate import estimate_memory
 from leantune.models.dpo import has_adapter
 
 
+def rows_per_example(task: str) -> int:
+    """Rows one example puts through the model in a pass: a preference pair (dpo, reward) is two, its
+    chosen and its rejected sequence, padded to one width."""
+    return 2 if task in ("dpo", "reward") else 1
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -28,7 +34,7 @@ def rlhf_memory(
 ) -> dict[str, int]:
     """Bytes of one dpo/ppo training step for `model` as it will be trained (methods applied; a PPO
     policy with its value head); `reward_weight_bytes` is the PPO reward model's weights."""
-    rows = 2 * batch_size if task == "dpo" else batch_size
+    rows = batch_size * rows_per_example(task)
     policy = estimate_memory(model, "causal_lm", rows, seq_len)
     reference = 0 if has_adapter(model) else policy.weight_bytes
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -51,7 +57,7 @@ def full_parameter_held(
     """What a dpo/ppo run that tunes every weight of `model` (the base, no adapter) holds beside the
     policy's own step: a frozen whole copy as the reference, the reference's logits for the step's rows,
     PPO's reward model and the value head's weight, gradient and AdamW state (a hidden-to-1 linear)."""
-    rows = 2 * batch_size if task == "dpo" else batch_size
+    rows = batch_size * rows_per_example(task)
     vocab = model.get_output_embeddings().weight.shape[0]
     value_head = 0
     if task == "ppo":

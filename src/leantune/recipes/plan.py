@@ -25,6 +25,7 @@ from pathlib import Path
 
 from leantune.config import Config
 from leantune.errors import UserError
+from leantune.memory.rlhf import rows_per_example
 from leantune.models.reward import method_task
 from leantune.outputs import check_new_file
 
@@ -409,12 +410,6 @@ def eval_shape(cfg: Config, data: dict) -> tuple[int, int] | None:
     rows = max(len(s) for s in splits)
     longest = max(longest_example(cfg.task, s) for s in splits)
     return rows, min(longest, cfg.model.max_length)
-
-
-def rows_per_example(task: str) -> int:
-    """Rows one example puts through the model in a pass: a preference pair (dpo, reward) is two, its
-    chosen and its rejected sequence, padded to one width."""
-    return 2 if task in ("dpo", "reward") else 1
 
 
 def longest_example(task: str, split) -> int:
