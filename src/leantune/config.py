@@ -88,6 +88,16 @@ AUTO_ALONE = (
 )
 
 
+#: tasks whose batches the frozen-prefix cache cannot carry (preference pairs, label-word positions,
+#: rollouts); seq2seq (an encoder-decoder) and packed data are refused with their own lines
+NO_PREFIX_CACHE_TASKS = ("reward", "prompt_classification", "dpo", "ppo")
+
+
+def prefix_cache_possible(cfg: Config) -> bool:
+    """Whether `train.cache_frozen_prefix` may be set for this config (the validator's refusals)."""
+    return cfg.task not in (*NO_PREFIX_CACHE_TASKS, "seq2seq") and not cfg.data.packing
+
+
 #: the metric that picks the best checkpoint when eval.metric is not set (language models: the loss)
 DEFAULT_METRIC = {
     "classification": "accuracy",
@@ -193,7 +203,7 @@ class Config(Strict):
                 "eval.generate scores text_column/label_column targets, not chat records; "
                 "set eval.generate=false (use `leantune generate RUN_DIR` on chat runs)"
             )
-        if self.task in ("reward", "prompt_classification", "dpo", "ppo") and self.train.cache_frozen_prefix:
+        if self.task in NO_PREFIX_CACHE_TASKS and self.train.cache_frozen_prefix:
             raise ValueError(f"train.cache_frozen_prefix does not support task {self.task}; set it false")
         self._check_prompt()
         if self.task in ("dpo", "ppo"):

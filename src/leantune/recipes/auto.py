@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from leantune.config import AutoConfig, Config
+from leantune.config import AutoConfig, Config, prefix_cache_possible
 from leantune.errors import UserError
 from leantune.models.flop_profile import flops_per_token
 
@@ -216,8 +216,7 @@ class _Pricing:
         self.n_train, self.per_epoch, self.steps = n_train, per_epoch, steps
         self.blocks = len(find_blocks(model)[1])
         self.hidden = int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "d_model", 0))
-        self.can_cache = cfg.task not in ("reward", "prompt_classification", "dpo", "ppo", "seq2seq")
-        self.can_cache = self.can_cache and not cfg.data.packing
+        self.can_cache = prefix_cache_possible(cfg)
         full = copy.deepcopy(model)
         for p in full.parameters():
             p.requires_grad_(True)
