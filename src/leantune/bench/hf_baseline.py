@@ -219,6 +219,14 @@ HF_OPTIM = {
 }
 
 
+def _hf_optim(tc) -> str:
+    """The Trainer's optimizer name: train.adamw_impl=fused asks for its fused AdamW, one of the
+    settings a Trainer user turns on for speed (same arithmetic as adamw_torch); else HF_OPTIM's."""
+    if tc.optimizer == "adamw" and tc.adamw_impl == "fused":
+        return "adamw_torch_fused"
+    return HF_OPTIM[tc.optimizer]
+
+
 def _training_args(cfg, out: Path, steps: int):
     """TrainingArguments equal to leantune's train section (see the module docstring for what differs)."""
     import torch
@@ -241,7 +249,7 @@ def _training_args(cfg, out: Path, steps: int):
         lr_scheduler_type=tc.lr_scheduler,
         lr_scheduler_kwargs={"num_cycles": tc.lr_cycles} if tc.lr_scheduler == "cosine_with_restarts" else {},
         max_grad_norm=tc.max_grad_norm if tc.max_grad_norm is not None else 0.0,
-        optim=HF_OPTIM[tc.optimizer],
+        optim=_hf_optim(tc),
         optim_args=f"momentum={tc.momentum},nesterov={tc.nesterov}" if tc.optimizer == "sgd" else None,
         adam_beta1=tc.adam_beta1,
         adam_beta2=tc.adam_beta2,
