@@ -143,9 +143,17 @@ def build_artefact(
         "baseline": summary.get("baseline"),
         "method_reports": summary.get("method_reports") or {},  # e.g. grad_approx's cosines and step times
         **({"methods_auto": summary["methods_auto"]} if "methods_auto" in summary else {}),  # methods: auto
+        **_lr_auto(summary),
         "matmul_peak": peak,
         "flops": flops,
     }
+
+
+def _lr_auto(summary: dict) -> dict:
+    """train.lr=auto: the rate the range test chose and its seconds (not in train_time_s; time to
+    quality adds them), without the curve (it stays in the run's summary.json)."""
+    found = summary.get("lr_auto")
+    return {"lr_auto": {k: found.get(k) for k in ("lr", "time_s", "steps_run")}} if found else {}
 
 
 def _timing(summary: dict, wall_time_s: float) -> dict:

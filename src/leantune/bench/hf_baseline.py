@@ -11,10 +11,13 @@ the LoRA init (so both start from the same weights), batch size, gradient accumu
 max_steps, learning rate, linear warmup steps and decay, weight decay with the usual no-decay groups,
 max_grad_norm, the seed, the thread count, dynamic padding (DataCollatorWithPadding) and the test
 evaluation (leantune.eval.loop.evaluate on the same features). The optimizer is `adamw_torch` (plain
-torch AdamW, as leantune uses) rather than transformers' default fused AdamW, so a speed difference is
-the framework's, not the kernel's. What is not: the data order (Trainer's own seeded sampler), and the
-Trainer does no evaluation or checkpointing while training (leantune evaluates at epoch ends, outside
-its timed training).
+torch AdamW) unless the config asks for fused, so a speed difference is the framework's, not the
+kernel's. What is not: the data order (Trainer's own seeded sampler), and the
+Trainer does no checkpointing. With `train.eval_every` it scores the validation split every N steps
+and at epoch ends, as leantune does, with leantune's evaluation and outside the timed training (the
+curve for leantune.bench.time_to_quality); without it, only after training.
+`train.adamw_impl=fused` gives the Trainer its fused AdamW (`adamw_torch_fused`), one of its speed
+settings; otherwise `adamw_torch`.
 
 Timing: `train_time_s` spans on_train_begin -> on_train_end, i.e. the Trainer's own `train_runtime`
 (its training loop: data loading, steps, logging; not its set-up) without its rounding to 4 decimals;
@@ -53,10 +56,10 @@ def check_supported(cfg) -> None:
         raise UserError("hf_baseline needs a number for train.lr (lr: auto is leantune's range test)")
     if cfg.task != "classification":
         raise UserError(f"hf_baseline supports task classification only (got {cfg.task})")
-    if cfg.train.early_stopping_patience or cfg.train.eval_every:
+    if cfg.train.early_stopping_patience:
         raise UserError(
-            "hf_baseline evaluates only after training; drop train.eval_every and "
-            "train.early_stopping_patience for this run"
+            "hf_baseline does not stop early (its curve is for time to quality); "
+            "drop train.early_stopping_patience for this run"
         )
 
 
@@ -114,18 +117,20 @@ def run_baseline(cfg) -> dict:
     out = _check_output(cfg)
     tok, data, model, params = _prepare(cfg)
     _fresh_output(out, cfg)
-    clock: dict[str, float] = {"step_sum": 0.0}
+    clock: dict[str, float] = {"step_sum": 0.0, "eval_s": 0.0}
     log_lines: list[dict] = []
     args = _training_args(cfg, out, total_steps(len(data["train"]), cfg.train))
-    trainer, result = _train(model, tok, data, args, _timing_callback(clock, log_lines))
-    train_time = clock["train_end"] - clock["train_begin"]  # train_runtime, unrounded
+    curve = _curve_callback(cfg, tok, data, clock, log_lines)
+    trainer, result = _train(model, tok, data, args, [_timing_callback(clock, log_lines), curve])
+    # train_runtime, unrounded, without the curve's evaluations (leantune's train time excludes its own)
+    train_time = clock["train_end"] - clock["train_begin"] - clock["eval_s"]
     t_eval = time.perf_counter()
     validation = _score(trainer.model, data, "validation", cfg, tok)
-    eval_time = time.perf_counter() - t_eval
+    eval_time = time.perf_counter() - t_eval + clock["eval_s"]
     test = _score(trainer.model, data, "test", cfg, tok)
     summary = _summary(cfg, out, params, data, trainer, (train_time, eval_time), validation, test)
     summary.baseline = _framework_report(cfg, args, clock, result)
-    _write_metrics(out, log_lines, validation, trainer.state)
+    _write_metrics(out, log_lines, validation, trainer.state, train_time)
     trainer.model.save_pretrained(str(out / "model"))  # the adapter (or full model), for the size column
     tok.save_pretrained(str(out / "model"))
     summary.wall_time_s = time.perf_counter() - t_start
@@ -208,6 +213,41 @@ def _timing_callback(clock: dict[str, float], log_lines: list[dict]):
     return Log()
 
 
+def _curve_callback(cfg, tok, data, clock: dict[str, float], log_lines: list[dict]):
+    """With train.eval_every: score the validation split every N steps with leantune's own evaluation,
+    as `leantune train` does, and log it with `train_time_s`, the training seconds so far without these
+    evaluations (what time-to-quality reads). Not the Trainer's eval_strategy: its evaluation loop and
+    metrics differ from ours, and the curve must mean the same on both sides."""
+    from transformers import TrainerCallback
+
+    every = cfg.train.eval_every
+
+    class Curve(TrainerCallback):
+        last_step = -1
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if every and state.global_step % every == 0:
+                self._score(state, model)
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            if every and state.global_step != self.last_step:  # leantune evaluates at epoch ends too
+                self._score(state, model)
+
+        def _score(self, state, model) -> None:
+            t0 = time.perf_counter()
+            was_training = model.training
+            model.eval()
+            metrics = _score(model, data, "validation", cfg, tok)
+            model.train(was_training)
+            trained = t0 - clock["train_begin"] - clock["eval_s"]
+            clock["eval_s"] += time.perf_counter() - t0
+            self.last_step = state.global_step
+            record = {"step": state.global_step, "epoch": state.epoch, "split": "validation", **metrics}
+            log_lines.append({**record, "train_time_s": trained})
+
+    return Curve()
+
+
 #: transformers.Trainer's `optim` for each train.optimizer (adamw: plain torch AdamW, as leantune's default)
 HF_OPTIM = {
     "adamw": "adamw_torch",
@@ -271,7 +311,7 @@ def _training_args(cfg, out: Path, steps: int):
     )
 
 
-def _train(model, tok, data, args, callback):
+def _train(model, tok, data, args, callbacks: list):
     """Run the counting Trainer; returns it (its model, state and counts) and `train()`'s result."""
     import transformers
     from transformers import DataCollatorWithPadding
@@ -283,7 +323,7 @@ def _train(model, tok, data, args, callback):
         train_dataset=data["train"],
         data_collator=DataCollatorWithPadding(tok),
         processing_class=tok,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     return trainer, trainer.train()
 
@@ -349,14 +389,17 @@ def _framework_report(cfg, args, clock: dict[str, float], result) -> dict:
     }
 
 
-def _write_metrics(out: Path, log_lines: list[dict], validation: dict, state) -> None:
-    """metrics.jsonl in leantune's format: the logged losses, then the final validation record."""
+def _write_metrics(out: Path, log_lines: list[dict], validation: dict, state, train_time: float) -> None:
+    """metrics.jsonl in leantune's format: the logged losses and curve, then the final validation record
+    (unless the curve already scored the last step)."""
+    last = state.global_step
+    curve_has_last = any(r.get("split") == "validation" and r["step"] == last for r in log_lines)
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as fh:
         for line in log_lines:
             fh.write(json.dumps(line) + "\n")
-        if validation:
-            record = {"step": state.global_step, "epoch": state.epoch, "split": "validation", **validation}
-            fh.write(json.dumps(record) + "\n")
+        if validation and not curve_has_last:
+            record = {"step": last, "epoch": state.epoch, "split": "validation", **validation}
+            fh.write(json.dumps({**record, "train_time_s": train_time}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,7 +308,9 @@ class Trainer:
         st = self.state
         st.eval_time_s += time.perf_counter() - t0
         st.last_eval = {"step": st.step, **metrics}
-        self.log.log({"step": st.step, "epoch": st.epoch, "split": "validation", **metrics})
+        # train_time_s: the training seconds behind this point of the curve (time to quality reads it)
+        record = {"step": st.step, "epoch": st.epoch, "split": "validation", **metrics}
+        self.log.log({**record, "train_time_s": st.train_time_s})
         name = self.cfg.metric
         if name not in metrics:
             return

@@ -1,0 +1,172 @@
+"""Time to HF's quality (issue 20 item 1): how long leantune takes to reach the validation quality that
+transformers.Trainer + peft ends with at its best settings, as a share of the Trainer's whole run.
+
+    python -m leantune.bench.time_to_quality time-to-quality [--write]
+
+Run ids name their workload, arm and seed: `<dataset>_<method>.<arm>.s<seed>` (`rt_lora.hf.s0`,
+`trec_full.lt.s2`); `<dataset>_any.<arm>.s<seed>` is a run that picks its own method (`methods: auto`)
+and is compared in every workload of its dataset. Arm `hf` is the reference.
+
+Per workload:
+- the target is the mean over HF's seeds of its final validation value (its last evaluation, on the same
+  fixed validation rows every run is scored on);
+- HF's time is its whole training time (the user waits for its final model; evaluation excluded);
+- a run's time to quality is the training time behind its first validation record that reaches the
+  target (`train_time_s` in the record; plus the learning-rate range test's seconds where `lr: auto`
+  ran one, since the user waits for that too); a run that never reaches it has no time;
+- ratio = run time / HF time of the same seed, measured in the same invocation; summarised as the
+  median over seeds with the range, and how many seeds reached the target at all;
+- final quality: the test value of each arm (mean, sd over seeds) beside HF's; "not lower" means the mean
+  is at least HF's mean minus HF's seed sd (the issue's "by more than the seed spread").
+
+Why its own module and not `time_to_target`: that one compares hand-picked configurations of one seed
+against a fixed target; this one needs the reference's seeds, per-seed pairing and a target the
+reference defines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path("benchmarks/results")
+OUTPUT = "time_to_quality.json"
+REFERENCE = "hf"
+GOAL = {"classification": 0.5, "causal_lm": 0.7}  # the issue's goal: share of HF's wall time
+RUN_ID = re.compile(r"^(?P<dataset>[a-z0-9]+)_(?P<method>[a-z0-9]+)\.(?P<arm>[a-z0-9_]+)\.s(?P<seed>\d+)$")
+
+
+def validation_curve(metrics_path: Path, metric: str) -> list[tuple[int, float, float]]:
+    """(step, value, training seconds) of every validation record that carries its training time."""
+    out = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("split") == "validation" and metric in r and "train_time_s" in r:
+            out.append((int(r["step"]), float(r[metric]), float(r["train_time_s"])))
+    return out
+
+
+def up_front_s(artefact: dict) -> float:
+    """Seconds a run spends before its first step that the user waits for: the lr range test."""
+    return float((artefact.get("lr_auto") or {}).get("time_s") or 0.0)
+
+
+def first_reaching(curve: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """(step, training seconds) of the first point at or above the target (higher is better)."""
+    return next(((step, t) for step, value, t in curve if value >= target), None)
+
+
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    mean = statistics.fmean(values)
+    return {"n": len(values), "mean": mean, "sd": sd, "min": min(values), "max": max(values)}
+
+
+def load_runs(folder: Path, metric: str) -> dict[str, dict[str, dict[int, dict]]]:
+    """{workload: {arm: {seed: run}}} from a suite folder's first-repeat artefacts."""
+    runs: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for path in sorted(folder.glob("*-r1.json")):
+        m = RUN_ID.match(path.name.removesuffix("-r1.json"))
+        if not m:
+            continue
+        artefact = json.loads(path.read_text(encoding="utf-8"))
+        metrics = path.with_name(path.name.removesuffix(".json") + ".metrics.jsonl")
+        runs[f"{m['dataset']}_{m['method']}"][m["arm"]][int(m["seed"])] = {
+            "artefact": artefact,
+            "curve": validation_curve(metrics, metric),
+        }
+    return runs
+
+
+def workload_table(arms: dict[str, dict[int, dict]], metric: str) -> dict[str, Any]:
+    """The comparison of one workload's arms with its HF reference (see the module docstring)."""
+    hf = arms[REFERENCE]
+    target = statistics.fmean(run["curve"][-1][1] for run in hf.values())
+    hf_time = {seed: run["artefact"]["train_time_s"] for seed, run in hf.items()}
+    out: dict[str, Any] = {"target": target, "reference_seeds": sorted(hf), "arms": {}}
+    for arm, seeds in arms.items():
+        per_seed = {}
+        for seed, run in sorted(seeds.items()):
+            hit = first_reaching(run["curve"], target)
+            t = hit[1] + up_front_s(run["artefact"]) if hit else None
+            ref = hf_time.get(seed)
+            per_seed[seed] = {
+                "step_reached": hit[0] if hit else None,
+                "time_to_target_s": t,
+                "hf_train_time_s": ref,
+                "ratio": t / ref if t is not None and ref else None,
+                "train_time_s": run["artefact"]["train_time_s"],
+                "final_validation": run["curve"][-1][1] if run["curve"] else None,
+                "test": run["artefact"]["metrics"]["test"].get(metric),
+                "lr": run["artefact"]["config"]["train"]["lr"],
+                "lr_auto": (run["artefact"].get("lr_auto") or {}).get("lr"),
+                "methods": run["artefact"]["methods"],
+                "load_avg_1m": (run["artefact"]["machine"].get("load_avg_1m_5m_15m") or [None])[0],
+            }
+        ratios = [s["ratio"] for s in per_seed.values() if s["ratio"] is not None]
+        out["arms"][arm] = {
+            "seeds": per_seed,
+            "reached": f"{len(ratios)}/{len(per_seed)}",
+            "ratio_median": statistics.median(ratios) if ratios else None,
+            "ratio_min": min(ratios) if ratios else None,
+            "ratio_max": max(ratios) if ratios else None,
+            "test": _spread([s["test"] for s in per_seed.values() if s["test"] is not None]),
+        }
+    hf_test = out["arms"][REFERENCE]["test"]
+    for arm in out["arms"].values():
+        t = arm["test"]
+        arm["quality_not_lower"] = (
+            t["mean"] is not None and t["mean"] >= hf_test["mean"] - hf_test["sd"] if hf_test["n"] else None
+        )
+    return out
+
+
+def compare(suite: str, metric: str = "accuracy", root: Path = RESULTS, task: str = "classification") -> dict:
+    """Every workload of the suite; a `<dataset>_any` arm joins each workload of its dataset."""
+    runs = load_runs(root / suite, metric)
+    shared = {w.split("_")[0]: arms for w, arms in runs.items() if w.endswith("_any")}
+    tables = {}
+    for workload, arms in sorted(runs.items()):
+        if workload.endswith("_any") or REFERENCE not in arms:
+            continue
+        joined = {**arms, **shared.get(workload.split("_")[0], {})}
+        tables[workload] = workload_table(joined, metric)
+    return {"suite": suite, "metric": metric, "goal_ratio": GOAL[task], "workloads": tables}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("suite")
+    ap.add_argument("--metric", default="accuracy")
+    ap.add_argument("--write", action="store_true", help=f"write benchmarks/results/SUITE/{OUTPUT}")
+    ns = ap.parse_args(argv)
+    out = compare(ns.suite, ns.metric)
+    for workload, table in out["workloads"].items():
+        print(f"{workload}: target {table['target']:.4f} (HF's mean final validation {ns.metric})")
+        for arm, a in table["arms"].items():
+            t = a["test"]
+            print(
+                f"  {arm:10s} reached {a['reached']}  ratio {_fmt(a['ratio_median'], '.2f')} "
+                f"({_fmt(a['ratio_min'], '.2f')}-{_fmt(a['ratio_max'], '.2f')})  "
+                f"test {_fmt(t['mean'], '.4f')} sd {_fmt(t['sd'], '.4f')}"
+            )
+    if ns.write:
+        from leantune.atomic import write_json_atomic
+
+        write_json_atomic(RESULTS / ns.suite / OUTPUT, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
