@@ -43,9 +43,13 @@ from leantune.errors import EXIT_USER_ERROR, UserError
 from leantune.train.run_info import count_params, machine, setup_torch, versions
 from leantune.train.summary import RunSummary, TrainStats, per_second
 
+#: the tasks the baseline runs, with peft's task type for each
+PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
 
 def check_supported(cfg) -> None:
-    """The baseline covers single-method LoRA or full fine-tuning of a classifier (cheap: no torch)."""
+    """The baseline covers single-method LoRA or full fine-tuning of a classifier or of causal-LM SFT
+    (cheap: no torch)."""
     names = [m.name for m in cfg.methods]
     if names not in (["lora"], ["full"]):
         raise UserError(
@@ -54,8 +58,13 @@ def check_supported(cfg) -> None:
         )
     if cfg.train.lr == "auto":  # transformers.Trainer has no range test: the baseline needs a number
         raise UserError("hf_baseline needs a number for train.lr (lr: auto is leantune's range test)")
-    if cfg.task != "classification":
-        raise UserError(f"hf_baseline supports task classification only (got {cfg.task})")
+    if cfg.task not in PEFT_TASK:
+        raise UserError(f"hf_baseline supports tasks {sorted(PEFT_TASK)} only (got {cfg.task})")
+    if cfg.task == "causal_lm" and (cfg.data.packing or cfg.data.format != "text" or cfg.eval.generate):
+        raise UserError(
+            "hf_baseline runs plain causal-LM SFT (prompt + response, scored by validation loss): "
+            "set data.packing=false, data.format=text and eval.generate=false for this run"
+        )
     if cfg.train.early_stopping_patience:
         raise UserError(
             "hf_baseline does not stop early (its curve is for time to quality); "
@@ -99,7 +108,7 @@ def _apply_method(model, cfg):
     return peft.get_peft_model(
         model,
         peft.LoraConfig(
-            task_type="SEQ_CLS",
+            task_type=PEFT_TASK[cfg.task],
             r=method.r,
             lora_alpha=method.alpha,
             lora_dropout=method.dropout,
@@ -121,7 +130,8 @@ def run_baseline(cfg) -> dict:
     log_lines: list[dict] = []
     args = _training_args(cfg, out, total_steps(len(data["train"]), cfg.train))
     curve = _curve_callback(cfg, tok, data, clock, log_lines)
-    trainer, result = _train(model, tok, data, args, [_timing_callback(clock, log_lines), curve])
+    callbacks = [_timing_callback(clock, log_lines), curve]
+    trainer, result = _train(model, tok, data, args, callbacks, cfg.task)
     # train_runtime, unrounded, without the curve's evaluations (leantune's train time excludes its own)
     train_time = clock["train_end"] - clock["train_begin"] - clock["eval_s"]
     t_eval = time.perf_counter()
@@ -311,17 +321,23 @@ def _training_args(cfg, out: Path, steps: int):
     )
 
 
-def _train(model, tok, data, args, callbacks: list):
-    """Run the counting Trainer; returns it (its model, state and counts) and `train()`'s result."""
+def _train(model, tok, data, args, callbacks: list, task: str):
+    """Run the counting Trainer; returns it (its model, state and counts) and `train()`'s result.
+    Dynamic padding either way; SFT's labels (prompt tokens -100) are padded with -100 too."""
     import transformers
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     transformers.logging.set_verbosity_error()
+    collator = (
+        DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
+        if task == "causal_lm"
+        else DataCollatorWithPadding(tok)
+    )
     trainer = _counting_trainer_class()(
         model=model,
         args=args,
         train_dataset=data["train"],
-        data_collator=DataCollatorWithPadding(tok),
+        data_collator=collator,
         processing_class=tok,
         callbacks=callbacks,
     )
@@ -336,7 +352,7 @@ def _score(model, data, split: str, cfg, tok) -> dict:
     if not rows:
         return {}
     return evaluate(
-        model, rows, cfg.task, cfg.eval.batch_size, tok.pad_token_id, 0, 1, len(cfg.data.label_names)
+        model, rows, cfg.task, cfg.eval.batch_size, tok.pad_token_id, 0, 1, len(cfg.data.label_names or [])
     )
 
 

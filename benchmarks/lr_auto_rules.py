@@ -1,0 +1,134 @@
+"""Which rule should `train.lr: auto` read off its range test? Evidence from the time-to-quality workloads.
+
+    python benchmarks/lr_auto_rules.py collect     # 4 workloads x 3 seeds: the range test's curve each
+    python benchmarks/lr_auto_rules.py compare     # each rule's rate beside the rates HF's sweep tried
+
+Why: in `time-to-quality` (seed 0) lr auto's rule (rate at the minimum of the EMA-smoothed loss / 3)
+chose 1.8-8.5x the rate HF Trainer's 3-rate sweep found best, and LoRA runs at those rates ended near
+the majority class. `collect` runs the range test of each workload exactly as the `lt_levers` arm does
+(`leantune train ... train.lr=auto`, bf16, grouped batches; `train.max_steps=1` so only the test and
+one step run) and keeps the curve from summary.json's `lr_auto`; `compare` applies each candidate rule
+to the same curves, so the rules differ only in how they read them. The reference is
+time-to-quality-sweep's validation accuracy per rate (seed 0), plus seed003-unified's RT/TREC sweeps.
+Writes benchmarks/results/lr-auto-rules/curves.json and rules.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "lr-auto-rules"
+SWEEP = ROOT / "benchmarks" / "results" / "time-to-quality-sweep"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from time_to_quality import COMMON_CLS, LEVERS, SPECS  # noqa: E402
+
+
+def _common() -> list[str]:
+    return [line.strip()[2:] for line in COMMON_CLS.splitlines()[1:]]
+
+
+def collect() -> None:
+    workloads = SPECS["time-to-quality"][3]
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (0, 1, 2):
+            for w, (setting, _) in workloads.items():
+                run = Path(tmp) / f"{w}_s{seed}"
+                argv = [*_common(), *setting, f"train.seed={seed}", "train.lr=auto", *LEVERS]
+                argv += ["train.max_steps=1", "train.num_threads=2", f"output.dir={run}"]
+                subprocess.run(
+                    [sys.executable, "-m", "leantune", "train", *argv], check=True, capture_output=True
+                )
+                found = json.loads((run / "summary.json").read_text(encoding="utf-8"))["lr_auto"]
+                curves[f"{w}.s{seed}"] = found
+                print(f"{w} seed {seed}: chose {found['lr']:.3g} ({found['steps_run']} steps)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "curves.json").write_text(json.dumps(curves, indent=1), encoding="utf-8")
+
+
+def rule_min_over(divisor: float):
+    def rule(lrs: list[float], smoothed: list[float]) -> float:
+        skip = len(smoothed) // 5
+        best = min(range(skip, len(smoothed)), key=lambda i: smoothed[i])
+        return lrs[best] / divisor
+
+    return rule
+
+
+def rule_valley(lrs: list[float], smoothed: list[float]) -> float:
+    """fastai's `valley` (its default suggestion since 2.5): the middle of the longest stretch over
+    which the smoothed loss keeps falling (a longest decreasing subsequence), on the curve without its
+    first tenth and last 5 points, as fastai's lr_find passes it."""
+    lo, hi = len(smoothed) // 10, max(len(smoothed) - 5, len(smoothed) // 10 + 2)
+    lrs, smoothed = lrs[lo:hi], smoothed[lo:hi]
+    n = len(smoothed)
+    lds, start, end = [1] * n, 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if smoothed[i] < smoothed[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[end] < lds[i]:
+                end, start = i, i - lds[i]
+    third = (end - start) / 3
+    return lrs[start + int(third) + int(third / 2)]
+
+
+RULES = {
+    "min/3 (now)": rule_min_over(3.0),
+    "min/10 (fastai v1)": rule_min_over(10.0),
+    "valley (fastai v2)": rule_valley,
+}
+
+
+def sweep_reference() -> dict[str, dict[float, float]]:
+    """{workload: {rate: final validation accuracy}} of HF's seed-0 sweep."""
+    ref: dict[str, dict[float, float]] = {}
+    for path in sorted(SWEEP.glob("hf_*-r1.json")):
+        a = json.loads(path.read_text(encoding="utf-8"))
+        w = "_".join(path.name.split("_")[1:3])
+        ref.setdefault(w, {})[a["config"]["train"]["lr"]] = a["metrics"]["validation"]["accuracy"]
+    return ref
+
+
+def compare() -> dict:
+    curves = json.loads((OUT / "curves.json").read_text(encoding="utf-8"))
+    ref = sweep_reference()
+    out: dict = {"reference": {w: {f"{k:g}": v for k, v in r.items()} for w, r in ref.items()}, "rules": {}}
+    for name, rule in RULES.items():
+        per_run, errors = {}, []
+        for key, found in curves.items():
+            w = key.split(".")[0]
+            c = found["curve"]
+            lr = min(max(rule(c["lr"], c["smoothed_loss"]), found["range"][0]), found["range"][1])
+            best = max(ref[w], key=ref[w].get)
+            err = math.log10(lr / best)
+            per_run[key] = {"lr": lr, "best_swept": best, "log10_over_best": err}
+            errors.append(abs(err))
+        out["rules"][name] = {
+            "runs": per_run,
+            "median_abs_log10_error": statistics.median(errors),
+            "max_abs_log10_error": max(errors),
+        }
+        print(
+            f"{name:20s} median |log10(chosen/best)| {statistics.median(errors):.2f}, max {max(errors):.2f}"
+        )
+        for key, r in per_run.items():
+            times = 10 ** r["log10_over_best"]
+            print(f"    {key:18s} {r['lr']:.2e} (best swept {r['best_swept']:g}, x{times:.2f})")
+    (OUT / "rules.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return out
+
+
+if __name__ == "__main__":
+    commands = {"collect": collect, "compare": compare}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        raise SystemExit(__doc__)
+    commands[sys.argv[1]]()
