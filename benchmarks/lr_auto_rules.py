@@ -9,7 +9,8 @@ the majority class. `collect` runs the range test of each workload exactly as th
 (`leantune train ... train.lr=auto`, bf16, grouped batches; `train.max_steps=1` so only the test and
 one step run) and keeps the curve from summary.json's `lr_auto`; `compare` applies each candidate rule
 to the same curves, so the rules differ only in how they read them. The reference is
-time-to-quality-sweep's validation accuracy per rate (seed 0), plus seed003-unified's RT/TREC sweeps.
+time-to-quality-sweep's validation accuracy per rate (seed 0). "min/3" was leantune's rule before;
+the valley row calls the shipped rule (leantune.train.lr_find.choose).
 Writes benchmarks/results/lr-auto-rules/curves.json and rules.json.
 """
 
@@ -29,6 +30,8 @@ SWEEP = ROOT / "benchmarks" / "results" / "time-to-quality-sweep"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from time_to_quality import COMMON_CLS, LEVERS, SPECS  # noqa: E402
+
+from leantune.train.lr_find import choose  # noqa: E402
 
 
 def _common() -> list[str]:
@@ -63,28 +66,10 @@ def rule_min_over(divisor: float):
     return rule
 
 
-def rule_valley(lrs: list[float], smoothed: list[float]) -> float:
-    """fastai's `valley` (its default suggestion since 2.5): the middle of the longest stretch over
-    which the smoothed loss keeps falling (a longest decreasing subsequence), on the curve without its
-    first tenth and last 5 points, as fastai's lr_find passes it."""
-    lo, hi = len(smoothed) // 10, max(len(smoothed) - 5, len(smoothed) // 10 + 2)
-    lrs, smoothed = lrs[lo:hi], smoothed[lo:hi]
-    n = len(smoothed)
-    lds, start, end = [1] * n, 0, 0
-    for i in range(1, n):
-        for j in range(i):
-            if smoothed[i] < smoothed[j] and lds[i] < lds[j] + 1:
-                lds[i] = lds[j] + 1
-            if lds[end] < lds[i]:
-                end, start = i, i - lds[i]
-    third = (end - start) / 3
-    return lrs[start + int(third) + int(third / 2)]
-
-
 RULES = {
     "min/3 (now)": rule_min_over(3.0),
     "min/10 (fastai v1)": rule_min_over(10.0),
-    "valley (fastai v2)": rule_valley,
+    "valley (fastai v2; shipped)": lambda lrs, smoothed: choose(lrs, smoothed, 0.0, 1.0),
 }
 
 
