@@ -66,10 +66,10 @@ def rule_min_over(divisor: float):
     return rule
 
 
-RULES = {
-    "min/3 (now)": rule_min_over(3.0),
-    "min/10 (fastai v1)": rule_min_over(10.0),
-    "valley (fastai v2; shipped)": lambda lrs, smoothed: choose(lrs, smoothed, 0.0, 1.0),
+RULES = {  # id: (what it is, the rule)
+    "min_over_3": ("minimum smoothed loss / 3 (leantune's rule before)", rule_min_over(3.0)),
+    "min_over_10": ("minimum smoothed loss / 10 (fastai v1)", rule_min_over(10.0)),
+    "valley": ("valley (fastai v2; leantune's rule now)", lambda lrs, sm: choose(lrs, sm, 0.0, 1.0)),
 }
 
 
@@ -87,7 +87,7 @@ def compare() -> dict:
     curves = json.loads((OUT / "curves.json").read_text(encoding="utf-8"))
     ref = sweep_reference()
     out: dict = {"reference": {w: {f"{k:g}": v for k, v in r.items()} for w, r in ref.items()}, "rules": {}}
-    for name, rule in RULES.items():
+    for name, (label, rule) in RULES.items():
         per_run, errors = {}, []
         for key, found in curves.items():
             w = key.split(".")[0]
@@ -97,8 +97,12 @@ def compare() -> dict:
             err = math.log10(lr / best)
             per_run[key] = {"lr": lr, "best_swept": best, "log10_over_best": err}
             errors.append(abs(err))
+        ratios = [10 ** r["log10_over_best"] for r in per_run.values()]
         out["rules"][name] = {
+            "label": label,
             "runs": per_run,
+            "min_over_best": min(ratios),
+            "max_over_best": max(ratios),
             "median_abs_log10_error": statistics.median(errors),
             "max_abs_log10_error": max(errors),
         }
