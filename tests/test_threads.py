@@ -99,10 +99,27 @@ def test_the_run_log_names_the_choice(base_overrides, capsys, monkeypatch, resto
 def test_openmp_waits_passively_only_on_a_shared_machine_and_never_over_the_user():
     from leantune.train.run_info import choose_omp_wait
 
-    assert choose_omp_wait({}, load=7.3) == ("PASSIVE", "1-min load 7.3 at start: the cores are shared")
-    assert choose_omp_wait({}, load=0.2)[0] is None  # a quiet machine keeps libgomp's spinning
-    assert choose_omp_wait({"OMP_WAIT_POLICY": "ACTIVE"}, load=7.3) == (None, "set by the user")
-    assert choose_omp_wait({"GOMP_SPINCOUNT": "10000"}, load=7.3) == (None, "set by the user")
+    shared = ("PASSIVE", "1.9 CPUs busy with other work at start: the cores are shared")
+    assert choose_omp_wait({}, busy=1.9) == shared
+    assert choose_omp_wait({}, busy=0.2)[0] is None  # a quiet machine keeps libgomp's spinning
+    assert choose_omp_wait({"OMP_WAIT_POLICY": "ACTIVE"}, busy=1.9) == (None, "set by the user")
+    assert choose_omp_wait({"GOMP_SPINCOUNT": "10000"}, busy=1.9) == (None, "set by the user")
+
+
+def test_busy_cpus_are_read_from_two_samples_of_proc_stat(tmp_path, monkeypatch):
+    """busy = (elapsed - idle - iowait) / elapsed x CPUs between the two reads; no file: None."""
+    import os
+
+    from leantune.train import run_info
+
+    stat = tmp_path / "stat"
+    reads = iter(["cpu 100 0 100 700 100 0 0 0 0 0\n", "cpu 250 0 150 800 100 0 0 0 0 0\n"])
+    monkeypatch.setattr("time.sleep", lambda s: stat.write_text(next(reads)))
+    stat.write_text(next(reads))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # 300 jiffies elapsed, 100 of them idle: two thirds of 2 CPUs busy
+    assert run_info.busy_cpus_now(0.0, str(stat)) == pytest.approx(4 / 3)
+    assert run_info.busy_cpus_now(0.0, str(tmp_path / "missing")) is None
 
 
 def test_the_cli_sets_the_wait_policy_before_torch_loads():

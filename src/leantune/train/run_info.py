@@ -48,28 +48,59 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
     return cores, f"physical cores of the {len(cpus)} CPUs this process may use"
 
 
-#: 1-min load average at start from which the cores count as shared (others keep one busy)
-SHARED_LOAD = 1.0
+#: CPUs kept busy by other work at start from which the cores count as shared
+SHARED_BUSY = 0.75
+#: how long the start samples /proc/stat (the CLI pays it once, before torch is imported)
+BUSY_WINDOW_S = 0.1
 
 
-def choose_omp_wait(environ: dict | None = None, load: float | None = None) -> tuple[str | None, str]:
+def busy_cpus_now(window: float = BUSY_WINDOW_S, stat: str = "/proc/stat") -> float | None:
+    """CPUs busy over the next `window` seconds (all processes; this one sleeps meanwhile), from two
+    reads of /proc/stat's `cpu` line; None where it cannot be read (not Linux)."""
+    import time
+
+    def read() -> tuple[int, int]:
+        with open(stat, encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already inside user
+
+    try:
+        total0, idle0 = read()
+        time.sleep(window)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (elapsed - (idle1 - idle0)) / elapsed * (os.cpu_count() or 1) if elapsed > 0 else 0.0
+
+
+def choose_omp_wait(environ: dict | None = None, busy: float | None = None) -> tuple[str | None, str]:
     """OpenMP's wait policy for this process, and why: the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT when
-    set; PASSIVE when other work keeps a core busy at start (1-min load >= SHARED_LOAD); else libgomp's
-    default (spin, then sleep).
+    set; PASSIVE when other work keeps at least SHARED_BUSY CPUs busy at start (`busy_cpus_now`, or the
+    1-min load average where /proc/stat cannot be read); else libgomp's default (spin, then sleep).
 
     Why: between two parallel regions libgomp's threads spin. Where other processes hold the cores, a
     spinning thread burns the time slice its partner needs, and every small op waits for a core: on the
     shared 2-core machine the default LoRA step ran 4x slower with 2 spinning threads than with passive
     waiting or one thread (docs/speed.md, ab-threads-lora.json). On a quiet machine spinning saves the
-    wake-up per region, so the default is left alone there."""
+    wake-up per region, so the default is left alone there. Why a sample now and not the 1-min load
+    average (the first rule): the average decays over minutes, so a run started right after another
+    (a benchmark suite, a user's second run) saw load >= 1 on an idle machine and waited passively, and
+    its steps ran 1.4-1.8x slower than HF Trainer's at equal settings (time-to-quality-lr,
+    docs/time-to-quality.md)."""
     environ = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return None, "set by the user"
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load >= SHARED_LOAD:
-        return "PASSIVE", f"1-min load {load:.1f} at start: the cores are shared"
-    return None, f"1-min load {load:.1f} at start: libgomp's default"
+    what = "CPUs busy with other work at start"
+    if busy is None:
+        busy = busy_cpus_now()
+    if busy is None:  # no /proc/stat: the 1-min load average stands in
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        what = "1-min load at start"
+    if busy >= SHARED_BUSY:
+        return "PASSIVE", f"{busy:.1f} {what}: the cores are shared"
+    return None, f"{busy:.1f} {what}: libgomp's default"
 
 
 def set_omp_wait() -> None:
