@@ -55,24 +55,37 @@ BUSY_WINDOW_S = 0.1
 
 
 def busy_cpus_now(window: float = BUSY_WINDOW_S, stat: str = "/proc/stat") -> float | None:
-    """CPUs busy over the next `window` seconds (all processes; this one sleeps meanwhile), from two
-    reads of /proc/stat's `cpu` line; None where it cannot be read (not Linux)."""
+    """How many of the CPUs this process may use were busy over the next `window` seconds (all
+    processes; this one sleeps meanwhile), from two reads of their `cpuN` lines in /proc/stat (only
+    ours: a container pinned to 2 of a host's 64 CPUs must not read the host's load); None where the
+    file cannot be read (not Linux)."""
     import time
 
-    def read() -> tuple[int, int]:
+    ours = {f"cpu{c}" for c in _usable_cpus()}
+
+    def read() -> dict[str, tuple[int, int]]:
+        out = {}
         with open(stat, encoding="ascii") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle  # user..steal; guest time is already inside user
+            for line in fh:
+                name, *values = line.split()
+                if name in ours:
+                    fields = [int(x) for x in values]
+                    # user..steal (guest time is inside user); idle + iowait count as not busy
+                    out[name] = (sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0))
+        return out
 
     try:
-        total0, idle0 = read()
+        before = read()
         time.sleep(window)
-        total1, idle1 = read()
+        after = read()
     except (OSError, ValueError, IndexError):
         return None
-    elapsed = total1 - total0
-    return (elapsed - (idle1 - idle0)) / elapsed * (os.cpu_count() or 1) if elapsed > 0 else 0.0
+    busy = 0.0
+    for name, (total, idle) in after.items():
+        elapsed = total - before[name][0] if name in before else 0
+        if elapsed > 0:
+            busy += (elapsed - (idle - before[name][1])) / elapsed
+    return busy if after else None
 
 
 def choose_omp_wait(environ: dict | None = None, busy: float | None = None) -> tuple[str | None, str]:
