@@ -218,7 +218,7 @@ def table(suite: str) -> str:
             low, high = fig(k + ".ratio_min", ".2f"), fig(k + ".ratio_max", ".2f")
             ratio = f"{fig(k + '.ratio_median', '.2f')}x ({low}–{high})"
             ratio = "–" if a["ratio_median"] is None else ratio
-            test = f"{fig(k + '.test.mean', '.3f')} ({fig(k + '.test.sd', '.3f')})"
+            test = f"{fig(k + '.test.mean', '.3f')} ({fig(k + '.test.std', '.3f')})"
             strict = (
                 "–"
                 if a["ratio_to_hf_crossing_median"] is None

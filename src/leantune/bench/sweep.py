@@ -81,7 +81,8 @@ def choose(runs: list[dict], sweep_seed: int = 0, metric: str = "accuracy") -> f
     return _lr(best)
 
 
-def _spread(values: list[float]) -> dict[str, float | int]:
+def spread(values: list[float]) -> dict[str, float | int]:
+    """mean, sample sd (`std`), min, max and n of a non-empty list (sweeps, time to quality)."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -93,7 +94,7 @@ def _spread(values: list[float]) -> dict[str, float | int]:
 
 def _figure(runs: list[dict], get: Callable[[dict], float | None]) -> dict | None:
     values = [v for a in runs if (v := get(a)) is not None]
-    return _spread(values) if values else None
+    return spread(values) if values else None
 
 
 def _at_majority(accuracy: dict | None, majority: dict | None) -> bool:
@@ -104,7 +105,7 @@ def _time_vs_full(runs: list[dict], full: list[dict]) -> dict | None:
     """train_time_s over the full fine-tuning run of the same dataset and seed, per seed."""
     by_seed = {a["seed"]: a["train_time_s"] for a in full}
     ratios = [a["train_time_s"] / by_seed[a["seed"]] for a in runs if by_seed.get(a["seed"])]
-    return _spread(ratios) if ratios else None
+    return spread(ratios) if ratios else None
 
 
 def summarise(artefacts: list[dict], sweep_seed: int = 0, metric: str = "accuracy") -> dict:

@@ -66,14 +66,6 @@ def first_reaching(
     return next(((step, t) for step, v, t in curve if (v <= target if lower else v >= target)), None)
 
 
-def _spread(values: list[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    mean = statistics.fmean(values)
-    return {"n": len(values), "mean": mean, "sd": sd, "min": min(values), "max": max(values)}
-
-
 def load_runs(folder: Path, metric: str) -> dict[str, dict[str, dict[int, dict]]]:
     """{workload: {arm: {seed: run}}} from a suite folder's first-repeat artefacts."""
     runs: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
@@ -134,12 +126,19 @@ def workload_table(arms: dict[str, dict[int, dict]], metric: str) -> dict[str, A
             "ratio_max": max(ratios) if ratios else None,
             "ratio_to_hf_crossing_median": _median([s["ratio_to_hf_crossing"] for s in per_seed.values()]),
             "whole_run_ratio_median": _median([s["whole_run_ratio"] for s in per_seed.values()]),
-            "test": _spread([s["test"] for s in per_seed.values() if s["test"] is not None]),
+            "test": _test_spread([s["test"] for s in per_seed.values() if s["test"] is not None]),
         }
     hf_test = out["arms"][REFERENCE]["test"]
     for arm in out["arms"].values():
         arm["quality_not_lower"] = _not_worse(arm["test"], hf_test, lower) if hf_test["n"] else None
     return out
+
+
+def _test_spread(values: list[float]) -> dict:
+    """sweep.spread of the seeds' test values; no values: the same keys, empty."""
+    from leantune.bench.sweep import spread
+
+    return spread(values) if values else {"mean": None, "std": None, "min": None, "max": None, "n": 0}
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -151,7 +150,7 @@ def _not_worse(test: dict, hf: dict, lower: bool) -> bool:
     """The arm's mean test value is not worse than HF's mean by more than HF's seed sd."""
     if test["mean"] is None:
         return False
-    return test["mean"] <= hf["mean"] + hf["sd"] if lower else test["mean"] >= hf["mean"] - hf["sd"]
+    return test["mean"] <= hf["mean"] + hf["std"] if lower else test["mean"] >= hf["mean"] - hf["std"]
 
 
 def compare(suite: str, metric: str = "accuracy", root: Path = RESULTS) -> dict:
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {arm:10s} reached {a['reached']}  ratio {_fmt(a['ratio_median'], '.2f')} "
                 f"({_fmt(a['ratio_min'], '.2f')}-{_fmt(a['ratio_max'], '.2f')})  "
-                f"test {_fmt(t['mean'], '.4f')} sd {_fmt(t['sd'], '.4f')}"
+                f"test {_fmt(t['mean'], '.4f')} sd {_fmt(t['std'], '.4f')}"
             )
     if ns.write:
         from leantune.atomic import write_json_atomic
