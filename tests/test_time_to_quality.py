@@ -139,3 +139,23 @@ def test_hf_baseline_runs_sft_with_a_falling_loss_curve(tiny_models, tmp_path, m
     if methods == "[lora]":
         adapter = json.loads((out / "model" / "adapter_config.json").read_text(encoding="utf-8"))
         assert adapter["task_type"] == "CAUSAL_LM"
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["data.packing=true"], "data.packing=false"),
+        (["eval.generate=true"], "eval.generate=false"),
+        (["task=seq2seq"], "supports tasks"),
+    ],
+)
+def test_hf_baseline_refuses_what_it_does_not_run_in_one_line(tiny_models, tmp_path, capsys, extra, words):
+    """Before any model loads: exit 2, one line on stderr naming the fix; no run folder."""
+    from leantune.bench.hf_baseline import main as hf_main
+
+    out = tmp_path / "run"
+    argv = ["task=causal_lm", f"model.name={tiny_models['llama']}", "data.label_column=label", *extra]
+    assert hf_main([*argv, f"output.dir={out}"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+    assert not out.exists()
