@@ -121,3 +121,17 @@ def test_busy_cpus_are_read_from_two_samples_of_proc_stat(tmp_path, monkeypatch)
     stat.write_text(next(reads))
     assert run_info.busy_cpus_now(0.0, str(stat)) == pytest.approx(2 / 3 + 1)
     assert run_info.busy_cpus_now(0.0, str(tmp_path / "missing")) is None
+
+
+def test_the_cli_chooses_the_wait_policy_only_where_its_own_process_runs_torch(monkeypatch):
+    """`bench` runs each job in a child that chooses for itself: a parent's choice would reach the
+    children through the inherited environment and read as the user's; `methods` runs no torch work."""
+    from leantune import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(run_info, "set_omp_wait", lambda: calls.append("chosen"))
+    assert cli.main(["methods"]) == 0
+    assert cli.main(["bench", "no-such-suite"]) == 2
+    assert calls == []
+    assert cli.main(["train", "--print-config"]) == 0
+    assert calls == ["chosen"]

@@ -335,6 +335,13 @@ COMMANDS = {
 }
 
 
+#: commands whose own process runs torch work and so needs OpenMP's wait policy chosen before torch
+#: loads (run_info.set_omp_wait samples the CPUs for 0.1 s). Not `bench`: its runs are child processes
+#: that each choose for themselves; a choice made in the parent would reach them through the inherited
+#: environment and read as the user's.
+TORCH_WORK = frozenset({"train", "eval", "generate", "predict", "export", "plan"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leantune", description="Efficient fine-tuning of transformer language models.")
     from leantune import __version__
@@ -352,9 +359,6 @@ def dispatch(ns: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from leantune.train.run_info import set_omp_wait
-
-    set_omp_wait()  # before anything imports torch: libgomp reads its wait policy once, when it loads
     # peft 0.21 calls an API transformers 5 deprecated; the user can do nothing about it
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # transformers' kernel hub warns on every offline load; an error must stay one line on stderr
@@ -363,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
         return int(exc.code or 0)
+    if ns.command in TORCH_WORK:
+        from leantune.train.run_info import set_omp_wait
+
+        set_omp_wait()  # before anything imports torch: libgomp reads its wait policy once, when it loads
     try:
         dispatch(ns)
     except UserError as exc:
