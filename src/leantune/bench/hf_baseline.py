@@ -9,7 +9,8 @@ What is identical to `leantune train`, on purpose: the data rows and splits (lea
 tokenisation and max_length, the model loading (leantune.models.loader), the seeding before the head and
 the LoRA init (so both start from the same weights), batch size, gradient accumulation, epochs /
 max_steps, learning rate, linear warmup steps and decay, weight decay with the usual no-decay groups,
-max_grad_norm, the seed, the thread count, dynamic padding (DataCollatorWithPadding) and the test
+max_grad_norm, the seed, the thread count, dynamic padding (DataCollatorWithPadding; for causal-LM
+SFT DataCollatorForSeq2Seq, which pads the labels with -100 so padding is never scored) and the test
 evaluation (leantune.eval.loop.evaluate on the same features). The optimizer is `adamw_torch` (plain
 torch AdamW) unless the config asks for fused, so a speed difference is the framework's, not the
 kernel's. What is not: the data order (Trainer's own seeded sampler), and the

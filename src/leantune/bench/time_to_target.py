@@ -27,14 +27,15 @@ EVIDENCE = "evidence.json"  # what recipes/auto.py's constants were read from
 WITHIN = 0.10  # issue 20 item 3: auto within 10% of the best hand-picked time to quality
 
 
+def validation_records(metrics_path: Path, metric: str) -> list[dict]:
+    """Every validation record of a metrics.jsonl that carries `metric`, in order."""
+    records = (json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines())
+    return [r for r in records if r.get("split") == "validation" and metric in r]
+
+
 def curve(metrics_path: Path, metric: str) -> list[tuple[int, float]]:
     """(step, value) of every validation record, in order."""
-    out = []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("split") == "validation" and metric in record:
-            out.append((int(record["step"]), float(record[metric])))
-    return out
+    return [(int(r["step"]), float(r[metric])) for r in validation_records(metrics_path, metric)]
 
 
 def time_at_step(step: int, steps: int, epoch_times: list[float]) -> float:
