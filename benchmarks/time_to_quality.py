@@ -8,6 +8,11 @@
     leantune bench time-to-quality-sft-sweep && python benchmarks/time_to_quality.py suite-sft
     leantune bench time-to-quality-sft
     python -m leantune.bench.time_to_quality time-to-quality-sft --metric loss --write
+    # item 2, each lever on its own (the suite's header names the arms):
+    python benchmarks/time_to_quality.py suite-levers && leantune bench time-to-quality-levers
+    python -m leantune.bench.time_to_quality time-to-quality-levers --baseline base \\
+        --baseline freeze4_cache=freeze4 --write
+    python benchmarks/time_to_quality.py levers-table time-to-quality-levers   # docs rows (markers)
 
 Arms (run ids `<dataset>_<method>.<arm>.s<seed>`, see leantune.bench.time_to_quality):
 - `hf`: transformers.Trainer + peft at the rate that won the sweep, bf16 autocast, length-grouped
@@ -286,10 +291,67 @@ def table(suite: str) -> str:
     return "\n".join(rows)
 
 
+LEVER_TEXT = {
+    "hf": "HF Trainer + peft (the target's source)",
+    "base": "leantune LoRA at HF's rate, fp32, random order",
+    "group": "+ length-grouped batches",
+    "bf16": "+ bf16 autocast",
+    "lr_auto": "+ `lr: auto` (replaces HF's rate; range test counted)",
+    "early_stop": "+ early stopping (patience 3 evaluations, best restored)",
+    "all": "+ all four",
+    "freeze4": "auto's recipe (freeze 4, lr 2e-4, 4 epochs, grouped, bf16), cache off",
+    "freeze4_cache": "the same with the frozen-prefix cache",
+}
+
+
+def levers_table(suite: str) -> str:
+    """docs markdown for the levers suite: per workload and arm, time to HF's final accuracy against HF's
+    run, then the same clock with the arm's baseline as the reference (time to the baseline's final
+    accuracy over the baseline's run, and over the baseline's own first crossing), whole run against the
+    baseline's, test accuracy and its change; every figure a docs_gen marker."""
+    path = f"benchmarks/results/{suite}/time_to_quality.json"
+    data = json.loads((ROOT / path).read_text(encoding="utf-8"))
+    rows = [
+        "| workload | arm | reached HF's final | time to it / HF's run | reached the baseline's final "
+        "| time to it / baseline's run: median (min–max) | / baseline's own crossing "
+        "| whole run / baseline's | test accuracy: mean (sd) | test − baseline's |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fig(key: str, fmt: str, known: object = True) -> str:
+        return "–" if known is None else f"<!--fig {path}#{key} :{fmt}-->{{}}<!--/fig-->"
+
+    for workload, w in data["workloads"].items():
+        for arm, a in w["arms"].items():
+            k = f"workloads.{workload}.arms.{arm}"
+            n = len(a["seeds"])
+            cells = [f"{fig(k + '.reached_n', 'd')}/{n}", fig(k + ".ratio_median", ".2f", a["ratio_median"])]
+            v, kv = a.get("vs_baseline"), f"{k}.vs_baseline"
+            if v is None:
+                cells += ["–"] * 5
+            else:
+                ratio = fig(kv + ".ratio_median", ".2f", v["ratio_median"])
+                if v["ratio_median"] is not None:
+                    ratio += f"x ({fig(kv + '.ratio_min', '.2f')}–{fig(kv + '.ratio_max', '.2f')})"
+                cells += [
+                    f"{fig(kv + '.reached_n', 'd')}/{n} ({v['baseline']})",
+                    ratio,
+                    fig(kv + ".ratio_to_crossing_median", ".2f", v["ratio_to_crossing_median"]),
+                    fig(kv + ".whole_run_ratio_median", ".2f"),
+                    fig(kv + ".test_delta_mean", "+.3f", v["test_delta_mean"]),
+                ]
+            test = f"{fig(k + '.test.mean', '.3f')} ({fig(k + '.test.std', '.3f')})"
+            cells.insert(6, test)
+            rows.append(f"| {workload} | {arm}: {LEVER_TEXT[arm]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     commands = {"suite": "time-to-quality", "suite-sft": "time-to-quality-sft"}
     if len(sys.argv) == 3 and sys.argv[1] == "table":
         print(table(sys.argv[2]))  # figures are filled in by python -m leantune.docs_gen
+    elif len(sys.argv) == 3 and sys.argv[1] == "levers-table":
+        print(levers_table(sys.argv[2]))
     elif sys.argv[1:] == ["suite-lr"]:
         write_lr_subset()
     elif sys.argv[1:] == ["suite-levers"]:

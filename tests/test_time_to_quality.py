@@ -4,11 +4,12 @@ behind each point, and the comparison reads it right. No timing is asserted, onl
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
-from leantune.bench.time_to_quality import compare, first_reaching, workload_table
+from leantune.bench.time_to_quality import baseline_pairs, compare, first_reaching, workload_table
 
 STEPS_EVALUATED = [3, 4, 6, 8]  # eval_every 3 over 2 epochs of 4 steps: 3 and 6, and the epoch ends 4 and 8
 
@@ -83,11 +84,40 @@ def test_ratio_is_time_to_hf_mean_final_over_hf_whole_run(tmp_path):
     assert lt["quality_not_lower"] is True and auto["quality_not_lower"] is False
 
 
+def test_a_lever_is_compared_with_its_baseline_as_with_hf(tmp_path):
+    """--baseline: the baseline stands in for HF (target: its mean final validation; ratio: time to it
+    over the baseline's whole run of the same seed); an explicit pair wins over the default."""
+    folder = tmp_path / "levers"
+    folder.mkdir()
+    _fake(folder, "rt_lora.hf.s0", [(10, 0.6, 50.0), (20, 0.9, 100.0)], 0.85)
+    _fake(folder, "rt_lora.base.s0", [(10, 0.8, 40.0), (20, 0.8, 80.0)], 0.82)
+    _fake(folder, "rt_lora.base.s1", [(10, 0.7, 40.0), (20, 0.7, 60.0)], 0.76)  # base's target: 0.75
+    _fake(folder, "rt_lora.bf16.s0", [(10, 0.8, 10.0), (20, 0.9, 20.0)], 0.80)
+    _fake(folder, "rt_lora.bf16.s1", [(10, 0.74, 12.0), (20, 0.74, 24.0)], 0.80)  # never reaches 0.75
+    _fake(folder, "rt_any.nocache.s0", [(10, 0.8, 30.0)], 0.7)
+    _fake(folder, "rt_any.cache.s0", [(10, 0.8, 6.0)], 0.7)
+    out = compare("levers", root=tmp_path, baselines=baseline_pairs(["base", "cache=nocache"]))
+    arms = out["workloads"]["rt_lora"]["arms"]
+    bf16 = arms["bf16"]["vs_baseline"]
+    assert bf16["baseline"] == "base" and bf16["target"] == pytest.approx(0.75)
+    assert bf16["reached_n"] == 1 and bf16["ratio_median"] == pytest.approx(10.0 / 80.0)
+    assert bf16["ratio_to_crossing_median"] == pytest.approx(10.0 / 40.0)  # base crossed at 40 s
+    assert bf16["whole_run_ratio_median"] == pytest.approx(statistics.median([20 / 80, 24 / 60]))
+    assert bf16["test_delta_mean"] == pytest.approx(0.80 - (0.82 + 0.76) / 2)
+    cache = arms["cache"]["vs_baseline"]
+    assert cache["baseline"] == "nocache" and cache["ratio_median"] == pytest.approx(0.2)
+    assert "vs_baseline" not in arms["hf"] and "vs_baseline" not in arms["base"]
+    assert arms["bf16"]["ratio_median"] == pytest.approx(0.2)  # the HF comparison is untouched: 20 / 100
+
+
 def test_first_reaching_and_no_reference():
     assert first_reaching([(1, 0.5, 1.0), (2, 0.7, 2.0), (3, 0.9, 3.0)], 0.7) == (2, 2.0)
     assert first_reaching([(1, 0.5, 1.0)], 0.7) is None
     with pytest.raises(KeyError):
         workload_table({"lt": {}}, "accuracy")  # no HF reference: nothing to compare with
+    untimed = {"hf": {0: {"curve": []}, 1: {"curve": [(1, 0.5, 1.0)]}}}
+    with pytest.raises(ValueError, match=r"arm 'hf': seeds \[0\] have no timed validation curve"):
+        workload_table(untimed, "accuracy")
 
 
 def test_a_loss_is_reached_from_above(tmp_path):

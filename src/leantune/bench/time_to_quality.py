@@ -22,6 +22,12 @@ Per workload:
   is at least HF's mean minus HF's seed sd (the issue's "by more than the seed spread"); for a loss
   (causal-LM SFT: validation and test loss) "reaches" and "not lower" mean at or below.
 
+Levers one at a time (issue 20 item 2, `--baseline`): an arm may also be compared with a baseline arm of
+the same workload in exactly the same way, the baseline standing in for HF (target: the baseline's mean
+final validation value; the arm's time to it over the baseline's whole run, seed by seed), plus the
+arm's mean test value minus the baseline's. `--baseline base` pairs every
+arm with `base`; `--baseline freeze4_cache=freeze4` pairs one arm with another.
+
 Why its own module and not `time_to_target`: that one compares hand-picked configurations of one seed
 against a fixed target; this one needs the reference's seeds, per-seed pairing and a target the
 reference defines.
@@ -33,6 +39,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -46,12 +53,10 @@ RUN_ID = re.compile(r"^(?P<dataset>[a-z0-9]+)_(?P<method>[a-z0-9]+)\.(?P<arm>[a-
 
 def validation_curve(metrics_path: Path, metric: str) -> list[tuple[int, float, float]]:
     """(step, value, training seconds) of every validation record that carries its training time."""
-    out = []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if r.get("split") == "validation" and metric in r and "train_time_s" in r:
-            out.append((int(r["step"]), float(r[metric]), float(r["train_time_s"])))
-    return out
+    from leantune.bench.time_to_target import validation_records
+
+    timed = (r for r in validation_records(metrics_path, metric) if "train_time_s" in r)
+    return [(int(r["step"]), float(r[metric]), float(r["train_time_s"])) for r in timed]
 
 
 def up_front_s(artefact: dict) -> float:
@@ -82,12 +87,21 @@ def load_runs(folder: Path, metric: str) -> dict[str, dict[str, dict[int, dict]]
     return runs
 
 
-def workload_table(arms: dict[str, dict[int, dict]], metric: str) -> dict[str, Any]:
-    """The comparison of one workload's arms with its HF reference (see the module docstring)."""
+def workload_table(
+    arms: dict[str, dict[int, dict]], metric: str, reference: str = REFERENCE
+) -> dict[str, Any]:
+    """The comparison of one workload's arms with its reference arm, HF unless named (see the module
+    docstring; the keys say `hf` whichever arm is the reference)."""
     from leantune.eval.metrics import MINIMISED
 
     lower = metric in MINIMISED
-    hf = arms[REFERENCE]
+    hf = arms[reference]
+    bare = sorted(seed for seed, run in hf.items() if not run["curve"])
+    if bare:  # a run from before `train_time_s` was logged, or one that never evaluated
+        raise ValueError(
+            f"arm {reference!r}: seeds {bare} have no timed validation curve: "
+            "rerun them with train.eval_every"
+        )
     target = statistics.fmean(run["curve"][-1][1] for run in hf.values())
     hf_time = {seed: run["artefact"]["train_time_s"] for seed, run in hf.items()}
     # stricter clock: HF's own first crossing of the target (its whole run where it never crosses)
@@ -128,7 +142,7 @@ def workload_table(arms: dict[str, dict[int, dict]], metric: str) -> dict[str, A
             "whole_run_ratio_median": _median([s["whole_run_ratio"] for s in per_seed.values()]),
             "test": _test_spread([s["test"] for s in per_seed.values() if s["test"] is not None]),
         }
-    hf_test = out["arms"][REFERENCE]["test"]
+    hf_test = out["arms"][reference]["test"]
     for arm in out["arms"].values():
         arm["quality_not_lower"] = _not_worse(arm["test"], hf_test, lower) if hf_test["n"] else None
     return out
@@ -153,9 +167,36 @@ def _not_worse(test: dict, hf: dict, lower: bool) -> bool:
     return test["mean"] <= hf["mean"] + hf["std"] if lower else test["mean"] >= hf["mean"] - hf["std"]
 
 
-def compare(suite: str, metric: str = "accuracy", root: Path = RESULTS) -> dict:
+def against_baseline(
+    arm: dict[int, dict], base: dict[int, dict], names: tuple[str, str], metric: str
+) -> dict:
+    """An arm's lever measured on its own: the same comparison as with HF, with the baseline arm as the
+    reference (target: the baseline's mean final validation value; ratio: the arm's time to it over the
+    baseline's whole run of the same seed), and the arm's mean test value minus the baseline's."""
+    name, base_name = names
+    table = workload_table({base_name: base, name: arm}, metric, reference=base_name)
+    stats, ref = table["arms"][name], table["arms"][base_name]
+    return {
+        "baseline": base_name,
+        "target": table["target"],
+        "reached_n": stats["reached_n"],
+        **{k: stats[k] for k in ("ratio_median", "ratio_min", "ratio_max", "whole_run_ratio_median")},
+        "ratio_to_crossing_median": stats["ratio_to_hf_crossing_median"],  # the baseline's own first crossing
+        "test_delta_mean": stats["test"]["mean"] - ref["test"]["mean"] if stats["test"]["n"] else None,
+    }
+
+
+def baseline_pairs(specs: list[str]) -> dict[str, str]:
+    """`["base", "freeze4_cache=freeze4"]` -> {"*": "base", "freeze4_cache": "freeze4"}."""
+    return dict(spec.split("=", 1) if "=" in spec else ("*", spec) for spec in specs)
+
+
+def compare(
+    suite: str, metric: str = "accuracy", root: Path = RESULTS, baselines: dict[str, str] | None = None
+) -> dict:
     """Every workload of the suite; a `<dataset>_any` arm joins each workload of its dataset. The goal
-    is the issue's: 0.5x HF's time for classification, 0.7x for SFT (scored by loss)."""
+    is the issue's: 0.5x HF's time for classification, 0.7x for SFT (scored by loss). `baselines`
+    ({arm: its baseline arm}, "*" for every other arm) adds `vs_baseline` to each paired arm."""
     from leantune.eval.metrics import MINIMISED
 
     runs = load_runs(root / suite, metric)
@@ -165,7 +206,11 @@ def compare(suite: str, metric: str = "accuracy", root: Path = RESULTS) -> dict:
         if workload.endswith("_any") or REFERENCE not in arms:
             continue
         joined = {**arms, **shared.get(workload.split("_")[0], {})}
-        tables[workload] = workload_table(joined, metric)
+        tables[workload] = table = workload_table(joined, metric)
+        for arm, stats in table["arms"].items():
+            base = (baselines or {}).get(arm, (baselines or {}).get("*"))
+            if base in joined and arm not in (base, REFERENCE):
+                stats["vs_baseline"] = against_baseline(joined[arm], joined[base], (arm, base), metric)
     goal = GOAL["causal_lm" if metric in MINIMISED else "classification"]
     return {"suite": suite, "metric": metric, "goal_ratio": goal, "workloads": tables}
 
@@ -179,8 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("suite")
     ap.add_argument("--metric", default="accuracy")
     ap.add_argument("--write", action="store_true", help=f"write benchmarks/results/SUITE/{OUTPUT}")
+    ap.add_argument(
+        "--baseline", action="append", default=[], metavar="ARM or ARM=BASE", help="pair arms with a baseline"
+    )
     ns = ap.parse_args(argv)
-    out = compare(ns.suite, ns.metric)
+    try:
+        out = compare(ns.suite, ns.metric, baselines=baseline_pairs(ns.baseline))
+    except ValueError as exc:
+        print(f"time_to_quality: error: {exc}", file=sys.stderr)
+        return 2
     for workload, table in out["workloads"].items():
         print(f"{workload}: target {table['target']:.4f} (HF's mean final validation {ns.metric})")
         for arm, a in table["arms"].items():
@@ -190,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"({_fmt(a['ratio_min'], '.2f')}-{_fmt(a['ratio_max'], '.2f')})  "
                 f"test {_fmt(t['mean'], '.4f')} sd {_fmt(t['std'], '.4f')}"
             )
+            if "vs_baseline" in a:
+                v = a["vs_baseline"]
+                print(
+                    f"    vs {v['baseline']} (its final {v['target']:.4f}): reached {v['reached_n']}  "
+                    f"time {_fmt(v['ratio_median'], '.2f')} (to its crossing "
+                    f"{_fmt(v['ratio_to_crossing_median'], '.2f')})  "
+                    f"whole run {_fmt(v['whole_run_ratio_median'], '.2f')}  "
+                    f"test {_fmt(v['test_delta_mean'], '+.4f')}"
+                )
     if ns.write:
         from leantune.atomic import write_json_atomic
 
