@@ -71,6 +71,34 @@ def test_choice_is_half_way_along_the_longest_fall_clamped():
     assert longest_descent([9, 8, 8.5, 7, 7.5, 6, 1, 2, 3]) == (1, 6)
 
 
+def _smoothed(losses: list[float], beta: float = 0.9) -> list[float]:
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def test_a_range_test_whose_loss_stays_in_its_noise_is_flagged_as_a_guess():
+    """A binary task's loss that wanders around ln 2 says nothing about the rate (the failure seen on RT:
+    7e-5 chosen, the run ended at the majority class); a curve that falls well past its batch-to-batch
+    spread does. The flag reaches the run's warnings."""
+    from leantune.train.lr_find import MIN_FALL_OVER_NOISE, fall_over_noise
+    from leantune.train.summary import quality_warnings
+
+    gen = torch.Generator().manual_seed(0)
+    noise = (0.004 * torch.randn(50, generator=gen)).tolist()
+    flat = [0.693 + e for e in noise]
+    falling = [0.693 - 0.3 * max(0, i - 20) / 30 + e for i, e in enumerate(noise)]
+    assert fall_over_noise(flat, _smoothed(flat)) < MIN_FALL_OVER_NOISE
+    assert fall_over_noise(falling, _smoothed(falling)) > 10 * MIN_FALL_OVER_NOISE
+    guess = {"lr": 7e-5, "fall_over_noise": 0.8, "signal": False}
+    ok = {"test": {"accuracy": 0.8, "majority_accuracy": 0.5}}
+    warned = quality_warnings({**ok, "lr_auto": guess})
+    assert len(warned) == 1 and "the rate is a guess" in warned[0] and "7e-05" in warned[0]
+    assert quality_warnings({**ok, "lr_auto": {**guess, "signal": True}}) == []
+
+
 def test_lr_auto_run_learns_and_resume_replays(base_overrides, tmp_path):
     """A tiny learnable task with lr auto beats the majority class; resuming from a checkpoint ends with
     the uninterrupted run's weights bit for bit, and the test ran once (one lr_auto event). The range

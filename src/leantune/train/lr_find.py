@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import sys
 import time
 from typing import Any
 
@@ -56,6 +58,8 @@ from leantune.errors import UserError
 from leantune.train import checkpoint as ckpt
 
 SMOOTH_BETA = 0.9  # fastai's
+#: the smoothed loss must fall by at least this many per-batch spreads for the curve to say anything
+MIN_FALL_OVER_NOISE = 2.0
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss passes this multiple of the best
 MIN_STEPS = 5
 
@@ -79,11 +83,17 @@ def choose(rates: list[float], smoothed: list[float], lo: float, hi: float) -> f
     """fastai's `valley` on the smoothed curve, inside [lo, hi] (see the module docstring). The first
     tenth of the points is left out (the average there rests on a batch or two) and, where at least 5
     points remain, the last 5 (the run-up to divergence), as fastai's lr_find does."""
-    start = len(smoothed) // 10
-    end = len(smoothed) - 5 if len(smoothed) - 5 - start >= 5 else len(smoothed)
+    start, end = window(len(smoothed))
     first, last = longest_descent(smoothed[start:end])
     third = (last - first) / 3
     return min(max(rates[start + first + int(third) + int(third / 2)], lo), hi)
+
+
+def window(n: int) -> tuple[int, int]:
+    """The part of an n-point curve the rule reads: without its first tenth and, where at least 5
+    points remain, its last 5."""
+    start = n // 10
+    return start, n - 5 if n - 5 - start >= 5 else n
 
 
 def longest_descent(values: list[float]) -> tuple[int, int]:
@@ -98,6 +108,36 @@ def longest_descent(values: list[float]) -> tuple[int, int]:
             if run[last] < run[i]:
                 last, first = i, max(i - run[i], 0)  # fastai's span start (clamped: -1 at a fall from 0)
     return first, last
+
+
+def fall_over_noise(losses: list[float], smoothed: list[float]) -> float:
+    """How far the smoothed loss fell (from the start of the window `choose` reads to its lowest point
+    there) in units of the per-batch spread of the raw loss over the first third of the test, where the
+    rates are too small to move the weights: the spread is what the batches alone make.
+
+    Why: a curve that does not fall beyond that spread is noise, and every rule reads noise as a rate.
+    On Rotten Tomatoes (binary, LoRA r8, 50 steps) the range test's loss barely moves: in
+    time-to-quality-levers it chose 7e-5 on one seed (HF's best: 3e-3) and that run ended at the majority
+    class. The 12 curves in benchmarks/results/lr-auto-rules fell by 0.3-4.3 spreads on RT and 10-27 on
+    TREC-6; below MIN_FALL_OVER_NOISE the run says its rate is a guess (summary warning)."""
+    third = max(len(losses) // 3, 2)
+    if len(losses) < 2 * third:
+        return math.inf  # too short to tell: say nothing
+    spread = statistics.stdev(losses[:third])
+    start, end = window(len(smoothed))
+    fall = smoothed[start] - min(smoothed[start:end])
+    return fall / spread if spread > 0 else math.inf
+
+
+def guess_warning(found: dict | None) -> str | None:
+    """The warning a run gives when its range test's loss did not fall beyond its noise."""
+    if not found or found.get("signal") is not False:
+        return None
+    return (
+        f"train.lr=auto chose {found['lr']:.2g} from a range test whose loss fell by only "
+        f"{found['fall_over_noise']:.1f} batch-to-batch spreads: the rate is a guess; set train.lr "
+        "yourself or raise train.lr_auto_steps"
+    )
 
 
 class _Fixed:
@@ -199,8 +239,11 @@ def range_test(trainer) -> dict[str, Any]:
             "check the data, or lower train.lr_auto_min"
         )
     chosen = choose(rates, smoothed, tc.lr_auto_min, tc.lr_auto_max)
+    signal = fall_over_noise(losses, smoothed)
     return {
         "lr": chosen,
+        "fall_over_noise": signal if math.isfinite(signal) else None,
+        "signal": signal >= MIN_FALL_OVER_NOISE,
         "rule": "valley: half way along the longest fall of the smoothed loss (fastai)",
         "range": [tc.lr_auto_min, tc.lr_auto_max],
         "steps_planned": k,
@@ -240,6 +283,11 @@ def resolve(trainer) -> None:
         )
     if st.lr_auto is None:
         st.lr_auto = range_test(trainer)
+        guess = guess_warning(st.lr_auto)
+        if (
+            guess and trainer.acc.is_main_process
+        ):  # now, so the user can stop the run; summary.json repeats it
+            print(f"leantune: warning: {guess}", file=sys.stderr, flush=True)
         trainer.cfg = resolved_config(trainer.cfg, st.lr_auto["lr"])
         apply_lr(trainer, st.lr_auto["lr"])
         lo, hi = st.lr_auto["range"]

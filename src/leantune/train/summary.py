@@ -163,10 +163,19 @@ _BASELINES = (
 
 
 def quality_warnings(summary: RunSummary | dict) -> list[str]:
+    """What the user must hear about a finished run: it learned nothing (`_no_learning`), or its
+    `lr: auto` rate came from a range test whose loss did not fall beyond its noise (train/lr_find.py)."""
+    s = summary.to_dict() if isinstance(summary, RunSummary) else summary
+    from leantune.train.lr_find import guess_warning
+
+    guess = guess_warning(s.get("lr_auto"))
+    return _no_learning(s) + ([guess] if guess else [])
+
+
+def _no_learning(s: dict) -> list[str]:
     """A run that ends at or below its do-nothing baseline (the majority class; for regression the MSE
     of predicting the mean; for multi-label the micro F1 of each label's majority value) learned
     nothing: say so loudly."""
-    s = summary.to_dict() if isinstance(summary, RunSummary) else summary
     for split in ("test", "validation"):
         metrics = s.get(split) or {}
         for name, base, lower, what in _BASELINES:
