@@ -2,6 +2,8 @@
 
     python benchmarks/lr_auto_rules.py collect     # 4 workloads x 3 seeds: the range test's curve each
     python benchmarks/lr_auto_rules.py compare     # each rule's rate beside the rates HF's sweep tried
+    python benchmarks/lr_auto_rules.py collect-steps   # 50- and 75-step tests, fp32 plain and with levers
+    python benchmarks/lr_auto_rules.py compare-steps   # valley at 50, at 75, 50 retried at 75 on no signal
 
 Why: in `time-to-quality` (seed 0) lr auto's rule (rate at the minimum of the EMA-smoothed loss / 3)
 chose 1.8-8.5x the rate HF Trainer's 3-rate sweep found best, and LoRA runs at those rates ended near
@@ -12,6 +14,12 @@ to the same curves, so the rules differ only in how they read them. The referenc
 time-to-quality-sweep's validation accuracy per rate (seed 0). "min/3" was leantune's rule before;
 the valley row calls the shipped rule (leantune.train.lr_find.choose).
 Writes benchmarks/results/lr-auto-rules/curves.json and rules.json.
+
+`collect-steps`/`compare-steps` (after time-to-quality-levers, where a 50-step test in fp32 on RT saw a
+loss that never left its noise and chose 7e-5): each workload and seed, in fp32 without grouping (the
+levers suite's `lr_auto` arm) and with bf16 + grouping (the `lt_levers` arm), at 50 and 75 steps (75 is
+one epoch here, the most the test takes); `fall_over_noise` is the shipped measure of signal
+(leantune.train.lr_find). Writes curves-steps.json and steps.json.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from time_to_quality import COMMON_CLS, LEVERS, SPECS  # noqa: E402
 
-from leantune.train.lr_find import choose  # noqa: E402
+from leantune.train.lr_find import MIN_FALL_OVER_NOISE, choose  # noqa: E402
 
 
 def _common() -> list[str]:
@@ -116,8 +124,92 @@ def compare() -> dict:
     return out
 
 
+STEP_SETTINGS = {"plain": [], "levers": LEVERS}
+STEPS = (50, 75)
+
+
+def collect_steps() -> None:
+    workloads = SPECS["time-to-quality"][3]
+    found_all = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (0, 1, 2):
+            for w, (setting, _) in workloads.items():
+                for name, levers in STEP_SETTINGS.items():
+                    for k in STEPS:
+                        key = f"{w}.{name}.k{k}.s{seed}"
+                        run = Path(tmp) / key
+                        argv = [*_common(), *setting, f"train.seed={seed}", "train.lr=auto", *levers]
+                        argv += [f"train.lr_auto_steps={k}", "train.max_steps=1", "train.num_threads=2"]
+                        subprocess.run(
+                            [sys.executable, "-m", "leantune", "train", *argv, f"output.dir={run}"],
+                            check=True,
+                            capture_output=True,
+                        )
+                        found = json.loads((run / "summary.json").read_text(encoding="utf-8"))["lr_auto"]
+                        found_all[key] = found
+                        print(
+                            f"{key}: {found['lr']:.3g}, fall/noise {found['fall_over_noise']:.2f}", flush=True
+                        )
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "curves-steps.json").write_text(json.dumps(found_all, indent=1), encoding="utf-8")
+
+
+def compare_steps() -> dict:
+    """Per setting: valley at 50 steps, at 75, and 50 retried at 75 when the 50-step curve has no signal;
+    each against the best rate of HF's sweep, with how often the retry ran and what it cost."""
+    found = json.loads((OUT / "curves-steps.json").read_text(encoding="utf-8"))
+    ref = sweep_reference()
+    out: dict = {"min_fall_over_noise": MIN_FALL_OVER_NOISE, "settings": {}}
+    for name in STEP_SETTINGS:
+        runs = sorted({(k.split(".")[0], k.split(".")[3]) for k in found if k.split(".")[1] == name})
+        rules: dict[str, dict] = {"k50": {}, "k75": {}, "retry": {}}
+        extra_s, retried = [], 0
+        for w, seed in runs:
+            short, long_ = found[f"{w}.{name}.k50.{seed}"], found[f"{w}.{name}.k75.{seed}"]
+            pick = short if short["signal"] else long_
+            retried += not short["signal"]
+            extra_s.append(0.0 if short["signal"] else long_["time_s"])
+            best = max(ref[w], key=ref[w].get)
+            for rule, chosen in (("k50", short), ("k75", long_), ("retry", pick)):
+                rules[rule][f"{w}.{seed}"] = {
+                    "lr": chosen["lr"],
+                    "over_best": chosen["lr"] / best,
+                    "fall_over_noise": chosen["fall_over_noise"],
+                }
+        summary = {}
+        for rule, per in rules.items():
+            errors = [abs(math.log10(r["over_best"])) for r in per.values()]
+            summary[rule] = {
+                "runs": per,
+                "min_over_best": min(r["over_best"] for r in per.values()),
+                "max_over_best": max(r["over_best"] for r in per.values()),
+                "median_abs_log10_error": statistics.median(errors),
+                "max_abs_log10_error": max(errors),
+                "no_signal": sum(
+                    r["fall_over_noise"] is not None and r["fall_over_noise"] < MIN_FALL_OVER_NOISE
+                    for r in per.values()
+                ),
+            }
+            print(
+                f"{name:7s} {rule:6s} median |log10| {summary[rule]['median_abs_log10_error']:.2f} "
+                f"max {summary[rule]['max_abs_log10_error']:.2f} "
+                f"x{summary[rule]['min_over_best']:.2f}-x{summary[rule]['max_over_best']:.2f} "
+                f"no signal {summary[rule]['no_signal']}/{len(per)}"
+            )
+        summary["retried"] = retried
+        summary["retry_extra_s_mean"] = statistics.fmean(extra_s)
+        out["settings"][name] = summary
+    (OUT / "steps.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return out
+
+
 if __name__ == "__main__":
-    commands = {"collect": collect, "compare": compare}
+    commands = {
+        "collect": collect,
+        "compare": compare,
+        "collect-steps": collect_steps,
+        "compare-steps": compare_steps,
+    }
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         raise SystemExit(__doc__)
     commands[sys.argv[1]]()
