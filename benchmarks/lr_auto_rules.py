@@ -46,19 +46,21 @@ def _common() -> list[str]:
     return [line.strip()[2:] for line in COMMON_CLS.splitlines()[1:]]
 
 
+def range_test(workload_setting: list[str], seed: int, extra: list[str], run: Path) -> dict:
+    """Run one workload's range test as a `lr: auto` run does (then one step) and return its `lr_auto`."""
+    argv = [*_common(), *workload_setting, f"train.seed={seed}", "train.lr=auto", *extra]
+    argv += ["train.max_steps=1", "train.num_threads=2", f"output.dir={run}"]
+    subprocess.run([sys.executable, "-m", "leantune", "train", *argv], check=True, capture_output=True)
+    return json.loads((run / "summary.json").read_text(encoding="utf-8"))["lr_auto"]
+
+
 def collect() -> None:
     workloads = SPECS["time-to-quality"][3]
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (0, 1, 2):
             for w, (setting, _) in workloads.items():
-                run = Path(tmp) / f"{w}_s{seed}"
-                argv = [*_common(), *setting, f"train.seed={seed}", "train.lr=auto", *LEVERS]
-                argv += ["train.max_steps=1", "train.num_threads=2", f"output.dir={run}"]
-                subprocess.run(
-                    [sys.executable, "-m", "leantune", "train", *argv], check=True, capture_output=True
-                )
-                found = json.loads((run / "summary.json").read_text(encoding="utf-8"))["lr_auto"]
+                found = range_test(setting, seed, LEVERS, Path(tmp) / f"{w}_s{seed}")
                 curves[f"{w}.s{seed}"] = found
                 print(f"{w} seed {seed}: chose {found['lr']:.3g} ({found['steps_run']} steps)")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -137,16 +139,8 @@ def collect_steps() -> None:
                 for name, levers in STEP_SETTINGS.items():
                     for k in STEPS:
                         key = f"{w}.{name}.k{k}.s{seed}"
-                        run = Path(tmp) / key
-                        argv = [*_common(), *setting, f"train.seed={seed}", "train.lr=auto", *levers]
-                        argv += [f"train.lr_auto_steps={k}", "train.max_steps=1", "train.num_threads=2"]
-                        subprocess.run(
-                            [sys.executable, "-m", "leantune", "train", *argv, f"output.dir={run}"],
-                            check=True,
-                            capture_output=True,
-                        )
-                        found = json.loads((run / "summary.json").read_text(encoding="utf-8"))["lr_auto"]
-                        found_all[key] = found
+                        extra = [*levers, f"train.lr_auto_steps={k}"]
+                        found = found_all[key] = range_test(setting, seed, extra, Path(tmp) / key)
                         print(
                             f"{key}: {found['lr']:.3g}, fall/noise {found['fall_over_noise']:.2f}", flush=True
                         )
