@@ -25,8 +25,8 @@ Per workload:
 Levers one at a time (issue 20 item 2, `--baseline`): an arm may also be compared with a baseline arm of
 the same workload in exactly the same way, the baseline standing in for HF (target: the baseline's mean
 final validation value; the arm's time to it over the baseline's whole run, seed by seed), plus the
-arm's mean test value minus the baseline's. `--baseline base` pairs every
-arm with `base`; `--baseline freeze4_cache=freeze4` pairs one arm with another.
+arm's mean test value minus the baseline's. `--baseline base` pairs every arm with `base`;
+`--baseline freeze4_cache=freeze4` pairs one arm with another.
 
 Why its own module and not `time_to_target`: that one compares hand-picked configurations of one seed
 against a fixed target; this one needs the reference's seeds, per-seed pairing and a target the
