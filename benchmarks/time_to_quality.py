@@ -1,4 +1,4 @@
-"""Issue 20 item 1: the time-to-quality suite, written from HF's learning-rate sweep, and its table.
+"""Issue 20 items 1 and 2: the time-to-quality suites, written from HF's rate sweep, and their tables.
 
     leantune bench time-to-quality-sweep                      # HF at its best settings, 3 rates, seed 0
     python benchmarks/time_to_quality.py suite                # writes benchmarks/suites/time-to-quality.yaml
