@@ -255,11 +255,21 @@ ARM_TEXT = {
 }
 
 
+def _results(suite: str) -> tuple[str, dict]:
+    """The suite's time_to_quality.json: its repository path (the docs markers name it) and contents."""
+    path = f"benchmarks/results/{suite}/time_to_quality.json"
+    return path, json.loads((ROOT / path).read_text(encoding="utf-8"))
+
+
+def _marker(path: str, key: str, fmt: str, known: object = True) -> str:
+    """A docs_gen figure marker (python -m leantune.docs_gen fills it), or "–" where `known` is None."""
+    return "–" if known is None else f"<!--fig {path}#{key} :{fmt}-->{{}}<!--/fig-->"
+
+
 def table(suite: str) -> str:
     """docs markdown: one row per workload and arm, every figure a docs_gen marker into the suite's
     time_to_quality.json (so `python -m leantune.docs_gen --check` keeps the page true)."""
-    path = f"benchmarks/results/{suite}/time_to_quality.json"
-    data = json.loads((ROOT / path).read_text(encoding="utf-8"))
+    path, data = _results(suite)
     lower = data["metric"] == "loss"
     rows = [
         f"| workload | arm | reached | time to HF's final {data['metric']} / HF's run: median (min–max) "
@@ -268,8 +278,8 @@ def table(suite: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def fig(key: str, fmt: str) -> str:
-        return f"<!--fig {path}#{key} :{fmt}-->{{}}<!--/fig-->"
+    def fig(key: str, fmt: str, known: object = True) -> str:
+        return _marker(path, key, fmt, known)
 
     for workload, w in data["workloads"].items():
         for arm, a in w["arms"].items():
@@ -278,11 +288,7 @@ def table(suite: str) -> str:
             ratio = f"{fig(k + '.ratio_median', '.2f')}x ({low}–{high})"
             ratio = "–" if a["ratio_median"] is None else ratio
             test = f"{fig(k + '.test.mean', '.3f')} ({fig(k + '.test.std', '.3f')})"
-            strict = (
-                "–"
-                if a["ratio_to_hf_crossing_median"] is None
-                else fig(k + ".ratio_to_hf_crossing_median", ".2f")
-            )
+            strict = fig(k + ".ratio_to_hf_crossing_median", ".2f", a["ratio_to_hf_crossing_median"])
             whole = fig(k + ".whole_run_ratio_median", ".2f")
             rows.append(
                 f"| {workload} | {ARM_TEXT[arm]} | {fig(k + '.reached_n', 'd')}/{len(a['seeds'])} | {ratio} "
@@ -309,8 +315,7 @@ def levers_table(suite: str) -> str:
     run, then the same clock with the arm's baseline as the reference (time to the baseline's final
     accuracy over the baseline's run, and over the baseline's own first crossing), whole run against the
     baseline's, test accuracy and its change; every figure a docs_gen marker."""
-    path = f"benchmarks/results/{suite}/time_to_quality.json"
-    data = json.loads((ROOT / path).read_text(encoding="utf-8"))
+    path, data = _results(suite)
     rows = [
         "| workload | arm | reached HF's final | time to it / HF's run | reached the baseline's final "
         "| time to it / baseline's run: median (min–max) | / baseline's own crossing "
@@ -319,7 +324,7 @@ def levers_table(suite: str) -> str:
     ]
 
     def fig(key: str, fmt: str, known: object = True) -> str:
-        return "–" if known is None else f"<!--fig {path}#{key} :{fmt}-->{{}}<!--/fig-->"
+        return _marker(path, key, fmt, known)
 
     for workload, w in data["workloads"].items():
         for arm, a in w["arms"].items():
