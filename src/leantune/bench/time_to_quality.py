@@ -199,6 +199,7 @@ def compare(
     ({arm: its baseline arm}, "*" for every other arm) adds `vs_baseline` to each paired arm."""
     from leantune.eval.metrics import MINIMISED
 
+    baselines = baselines or {}
     runs = load_runs(root / suite, metric)
     shared = {w.split("_")[0]: arms for w, arms in runs.items() if w.endswith("_any")}
     tables = {}
@@ -208,7 +209,7 @@ def compare(
         joined = {**arms, **shared.get(workload.split("_")[0], {})}
         tables[workload] = table = workload_table(joined, metric)
         for arm, stats in table["arms"].items():
-            base = (baselines or {}).get(arm, (baselines or {}).get("*"))
+            base = baselines.get(arm, baselines.get("*"))
             if base in joined and arm not in (base, REFERENCE):
                 stats["vs_baseline"] = against_baseline(joined[arm], joined[base], (arm, base), metric)
     goal = GOAL["causal_lm" if metric in MINIMISED else "classification"]

@@ -123,9 +123,9 @@ def fall_over_noise(losses: list[float], smoothed: list[float]) -> float:
     off HF's best rate fell by less than 2. Below MIN_FALL_OVER_NOISE the run says its rate is a guess
     (on stderr at once and in summary.json's warnings); retrying at more steps was measured there and
     helped in fp32 but not with bf16 + grouping, so the run does not retry by itself."""
+    if len(losses) < 4:  # too short to tell (the spread needs 2 points and the fall more): say nothing
+        return math.inf
     third = max(len(losses) // 3, 2)
-    if len(losses) < 2 * third:
-        return math.inf  # too short to tell: say nothing
     spread = statistics.stdev(losses[:third])
     start, end = window(len(smoothed))
     fall = smoothed[start] - min(smoothed[start:end])
