@@ -120,6 +120,27 @@ def test_first_reaching_and_no_reference():
         workload_table(untimed, "accuracy")
 
 
+def test_a_reference_without_a_timed_curve_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """HF runs from before `train_time_s` was logged: the CLI names the arm, the seeds and the fix."""
+    from leantune.bench.time_to_quality import main
+
+    folder = tmp_path / "benchmarks" / "results" / "old"
+    folder.mkdir(parents=True)
+    _fake(folder, "rt_lora.hf.s0", [(10, 0.8, 50.0)], 0.8)
+    _fake(folder, "rt_lora.lt.s0", [(10, 0.8, 40.0)], 0.8)
+    (folder / "rt_lora.hf.s0-r1.metrics.jsonl").write_text(
+        json.dumps({"step": 10, "split": "validation"}) + "\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["old"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "time_to_quality: error: arm 'hf': seeds [0] have no timed validation curve: "
+        "rerun them with train.eval_every"
+    ]
+    assert not (folder / "time_to_quality.json").exists()
+
+
 def test_a_loss_is_reached_from_above(tmp_path):
     """SFT is scored by validation loss: the target is HF's mean final loss, reached at or below it."""
     folder = tmp_path / "sft"
