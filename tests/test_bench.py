@@ -458,3 +458,17 @@ def test_report_of_a_suite_that_did_not_learn_writes_nothing_unless_time_only(be
     md = (copy / "smoke" / "report.md").read_text()
     assert "**DID NOT LEARN: a time-only table.** full, lora, hf_lora ended" in md
     assert md.count("(did not learn) |") == 3
+
+
+def test_method_label_tells_grad_approx_modes_apart():
+    """The 'exact top half, cached' control runs the grad_approx method in mode exact: a report row that
+    read 'grad_approx' for it would credit the approximator with the control's accuracy."""
+    from leantune.bench.report import _method_label
+
+    def art(**method) -> dict:
+        return {"kind": "leantune", "config": {"methods": [{"name": "grad_approx", **method}]}}
+
+    assert _method_label(art(mode="approx")) == "grad_approx"
+    assert _method_label(art()) == "grad_approx"
+    assert _method_label(art(mode="exact")) == "grad_approx exact"
+    assert _method_label(art(mode="skip")) == "grad_approx skip"

@@ -26,6 +26,8 @@ def _method_label(a: dict) -> str:
             parts.append(f"{m['name']} r{m.get('r')}")
         elif m["name"] == "freeze" and m.get("layers") is not None:
             parts.append(f"freeze {m['layers']}")
+        elif m["name"] == "grad_approx" and m.get("mode", "approx") != "approx":
+            parts.append(f"grad_approx {m['mode']}")  # the exact control must not read as the approximator
         else:
             parts.append(m["name"])
     label = " + ".join(parts)
