@@ -191,6 +191,21 @@ def test_approx_mode_trains_and_resumes_exactly(base_overrides, tmp_path):
         assert resumed[key] == report[key]
 
 
+@pytest.mark.parametrize("target", ["lora", "prompt"])
+def test_approx_steps_update_the_weights_under_bf16_autocast(base_overrides, target):
+    """accelerate's autocast wraps only model.forward: the captured activations are bf16 while G, the
+    approx step's head call and the gradient formulas run beside fp32 weights (this crashed once)."""
+    WATCHERS.clear()
+    approx = f"{{name: grad_approx, split_layer: 1, guard_cosine: -1.0, target: {target}}}"
+    method = f"methods=[{approx}, test_watch_steps]"
+    summary = _run(base_overrides, method, "train.max_steps=8", "train.mixed_precision=bf16")
+    assert summary["method_reports"]["grad_approx"]["steps"]["approx"] > 0
+    seen = WATCHERS[-1].seen
+    assert any(kind == "approx" for kind, _ in seen)
+    assert all(changed for kind, changed in seen if kind == "approx")  # every approx step moved the weights
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in _losses(Path(summary["run_dir"])))
+
+
 def test_bad_settings_are_one_line_errors(capsys, base_overrides):
     err = cli_err(capsys, "train", *base_overrides, "methods=[{name: grad_approx, split_layer: 3}]")
     assert "split_layer=3" in err and "between 1 and 2" in err

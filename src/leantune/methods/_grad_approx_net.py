@@ -127,10 +127,14 @@ class SiteCapture:
     Per site: `inputs` (the site's input, G's feature), `lora_x`/`lora_u` (dropped input and A x, for the
     LoRA gradient formulas), `deltas` (true dL/d(site output), on exact steps); `head_input` and `top_grad`
     (dL/d(head input)). The prompt site keeps only the first m positions, the only ones it changes.
+    Everything is kept in the head's weight dtype: under mixed precision the model's forward runs in bf16
+    (accelerate's autocast wraps only `model.forward`), while G, the head call of an approx step and the
+    gradient formulas run outside it, beside fp32 weights that take fp32 gradients.
     """
 
     def __init__(self, sites: list[nn.Module], head: nn.Module, target: str, grads: bool) -> None:
         self.sites, self.head, self.target, self.grads = sites, head, target, grads
+        self.dtype = next(head.parameters()).dtype
         n = len(sites)
         self.inputs: list = [None] * n
         self.lora_x: list = [None] * n
@@ -143,22 +147,22 @@ class SiteCapture:
     def _site_hook(self, i: int):
         def hook(module, args, output):
             m = module.prompt.shape[0] if self.target == "prompt" else output.shape[1]
-            self.inputs[i] = args[0][:, :m].detach()
+            self.inputs[i] = args[0][:, :m].detach().to(self.dtype)
             if self.grads and output.requires_grad:
-                output.register_hook(lambda g: self.deltas.__setitem__(i, g[:, :m].detach()))
+                output.register_hook(lambda g: self.deltas.__setitem__(i, g[:, :m].detach().to(self.dtype)))
 
         return hook
 
     def _lora_a_hook(self, i: int):
         def hook(module, args, output):
-            self.lora_x[i], self.lora_u[i] = args[0].detach(), output.detach()
+            self.lora_x[i], self.lora_u[i] = args[0].detach().to(self.dtype), output.detach().to(self.dtype)
 
         return hook
 
     def _head_hook(self, module, args):
-        self.head_input = args[0]
+        self.head_input = args[0]  # the approx step re-runs the head on a detached copy, cast there
         if self.grads and args[0].requires_grad:
-            args[0].register_hook(lambda g: setattr(self, "top_grad", g.detach()))
+            args[0].register_hook(lambda g: setattr(self, "top_grad", g.detach().to(self.dtype)))
 
     def __enter__(self) -> SiteCapture:
         self._handles.append(self.head.register_forward_pre_hook(self._head_hook))

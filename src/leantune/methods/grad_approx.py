@@ -416,7 +416,7 @@ class GradApproxRuntime(MethodRuntime):
 
         with torch.no_grad(), self._capture(grads=False) as cap:
             model(**{k: v for k, v in batch.items() if k != "labels"})
-        head_in = cap.head_input.detach().requires_grad_(True)
+        head_in = cap.head_input.detach().to(cap.dtype).requires_grad_(True)
         logits = self.head(head_in)
         labels = batch["labels"]
         loss = _head_loss(logits, labels)
