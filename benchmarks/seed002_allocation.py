@@ -211,9 +211,10 @@ def _seed_runs(name: str, arm: str) -> list[dict]:
 
 
 def _spread(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
-    return {"mean": mean, "std": math.sqrt(var), "n": len(values), "values": values}
+    """leantune.bench.sweep's mean, sd, min, max and n, plus the values (the docs quote them per seed)."""
+    from leantune.bench.sweep import spread
+
+    return {**spread(values), "values": values}
 
 
 def _arm(name: str, arm: str) -> dict | None:

@@ -22,18 +22,11 @@ TITLES = {
 }
 
 
-def first_reaching(metrics_file: Path, quality: float) -> int | None:
-    """The first optimizer step whose validation accuracy is at least `quality` (None: never)."""
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("split") == "validation" and row.get("accuracy", 0.0) >= quality:
-            return int(row["step"])
-    return None
+def validation_accuracy(results: Path, run_id: str) -> list[tuple[int, float]]:
+    """(step, validation accuracy) of every evaluation of the run, in order."""
+    from leantune.bench.time_to_target import curve
 
-
-def final_validation(metrics_file: Path) -> float:
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    return [r["accuracy"] for r in rows if r.get("split") == "validation"][-1]
+    return curve(results / f"{run_id}-r1.metrics.jsonl", "accuracy")
 
 
 def summarise(results: Path, quality: float) -> dict:
@@ -45,7 +38,8 @@ def summarise(results: Path, quality: float) -> dict:
         a = json.loads(art.read_text())
         steps = a["steps"] or 1
         per_step = a["train_time_s"] / steps
-        reached = first_reaching(results / f"{run_id}-r1.metrics.jsonl", quality)
+        points = validation_accuracy(results, run_id)
+        reached = next((step for step, acc in points if acc >= quality), None)
         test = a["metrics"]["test"]
         runs[run_id] = {
             "methods": a["methods"],
@@ -54,7 +48,7 @@ def summarise(results: Path, quality: float) -> dict:
             "step_peak_rss_mib": (a["memory"].get("step_peak_bytes") or 0) / 2**20 or None,
             "time_per_step_s": per_step,
             "steps": a["steps"],
-            "final_validation_accuracy": final_validation(results / f"{run_id}-r1.metrics.jsonl"),
+            "final_validation_accuracy": points[-1][1],
             "steps_to_quality": reached,
             "train_s_to_quality": None if reached is None else reached * per_step,
             "test_accuracy": test["accuracy"],
@@ -97,7 +91,7 @@ def main() -> None:
     results = RESULTS_ROOT / args.suite
     quality = args.quality
     if args.over_zeroshot:
-        quality += final_validation(results / "zeroshot-r1.metrics.jsonl")
+        quality += validation_accuracy(results, "zeroshot")[-1][1]
     summary = summarise(results, quality)
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, results / "memory_vs_quality.png", f"{args.suite}: {TITLES[args.suite]}")
