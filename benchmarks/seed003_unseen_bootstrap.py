@@ -1,16 +1,19 @@
-"""seed003-unseen's per-row spread: a paired bootstrap of ROUGE-L and exact match over the test rows.
+"""The unseen-task suites' per-row spread: a paired bootstrap of ROUGE-L and exact match over the test rows.
 
-The suite scores only 100 unseen-task rows per run, so a difference of a few points may be chance. Every
-run generates for the same rows (the test split is fixed by NI_UNSEEN and data.split_seed), so the
+The suites score only 100-200 unseen-task rows per run, so a difference of a few points may be chance.
+Every run generates for the same rows (the test split is fixed by NI_UNSEEN and data.split_seed), so the
 bootstrap resamples row indices once and applies them to every run: the paired difference "unified minus
 X" then cancels the rows' own difficulty. Per-row scores come from leantune's own `text_metrics` on one
 row at a time, so their means equal the run's reported ROUGE-L and exact match.
 
-    # 1. after `leantune bench seed003-unseen --work /tmp/seed003-unseen`: keep each run's predictions
-    PYTHONPATH=src python benchmarks/seed003_unseen_bootstrap.py collect --work /tmp/seed003-unseen
+A method may run at several rates (`<method>_lr<rate>`, seed003-unseen-200): its row is the rate with
+the lowest validation loss, which is measured on *seen* subtasks, so the unseen test never picks it.
+
+    # 1. after `leantune bench SUITE --work /tmp/SUITE`: keep each run's predictions
+    PYTHONPATH=src python benchmarks/seed003_unseen_bootstrap.py collect --suite SUITE --work /tmp/SUITE
     # 2. from the committed predictions: the spread
-    PYTHONPATH=src python benchmarks/seed003_unseen_bootstrap.py
-    -> benchmarks/results/seed003-unseen/<run>.predictions.jsonl (collect), bootstrap.json
+    PYTHONPATH=src python benchmarks/seed003_unseen_bootstrap.py --suite SUITE
+    -> benchmarks/results/SUITE/<run>.predictions.jsonl (collect), bootstrap.json
 """
 
 from __future__ import annotations
@@ -20,22 +23,26 @@ import json
 import random
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "seed003-unseen"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 ORDER = ("base", "full", "lora", "adapters", "freeze", "unified")
 REFERENCE = "unified"
 RESAMPLES = 2000
 METRICS = ("rougeL", "exact_match")
 
 
-def collect(work: Path) -> None:
+def method_of(run_id: str) -> str:
+    return run_id.split("_lr", 1)[0]
+
+
+def collect(work: Path, results: Path) -> None:
     """Each run's test predictions (reference, prediction, held-out category) without the long prompts."""
     from leantune.atomic import write_text_atomic
     from leantune.data.builtin.bigbench import natural_instructions_unseen
 
     category = {r["text"]: r["category"] for r in natural_instructions_unseen()["test"]}
-    for run_id in ORDER:
-        source = work / f"{run_id}-r1" / "predictions.jsonl"
-        if not source.is_file():
+    for source in sorted(work.glob("*-r1/predictions.jsonl")):
+        run_id = source.parent.name.removesuffix("-r1")
+        if method_of(run_id) not in ORDER:
             continue
         rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
         kept = [
@@ -43,7 +50,7 @@ def collect(work: Path) -> None:
             for r in rows
         ]
         write_text_atomic(
-            RESULTS / f"{run_id}.predictions.jsonl",
+            results / f"{run_id}.predictions.jsonl",
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
         )
 
@@ -69,16 +76,33 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarise() -> dict:
-    present = [r for r in ORDER if (RESULTS / f"{r}.predictions.jsonl").is_file()]
-    runs = {r: row_scores(RESULTS / f"{r}.predictions.jsonl") for r in present}
+def _validation_loss(results: Path, run_id: str) -> float:
+    artefact = json.loads((results / f"{run_id}-r1.json").read_text(encoding="utf-8"))
+    return float(artefact["metrics"]["validation"]["loss"])
+
+
+def choose(results: Path) -> dict[str, dict]:
+    """Per method, in ORDER: its runs' validation losses and the run with the lowest (ties: first)."""
+    run_ids = sorted(p.name.removesuffix(".predictions.jsonl") for p in results.glob("*.predictions.jsonl"))
+    chosen: dict[str, dict] = {}
+    for method in ORDER:
+        losses = {r: _validation_loss(results, r) for r in run_ids if method_of(r) == method}
+        if losses:
+            chosen[method] = {"run": min(losses, key=losses.__getitem__), "validation_loss": losses}
+    return chosen
+
+
+def summarise(results: Path) -> dict:
+    chosen = choose(results)
+    runs = {m: row_scores(results / f"{c['run']}.predictions.jsonl") for m, c in chosen.items()}
     categories = next(iter(runs.values()))[0]
     n = len(categories)
     if any(cats != categories for cats, _ in runs.values()):
         raise SystemExit("the runs did not score the same test rows in the same order")
     rng = random.Random(0)
     draws = [[rng.randrange(n) for _ in range(n)] for _ in range(RESAMPLES)]
-    out: dict = {"rows": n, "resamples": RESAMPLES, "interval": "2.5-97.5 percentile", "runs": {}}
+    out: dict = {"rows": n, "resamples": RESAMPLES, "interval": "2.5-97.5 percentile"}
+    out |= {"chosen": chosen, "runs": {}}
     for run_id, (_, scores) in runs.items():
         entry: dict = {}
         for m in METRICS:
@@ -105,14 +129,16 @@ def summarise() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("step", nargs="?", choices=["collect", "summarise"], default="summarise")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/seed003-unseen"))
+    parser.add_argument("--suite", default="seed003-unseen")
+    parser.add_argument("--work", type=Path, help="the bench's --work folder (default: /tmp/SUITE)")
     args = parser.parse_args()
+    results = RESULTS_ROOT / args.suite
     if args.step == "collect":
-        collect(args.work)
+        collect(args.work or Path("/tmp") / args.suite, results)
         return
     from leantune.atomic import write_json_atomic
 
-    write_json_atomic(RESULTS / "bootstrap.json", summarise())
+    write_json_atomic(results / "bootstrap.json", summarise(results))
 
 
 if __name__ == "__main__":
