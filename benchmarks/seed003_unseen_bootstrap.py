@@ -81,9 +81,13 @@ def _validation_loss(results: Path, run_id: str) -> float:
     return float(artefact["metrics"]["validation"]["loss"])
 
 
+def _run_ids(results: Path) -> list[str]:
+    return sorted(p.name.removesuffix(".predictions.jsonl") for p in results.glob("*.predictions.jsonl"))
+
+
 def choose(results: Path) -> dict[str, dict]:
     """Per method, in ORDER: its runs' validation losses and the run with the lowest (ties: first)."""
-    run_ids = sorted(p.name.removesuffix(".predictions.jsonl") for p in results.glob("*.predictions.jsonl"))
+    run_ids = _run_ids(results)
     chosen: dict[str, dict] = {}
     for method in ORDER:
         losses = {r: _validation_loss(results, r) for r in run_ids if method_of(r) == method}
@@ -92,36 +96,47 @@ def choose(results: Path) -> dict[str, dict]:
     return chosen
 
 
+def _entry(scores: dict, categories: list[str], reference: dict | None, draws: list[list[int]]) -> dict:
+    """Mean, interval and per-category mean of each metric; with `reference`, the paired difference."""
+    entry: dict = {}
+    for m in METRICS:
+        values = scores[m]
+        boot = [_mean([values[i] for i in d]) for d in draws]
+        entry[m] = {"mean": _mean(values), "ci95": _interval(boot)}
+        for cat in sorted(set(categories)):
+            entry[m][cat] = _mean([v for v, c in zip(values, categories, strict=True) if c == cat])
+        if reference is not None:
+            diff = [a - b for a, b in zip(reference[m], values, strict=True)]
+            boot_diff = [_mean([diff[i] for i in d]) for d in draws]
+            entry[m][f"{REFERENCE}_minus"] = {
+                "mean": _mean(diff),
+                "ci95": _interval(boot_diff),
+                "share_above_zero": sum(b > 0 for b in boot_diff) / RESAMPLES,
+            }
+    return entry
+
+
 def summarise(results: Path) -> dict:
+    """`runs`: each method's chosen run against unified's; `every_run` (when a method ran at several
+    rates): every run against unified's chosen one, so the rates the validation set passed over show too."""
     chosen = choose(results)
-    runs = {m: row_scores(results / f"{c['run']}.predictions.jsonl") for m, c in chosen.items()}
-    categories = next(iter(runs.values()))[0]
-    n = len(categories)
-    if any(cats != categories for cats, _ in runs.values()):
+    scored = {c: row_scores(results / f"{c}.predictions.jsonl") for c in sorted(_run_ids(results))}
+    categories = next(iter(scored.values()))[0]
+    if any(cats != categories for cats, _ in scored.values()):
         raise SystemExit("the runs did not score the same test rows in the same order")
+    n = len(categories)
     rng = random.Random(0)
     draws = [[rng.randrange(n) for _ in range(n)] for _ in range(RESAMPLES)]
-    out: dict = {"rows": n, "resamples": RESAMPLES, "interval": "2.5-97.5 percentile"}
-    out |= {"chosen": chosen, "runs": {}}
-    for run_id, (_, scores) in runs.items():
-        entry: dict = {}
-        for m in METRICS:
-            values = scores[m]
-            boot = [_mean([values[i] for i in d]) for d in draws]
-            entry[m] = {"mean": _mean(values), "ci95": _interval(boot)}
-            for cat in sorted(set(categories)):
-                picked = [v for v, c in zip(values, categories, strict=True) if c == cat]
-                entry[m][cat] = _mean(picked)
-            if run_id != REFERENCE and REFERENCE in runs:
-                ref = runs[REFERENCE][1][m]
-                diff = [a - b for a, b in zip(ref, values, strict=True)]
-                boot_diff = [_mean([diff[i] for i in d]) for d in draws]
-                entry[m][f"{REFERENCE}_minus"] = {
-                    "mean": _mean(diff),
-                    "ci95": _interval(boot_diff),
-                    "share_above_zero": sum(b > 0 for b in boot_diff) / RESAMPLES,
-                }
-        out["runs"][run_id] = entry
+    reference = scored[chosen[REFERENCE]["run"]][1] if REFERENCE in chosen else None
+    out: dict = {"rows": n, "resamples": RESAMPLES, "interval": "2.5-97.5 percentile", "chosen": chosen}
+    out["runs"] = {
+        method: _entry(scored[c["run"]][1], categories, None if method == REFERENCE else reference, draws)
+        for method, c in chosen.items()
+    }
+    if len(scored) > len(chosen):
+        out["every_run"] = {
+            run_id: _entry(scores, categories, reference, draws) for run_id, (_, scores) in scored.items()
+        }
     out["category_rows"] = {c: categories.count(c) for c in sorted(set(categories))}
     return out
 
