@@ -120,7 +120,7 @@ def summarise(results: Path) -> dict:
     """`runs`: each method's chosen run against unified's; `every_run` (when a method ran at several
     rates): every run against unified's chosen one, so the rates the validation set passed over show too."""
     chosen = choose(results)
-    scored = {c: row_scores(results / f"{c}.predictions.jsonl") for c in sorted(_run_ids(results))}
+    scored = {c: row_scores(results / f"{c}.predictions.jsonl") for c in _run_ids(results)}
     categories = next(iter(scored.values()))[0]
     if any(cats != categories for cats, _ in scored.values()):
         raise SystemExit("the runs did not score the same test rows in the same order")
